@@ -1,0 +1,207 @@
+"""Operator actions behind the CLI: tenants, credentials, domains. Each one is audited.
+
+Functions take an open session and leave the commit to the caller, so a CLI command (or a
+flow step, later) commits the change and its audit entry together or not at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlmodel import Session, select
+
+from models import ClientNetwork, Credential, DkimKey, Domain, DomainState, KeyState, Tenant
+from models.audit_trail import record
+from relay.auth import generate_password, hash_password
+from relay.dkim import generate_key, selector_for, txt_record_value
+from relay.keystore import KeyBox
+from runbooks.loader import dkim_signing
+
+_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_DOMAIN_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+class AdminError(Exception):
+    """A refused operator action; the message names the bad value."""
+
+
+def _operator_actor(operator: str | None) -> str:
+    return f"operator:{operator}" if operator else "cli"
+
+
+def get_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.exec(select(Tenant).where(Tenant.name == name)).first()
+    if tenant is None:
+        raise AdminError(f"tenant {name!r} does not exist")
+    return tenant
+
+
+def get_domain(session: Session, name: str) -> Domain:
+    domain = session.exec(select(Domain).where(Domain.name == name.lower())).first()
+    if domain is None:
+        raise AdminError(f"domain {name!r} does not exist")
+    return domain
+
+
+def add_tenant(session: Session, name: str, language: str = "it") -> Tenant:
+    if not _TENANT_NAME.match(name):
+        raise AdminError(f"tenant name {name!r} must be lowercase letters, digits and '-'")
+    if language not in ("it", "en"):
+        raise AdminError(f"language {language!r} must be 'it' or 'en'")
+    if session.exec(select(Tenant).where(Tenant.name == name)).first():
+        raise AdminError(f"tenant {name!r} already exists")
+    tenant = Tenant(name=name, language=language)
+    session.add(tenant)
+    session.flush()
+    record(session, actor="cli", action="tenant.add", subject=f"tenant:{name}")
+    return tenant
+
+
+def add_credential(session: Session, tenant_name: str, username: str) -> str:
+    """Creates the credential and returns its password, which is stored only as a hash."""
+    tenant = get_tenant(session, tenant_name)
+    if not username or len(username) > 128 or any(c.isspace() for c in username):
+        raise AdminError(f"username {username!r} must be 1-128 characters without spaces")
+    if session.exec(select(Credential).where(Credential.username == username)).first():
+        raise AdminError(f"username {username!r} already exists")
+    password = generate_password()
+    session.add(
+        Credential(tenant_id=tenant.id, username=username, password_hash=hash_password(password))
+    )
+    record(
+        session,
+        actor="cli",
+        action="credential.add",
+        subject=f"tenant:{tenant_name}",
+        evidence={"username": username},
+    )
+    return password
+
+
+def add_network(session: Session, tenant_name: str, cidr: str) -> ClientNetwork:
+    tenant = get_tenant(session, tenant_name)
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise AdminError(f"CIDR {cidr!r} is not a valid IPv4 or IPv6 network") from None
+    if network.prefixlen == 0:
+        raise AdminError(f"CIDR {cidr!r} would bind every address; refused")
+    text = str(network)
+    if session.exec(select(ClientNetwork).where(ClientNetwork.cidr == text)).first():
+        raise AdminError(f"network {text} is already bound to a tenant")
+    bound = ClientNetwork(tenant_id=tenant.id, cidr=text)
+    session.add(bound)
+    record(
+        session,
+        actor="cli",
+        action="network.add",
+        subject=f"tenant:{tenant_name}",
+        evidence={"cidr": text},
+    )
+    return bound
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    name: str
+    type: str
+    value: str
+    purpose: str
+
+
+def add_domain(session: Session, keybox: KeyBox, tenant_name: str, domain_name: str) -> Domain:
+    tenant = get_tenant(session, tenant_name)
+    name = domain_name.lower().rstrip(".")
+    if not _DOMAIN_NAME.match(name):
+        raise AdminError(f"domain {domain_name!r} is not a valid domain name")
+    if session.exec(select(Domain).where(Domain.name == name)).first():
+        raise AdminError(f"domain {name!r} already exists")
+    domain = Domain(tenant_id=tenant.id, name=name)
+    session.add(domain)
+    session.flush()
+    spec = dkim_signing().spec
+    algorithms = ["rsa", "ed25519"] if spec.sign_ed25519 else ["rsa"]
+    for algorithm in algorithms:
+        key = generate_key(algorithm, spec.rsa_bits)
+        session.add(
+            DkimKey(
+                domain_id=domain.id,
+                selector=selector_for(spec, algorithm),
+                algorithm=algorithm,
+                private_key_encrypted=keybox.seal(key.private_material),
+                public_key=key.public_value,
+            )
+        )
+    record(
+        session,
+        actor="cli",
+        action="domain.add",
+        subject=f"domain:{name}",
+        evidence={"tenant": tenant_name},
+    )
+    return domain
+
+
+def domain_records(session: Session, domain_name: str, relay_hostname: str) -> list[DnsRecord]:
+    """What the customer must publish: DKIM keys, SPF and DMARC (see runbooks templates)."""
+    domain = get_domain(session, domain_name)
+    keys = session.exec(
+        select(DkimKey).where(DkimKey.domain_id == domain.id, DkimKey.state != KeyState.retired)
+    ).all()
+    records = [
+        DnsRecord(
+            f"{k.selector}._domainkey.{domain.name}",
+            "TXT",
+            txt_record_value(k.algorithm, k.public_key),
+            f"DKIM ({k.algorithm})",
+        )
+        for k in sorted(keys, key=lambda k: k.algorithm != "rsa")
+    ]
+    records.append(
+        DnsRecord(domain.name, "TXT", f"v=spf1 include:_spf.{relay_hostname} ~all", "SPF")
+    )
+    records.append(
+        DnsRecord(
+            f"_dmarc.{domain.name}",
+            "TXT",
+            f"v=DMARC1; p=none; rua=mailto:dmarc@{relay_hostname}; adkim=r; aspf=r",
+            "DMARC (start at p=none, tighten once reports are clean)",
+        )
+    )
+    return records
+
+
+def activate_domain(session: Session, domain_name: str, operator: str, reason: str) -> Domain:
+    if not operator.strip():
+        raise AdminError("--as must name the operator")
+    if not reason.strip():
+        raise AdminError("--reason must say why the domain is activated by hand")
+    domain = get_domain(session, domain_name)
+    if domain.state == DomainState.active:
+        raise AdminError(f"domain {domain.name!r} is already active")
+    previous = domain.state
+    domain.state = DomainState.active
+    domain.activated_at = datetime.now(UTC)
+    keys = session.exec(
+        select(DkimKey).where(DkimKey.domain_id == domain.id, DkimKey.state == KeyState.pending)
+    ).all()
+    for key in keys:
+        key.state = KeyState.active
+        session.add(key)
+    session.add(domain)
+    record(
+        session,
+        actor=_operator_actor(operator),
+        action="domain.activate",
+        subject=f"domain:{domain.name}",
+        evidence={
+            "reason": reason,
+            "from_state": str(previous),
+            "manual": True,
+            "keys": [k.selector for k in keys],
+        },
+    )
+    return domain

@@ -1,0 +1,390 @@
+"""The `axiom` command: set-up and operator actions. Tables for people, --json for scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import col, func, select
+
+from axiom.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Axiom Send: an SMTP relay run under a Protocol.",
+)
+tenant_app = typer.Typer(no_args_is_help=True, help="Customers.")
+credential_app = typer.Typer(
+    no_args_is_help=True, help="SMTP credentials and bound client networks."
+)
+domain_app = typer.Typer(no_args_is_help=True, help="Sending domains and their DNS records.")
+queue_app = typer.Typer(invoke_without_command=True, help="The spool.")
+runbooks_app = typer.Typer(no_args_is_help=True, help="The Protocol's data files.")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(credential_app, name="credential")
+app.add_typer(domain_app, name="domain")
+app.add_typer(queue_app, name="queue")
+app.add_typer(runbooks_app, name="runbooks")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+
+
+def engine():
+    from models.db import make_engine
+
+    return make_engine(settings().db_url)
+
+
+@contextmanager
+def _admin():
+    """One admin action in one transaction; AdminError becomes a one-line CLI error."""
+    from axiom.admin import AdminError
+    from models.db import session_scope
+
+    try:
+        with session_scope(engine()) as session:
+            yield session
+            session.commit()
+    except AdminError as exc:
+        raise fail(str(exc)) from None
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- init
+@app.command()
+def init() -> None:
+    """Create AXIOM_HOME, the secret key, a sandbox TLS certificate and the database schema."""
+    from axiom.tls import write_self_signed
+    from models.db import migrate
+    from relay.keystore import KeyBox
+
+    s = settings()
+    s.home.mkdir(parents=True, exist_ok=True)
+    if s.secret_key is None and not s.secret_key_path.exists():
+        if s.environment != "sandbox":
+            raise fail(
+                "AXIOM_SECRET_KEY: must be set outside sandbox (generate one with `axiom keygen`)",
+                2,
+            )
+        s.secret_key_path.write_bytes(KeyBox.generate())
+        s.secret_key_path.chmod(0o600)
+        out.print(f"secret key written to {s.secret_key_path}")
+    if not s.cert_path.exists() or not s.key_path.exists():
+        if s.environment != "sandbox" and (s.tls_cert or s.tls_key):
+            raise fail(
+                f"AXIOM_TLS_CERT/AXIOM_TLS_KEY: {s.cert_path} or {s.key_path} does not exist", 2
+            )
+        write_self_signed(s.cert_path, s.key_path, s.hostname)
+        out.print(f"self-signed TLS certificate for {s.hostname} written to {s.cert_path}")
+    migrate(s.db_url)
+    out.print(f"database ready: {_redact(s.db_url)}")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new AXIOM_SECRET_KEY."""
+    from relay.keystore import KeyBox
+
+    sys.stdout.write(KeyBox.generate().decode() + "\n")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------- tenants & credentials
+@tenant_app.command("add")
+def tenant_add(
+    name: str,
+    language: Annotated[
+        str, typer.Option(help="Language of customer-facing texts: it or en.")
+    ] = "it",
+) -> None:
+    """Add a customer."""
+    from axiom.admin import add_tenant
+
+    with _admin() as session:
+        add_tenant(session, name, language)
+    out.print(f"tenant [bold]{name}[/bold] added")
+
+
+@credential_app.command("add")
+def credential_add(tenant: str, username: str) -> None:
+    """Create an SMTP credential; the password is printed once and stored only as a hash."""
+    from axiom.admin import add_credential
+
+    with _admin() as session:
+        password = add_credential(session, tenant, username)
+    out.print(f"username: {username}\npassword: {password}", highlight=False)
+    err.print("[yellow]The password is shown only once.[/yellow]")
+
+
+@credential_app.command("add-network")
+def credential_add_network(tenant: str, cidr: str) -> None:
+    """Let connections from CIDR act as TENANT without AUTH (like Postfix's mynetworks)."""
+    from axiom.admin import add_network
+
+    with _admin() as session:
+        bound = add_network(session, tenant, cidr)
+    out.print(f"{bound.cidr} now submits as tenant [bold]{tenant}[/bold]")
+
+
+# ---------------------------------------------------------------- domains
+@domain_app.command("add")
+def domain_add(tenant: str, domain: str) -> None:
+    """Add a sending domain (pending) with RSA-2048 and Ed25519 DKIM keys; print its records."""
+    from axiom.admin import add_domain
+    from relay.keystore import KeyBox
+
+    s = settings()
+    try:
+        keybox = KeyBox(s.load_secret_key())
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+    with _admin() as session:
+        add_domain(session, keybox, tenant, domain)
+    out.print(f"domain [bold]{domain.lower()}[/bold] added (pending). Publish these records:")
+    domain_records(domain, json_output=False)
+
+
+@domain_app.command("records")
+def domain_records(domain: str, json_output: JsonFlag = False) -> None:
+    """The DNS records the customer must publish for DOMAIN."""
+    from axiom.admin import domain_records as records_for
+
+    with _admin() as session:
+        records = records_for(session, domain, settings().hostname)
+    if json_output:
+        _print_json([r.__dict__ for r in records])
+        return
+    # Zone-file lines rather than a table: the values are long and must be copied whole.
+    for r in records:
+        sys.stdout.write(f'; {r.purpose}\n{r.name}. IN {r.type} "{r.value}"\n')
+
+
+@domain_app.command("activate")
+def domain_activate(
+    domain: str,
+    operator: Annotated[str, typer.Option("--as", help="The operator taking responsibility.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why it is activated by hand.")],
+) -> None:
+    """Activate DOMAIN by hand (audited). The onboarding runbook is the normal path."""
+    from axiom.admin import activate_domain
+
+    with _admin() as session:
+        activate_domain(session, domain, operator, reason)
+    out.print(f"domain [bold]{domain.lower()}[/bold] is active; its DKIM keys now sign")
+
+
+# ---------------------------------------------------------------- relay
+@app.command()
+def relay() -> None:
+    """Run the relay: submission listeners, spool writer and the HTTP endpoint."""
+    import logging
+
+    s = settings()
+    metrics_dir = s.home / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    try:
+        s.load_secret_key()
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    from relay.service import run
+
+    try:
+        run(s)
+    except OSError as exc:
+        raise fail(f"cannot listen: {exc}", 2) from None
+
+
+# ---------------------------------------------------------------- queue
+@queue_app.callback()
+def queue(ctx: typer.Context, json_output: JsonFlag = False, limit: int = 100) -> None:
+    """List spooled recipients with their state (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from models import Message, Recipient
+    from models.db import session_scope
+
+    with session_scope(engine()) as session:
+        rows = session.exec(
+            select(Message.id, Message.mail_from, Message.size, Message.created_at, Recipient)
+            .join(Recipient, col(Recipient.message_id) == Message.id)
+            .order_by(col(Message.created_at).desc(), col(Recipient.id))
+            .limit(limit)
+        ).all()
+    items = [
+        {
+            "queue_id": mid,
+            "from": sender,
+            "to": r.address,
+            "size": size,
+            "state": str(r.state),
+            "attempts": r.attempts,
+            "next_attempt_at": r.next_attempt_at,
+            "last_reply": r.last_reply,
+            "created_at": created,
+        }
+        for mid, sender, size, created, r in rows
+    ]
+    if json_output:
+        _print_json(items)
+        return
+    table = Table(
+        "queue id", "from", "to", "size", "state", "attempts", "next attempt", "last reply"
+    )
+    for i in items:
+        table.add_row(
+            i["queue_id"],
+            i["from"],
+            i["to"],
+            str(i["size"]),
+            i["state"],
+            str(i["attempts"]),
+            str(i["next_attempt_at"] or ""),
+            i["last_reply"] or "",
+        )
+    out.print(table)
+
+
+@queue_app.command("show")
+def queue_show(queue_id: str, json_output: JsonFlag = False) -> None:
+    """Show one spooled message exactly as it will be sent (like postcat)."""
+    from models import Message, Recipient
+    from models.db import session_scope
+
+    with session_scope(engine()) as session:
+        message = session.get(Message, queue_id)
+        if message is None:
+            raise fail(f"queue id {queue_id!r} not found")
+        recipients = session.exec(select(Recipient).where(Recipient.message_id == queue_id)).all()
+    if json_output:
+        _print_json(
+            {
+                "queue_id": message.id,
+                "mail_from": message.mail_from,
+                "recipients": [{"address": r.address, "state": str(r.state)} for r in recipients],
+                "stream": message.stream,
+                "size": message.size,
+                "data": message.data.decode("utf-8", "replace"),
+            }
+        )
+        return
+    sys.stdout.write(f"*** ENVELOPE RECORDS {message.id} ***\n")
+    sys.stdout.write(f"message_size: {message.size}\ncreate_time: {message.created_at}\n")
+    sys.stdout.write(f"sender: {message.mail_from}\nstream: {message.stream}\n")
+    for r in recipients:
+        sys.stdout.write(f"recipient: {r.address} ({r.state})\n")
+    sys.stdout.write("*** MESSAGE CONTENTS ***\n")
+    sys.stdout.write(message.data.decode("utf-8", "replace").replace("\r\n", "\n"))
+    sys.stdout.write("*** END OF MESSAGE ***\n")
+
+
+# ---------------------------------------------------------------- audit
+@app.command()
+def audit(
+    json_output: JsonFlag = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Recompute the hash chain.")] = False,
+    limit: int = 50,
+) -> None:
+    """List the audit trail, or verify its hash chain."""
+    from models import AuditEntry
+    from models.audit_trail import verify as verify_chain
+    from models.db import session_scope
+
+    with session_scope(engine()) as session:
+        if verify:
+            count, broken = verify_chain(session)
+            if broken is not None:
+                raise fail(f"audit chain broken at entry {broken.entry_id}: {broken.reason}")
+            if json_output:
+                _print_json({"ok": True, "entries": count})
+            else:
+                out.print(f"audit chain intact: {count} entries verified")
+            return
+        total = session.exec(select(func.count()).select_from(AuditEntry)).one()
+        entries = session.exec(
+            select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(limit)
+        ).all()
+    if json_output:
+        _print_json([e.model_dump() for e in reversed(entries)])
+        return
+    table = Table(
+        "id",
+        "at",
+        "actor",
+        "action",
+        "subject",
+        "runbook",
+        "evidence",
+        title=f"audit ({total} entries)",
+    )
+    for e in reversed(entries):
+        runbook = f"{e.runbook_id}@{e.runbook_version}" if e.runbook_id else ""
+        table.add_row(
+            str(e.id),
+            e.at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.actor,
+            e.action,
+            e.subject,
+            runbook,
+            json.dumps(e.evidence, default=str)[:80],
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------- runbooks
+@runbooks_app.command("validate")
+def runbooks_validate(
+    directory: Annotated[str | None, typer.Argument(help="Directory of runbook files.")] = None,
+) -> None:
+    """Load every runbook file; exit non-zero naming the first error's file, path and reason."""
+    from pathlib import Path
+
+    from runbooks.loader import RUNBOOK_DIR, RunbookError, load_all
+
+    try:
+        found = load_all(Path(directory) if directory else RUNBOOK_DIR)
+    except RunbookError as exc:
+        raise fail(str(exc)) from None
+    table = Table("id", "kind", "version", "title")
+    for rb in found.values():
+        table.add_row(rb.id, rb.kind, rb.version, rb.title)
+    out.print(table)
+    out.print(f"{len(found)} runbook(s) valid")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,136 @@
+"""Settings from AXIOM_* environment variables and an optional axiom.toml, validated at start."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Secrets that ship in examples and docs; outside sandbox they are refused (issue 5 hardens this).
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx"}
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AXIOM_",
+        extra="forbid",
+        toml_file=os.environ.get("AXIOM_CONFIG", "axiom.toml"),
+    )
+
+    environment: Literal["sandbox", "production"] = "sandbox"
+    home: Path = Path("./var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file under AXIOM_HOME"
+    )
+    hostname: str = Field(
+        default="relay.axiom.test", description="Name in the banner and Received header"
+    )
+    submission_listen: HostPort = "127.0.0.1:2525"
+    submission_tls_listen: HostPort = "127.0.0.1:2465"
+    http_listen: HostPort = "127.0.0.1:8025"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    secret_key: str | None = Field(
+        default=None,
+        description="Fernet key encrypting DKIM private keys and keying the credential cache; "
+        "default: AXIOM_HOME/secret.key written by `axiom init`",
+    )
+    relay_processes: int = Field(default=1, ge=1, le=64)
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_recipients: int = Field(default=100, ge=1)
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_failure_window_seconds: int = Field(default=300, ge=1)
+    auth_lockout_seconds: int = Field(default=900, ge=1)
+    credential_cache_seconds: int = Field(default=60, ge=0, le=3600)
+    spool_batch_max: int = Field(default=256, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError(f"only sqlite:// and postgresql:// are supported, got {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file, so one-off overrides need no file edit.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'axiom.db').resolve()}"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.tls_cert or self.home / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.tls_key or self.home / "tls" / "key.pem"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.home / "secret.key"
+
+    def load_secret_key(self) -> bytes:
+        """The key for secrets at rest: the setting, else the file `axiom init` wrote."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        try:
+            return self.secret_key_path.read_bytes().strip()
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"AXIOM_SECRET_KEY: not set and {self.secret_key_path} missing; run `axiom init`"
+            ) from exc
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one line naming it."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad setting, as an operator would type it."""
+    err = exc.errors()[0]
+    name = "AXIOM_" + "_".join(str(p) for p in err["loc"]).upper()
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{name}: {msg} (got {err.get('input')!r})"
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None

@@ -1,0 +1,36 @@
+"""SQLModel tables shared by the data plane and the control plane."""
+
+from models.audit import AuditEntry
+from models.domains import DkimKey, Domain, DomainState, KeyState
+from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
+from models.events import DeliveryEvent, Suppression
+from models.protocol import Approval, Incident, Operator, Suspension
+from models.spool import Message, Recipient, RecipientState
+from models.tenancy import ClientNetwork, Credential, Tenant
+
+__all__ = [
+    "Approval",
+    "AuditEntry",
+    "ClientNetwork",
+    "Credential",
+    "DeliveryEvent",
+    "DkimKey",
+    "Domain",
+    "DomainState",
+    "Incident",
+    "IpAddress",
+    "IpPool",
+    "IpState",
+    "KeyState",
+    "Message",
+    "Operator",
+    "PoolKind",
+    "Recipient",
+    "RecipientState",
+    "Stream",
+    "Suppression",
+    "Suspension",
+    "Tenant",
+    "WarmupDay",
+    "WarmupPlan",
+]

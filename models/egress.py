@@ -1,0 +1,73 @@
+"""Where mail leaves from: IP pools, their addresses, tenant streams and warm-up plans."""
+
+from datetime import date, datetime
+from enum import StrEnum
+
+from sqlalchemy import UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from models.base import created_at_field, json_field
+
+
+class PoolKind(StrEnum):
+    dedicated = "dedicated"
+    shared = "shared"
+
+
+class IpState(StrEnum):
+    cold = "cold"
+    warming = "warming"
+    active = "active"
+    suspended = "suspended"
+    listed = "listed"
+    retired = "retired"
+
+
+class IpPool(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=64)
+    kind: PoolKind = PoolKind.shared
+    created_at: datetime = created_at_field()
+
+
+class IpAddress(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(unique=True, index=True, max_length=45)
+    pool_id: int = Field(foreign_key="ippool.id", index=True)
+    ptr_name: str | None = Field(default=None, max_length=253)
+    weight: int = Field(default=100, ge=0)
+    state: IpState = IpState.cold
+    created_at: datetime = created_at_field()
+
+
+class Stream(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: int = Field(foreign_key="tenant.id", index=True)
+    name: str = Field(max_length=64)
+    pool_id: int = Field(foreign_key="ippool.id")
+    fallback_pool_id: int | None = Field(default=None, foreign_key="ippool.id")
+    created_at: datetime = created_at_field()
+
+
+class WarmupPlan(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    ip_id: int = Field(foreign_key="ipaddress.id", index=True)
+    schedule_id: str = Field(max_length=64)  # the runbook schedule it follows
+    runbook_version: str = Field(max_length=32)
+    started_on: date
+    state: str = Field(default="running", max_length=16)
+    created_at: datetime = created_at_field()
+
+
+class WarmupDay(SQLModel, table=True):
+    """One day's cap for one (IP, provider) path and what was actually sent."""
+
+    __table_args__ = (UniqueConstraint("plan_id", "day", "provider"),)
+    id: int | None = Field(default=None, primary_key=True)
+    plan_id: int = Field(foreign_key="warmupplan.id", index=True)
+    day: date
+    provider: str = Field(max_length=32)
+    cap: int = Field(ge=0)
+    sent: int = 0
+    signals: dict = json_field()

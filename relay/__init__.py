@@ -1,0 +1,1 @@
+"""The data plane: SMTP submission, policy, DKIM, spool and delivery."""

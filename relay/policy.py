@@ -1,0 +1,163 @@
+"""Tenant policy as the mail path needs it: who is this, which domains, whom not to mail.
+
+These are blocking database reads; the SMTP handler calls them through a thread. Small,
+short-TTL caches keep the hot path (one message per connection) off the database without
+letting a change — a domain activated, a key rotated, a credential disabled — wait long.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from models import (
+    ClientNetwork,
+    Credential,
+    DkimKey,
+    Domain,
+    DomainState,
+    KeyState,
+    Suppression,
+    Tenant,
+)
+from relay.auth import CredentialCache, Principal, verify_password
+from relay.dkim import SigningKey, load_signing_key
+from relay.keystore import KeyBox
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TtlCache(Generic[K, V]):
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self._ttl, self._clock = ttl, clock
+        self._data: dict[K, tuple[float, V]] = {}
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
+        now = self._clock()
+        with self._lock:
+            hit = self._data.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        with self._lock:
+            self._data[key] = (now + self._ttl, value)
+        return value
+
+
+@dataclass(frozen=True)
+class SendingDomain:
+    tenant_id: int
+    name: str
+    active: bool
+
+
+class PolicyStore:
+    def __init__(
+        self, engine: Engine, keybox: KeyBox, credentials: CredentialCache, ttl: float = 5.0
+    ):
+        self._engine = engine
+        self._keybox = keybox
+        self._credentials = credentials
+        self._domains: TtlCache[str, SendingDomain | None] = TtlCache(ttl)
+        self._networks: TtlCache[str, list[tuple[ipaddress._BaseNetwork, Principal]]] = TtlCache(
+            ttl
+        )
+        self._keys: TtlCache[str, list[SigningKey]] = TtlCache(ttl * 12)
+
+    # --- who ---
+    def authenticate(self, username: bytes, password: bytes) -> Principal | None:
+        cached = self._credentials.get(username, password)
+        if cached is not None:
+            return cached
+        try:
+            name = username.decode("utf-8")
+            secret = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        with Session(self._engine) as session:
+            row = session.exec(
+                select(Credential, Tenant)
+                .join(Tenant, Tenant.id == Credential.tenant_id)
+                .where(Credential.username == name, Credential.disabled == False)  # noqa: E712
+            ).first()
+        stored = row[0].password_hash if row else None
+        if not verify_password(stored, secret) or row is None:
+            return None
+        principal = Principal(row[1].id, row[1].name, name)
+        self._credentials.put(username, password, principal)
+        return principal
+
+    def principal_for_network(self, client_ip: str) -> Principal | None:
+        try:
+            addr = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return None
+        for network, principal in self._networks.get_or_load("all", self._load_networks):
+            if addr.version == network.version and addr in network:
+                return principal
+        return None
+
+    def _load_networks(self):
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(ClientNetwork, Tenant).join(Tenant, Tenant.id == ClientNetwork.tenant_id)
+            ).all()
+        return [
+            (ipaddress.ip_network(net.cidr, strict=False), Principal(t.id, t.name, None))
+            for net, t in rows
+        ]
+
+    # --- which domains ---
+    def sending_domain(self, name: str) -> SendingDomain | None:
+        name = name.lower().rstrip(".")
+        return self._domains.get_or_load(name, lambda: self._load_domain(name))
+
+    def _load_domain(self, name: str) -> SendingDomain | None:
+        with Session(self._engine) as session:
+            domain = session.exec(select(Domain).where(Domain.name == name)).first()
+        if domain is None:
+            return None
+        return SendingDomain(domain.tenant_id, domain.name, domain.state == DomainState.active)
+
+    def may_send_as(self, principal: Principal, domain_name: str) -> bool:
+        domain = self.sending_domain(domain_name)
+        return domain is not None and domain.active and domain.tenant_id == principal.tenant_id
+
+    # --- whom not to mail ---
+    def suppression_reason(self, tenant_id: int, address: str) -> str | None:
+        with Session(self._engine) as session:
+            row = session.exec(
+                select(Suppression.reason).where(
+                    Suppression.tenant_id == tenant_id, Suppression.address == address.lower()
+                )
+            ).first()
+        return row
+
+    # --- how to sign ---
+    def signing_keys(self, domain_name: str) -> list[SigningKey]:
+        name = domain_name.lower()
+        return self._keys.get_or_load(name, lambda: self._load_keys(name))
+
+    def _load_keys(self, name: str) -> list[SigningKey]:
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(DkimKey)
+                .join(Domain, Domain.id == DkimKey.domain_id)
+                .where(Domain.name == name, DkimKey.state == KeyState.active)
+                .order_by(col(DkimKey.algorithm).desc())  # rsa before ed25519
+            ).all()
+        return [
+            load_signing_key(
+                name, k.selector, k.algorithm, self._keybox.open(k.private_key_encrypted)
+            )
+            for k in rows
+        ]

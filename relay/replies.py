@@ -1,0 +1,88 @@
+"""Every SMTP reply the relay sends, with its enhanced status code (RFC 3463), in one place."""
+
+from __future__ import annotations
+
+import re
+
+# --- connection / AUTH (RFC 4954) ---
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentications from your address; try again later"
+AUTH_ALREADY = "503 5.5.1 Already authenticated"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
+AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+
+# --- MAIL ---
+SENDER_OK = "250 2.1.0 Sender OK"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+SENDER_DOMAIN_NOT_ALLOWED = (
+    "550 5.7.1 Sender domain {domain} is not an active domain of your account"
+)
+SENDER_NULL_NOT_ALLOWED = "550 5.7.1 A null sender is not accepted for submission"
+SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
+
+# --- RCPT ---
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+RECIPIENT_SUPPRESSED = "550 5.7.1 Recipient {address} is on your suppression list: {reason}"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
+BAD_SENDER_ADDRESS = "501 5.1.7 Bad sender address syntax"
+ROUTED_ADDRESS = "501 5.1.3 Percent-hack, bang-path and source-routed addresses are not accepted"
+
+# --- DATA ---
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+HEADER_FROM_NOT_ALLOWED = (
+    "550 5.7.1 Header From domain {domain} is not an active domain of your account"
+)
+HEADER_FROM_MISSING = "550 5.6.0 Message must have exactly one From header with one address"
+SMUGGLING = "550 5.6.0 Bare CR or LF before a dot is not accepted (SMTP smuggling)"
+LINE_TOO_LONG = "500 5.5.2 Line too long: RFC 5321 4.5.3.1.6 allows 998 octets"
+MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+NO_SIGNING_KEY = "451 4.7.5 No active DKIM key for {domain}; try again later"
+
+# --- any verb ---
+INTERNAL_ERROR = "451 4.3.0 Temporary internal error (ref {ref}); try again later"
+SPOOL_UNAVAILABLE = "451 4.3.0 Queue temporarily unavailable; try again later"
+
+
+# aiosmtpd answers some cases itself with texts that lack enhanced codes or carry other
+# codes than ours. Rather than re-implement its parser, we translate on the way out.
+_TRANSLATIONS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^250 OK$"), "250 2.0.0 OK"),
+    (re.compile(r"^221 Bye$"), "221 2.0.0 Bye"),
+    (re.compile(r"^552 Error: message size exceeds"), MESSAGE_TOO_BIG),
+    (re.compile(r"^552 Error: Too much mail data"), MESSAGE_TOO_BIG),
+    (re.compile(r"^500 Line too long"), LINE_TOO_LONG),
+    (re.compile(r"^500 Command line too long"), "500 5.5.2 Command line too long"),
+    (re.compile(r"^553 5\.1\.3 Error: malformed address"), BAD_ADDRESS),
+    (re.compile(r"^503 Error: need MAIL command"), "503 5.5.1 Need MAIL command first"),
+    (re.compile(r"^503 Error: need RCPT command"), "503 5.5.1 Need RCPT command first"),
+    (re.compile(r"^503 Error: nested MAIL command"), "503 5.5.1 Nested MAIL command"),
+    (re.compile(r"^503 Already authenticated"), AUTH_ALREADY),
+    (re.compile(r"^503 Error: send HELO first"), "503 5.5.1 Send EHLO or HELO first"),
+    (re.compile(r"^503 Error: send EHLO first"), "503 5.5.1 Send EHLO first"),
+    (re.compile(r"^500 Error: bad syntax"), "500 5.5.2 Syntax error"),
+    (re.compile(r"^500 Error: command .* not recognized"), "500 5.5.1 Command not recognized"),
+    (re.compile(r"^500 Error: strict ASCII mode"), "500 5.6.7 Non-ASCII data without SMTPUTF8"),
+    (re.compile(r"^501 Syntax: (.*)$"), r"501 5.5.4 Syntax: \1"),
+    (re.compile(r"^501 Error: (.*)$"), r"501 5.5.4 \1"),
+    (re.compile(r"^501 Not enough value"), "501 5.5.4 AUTH needs a mechanism"),
+    (re.compile(r"^501 Too many values"), "501 5.5.4 Too many AUTH arguments"),
+    (re.compile(r"^555 (MAIL FROM|RCPT TO) parameters"), r"555 5.5.4 \1 parameters not recognized"),
+    (re.compile(r"^530 Must issue a STARTTLS"), "530 5.7.0 Must issue a STARTTLS command first"),
+    (re.compile(r"^554 Command refused due to lack"), "554 5.7.0 TLS handshake failed"),
+    (re.compile(r"^502 EXPN not implemented"), "502 5.5.1 EXPN not implemented"),
+    (re.compile(r"^252 Cannot VRFY user"), "252 2.5.0 Cannot VRFY user"),
+    (re.compile(r"^421 (.*) Service not available"), r"421 4.3.2 \1 Service not available"),
+    (re.compile(r"^500 Error: \(.*\)"), "451 4.3.0 Temporary internal error; try again later"),
+]
+
+
+def translate(reply: str) -> str:
+    for pattern, replacement in _TRANSLATIONS:
+        if pattern.search(reply):
+            return pattern.sub(replacement, reply) if "\\" in replacement else replacement
+    return reply

@@ -1,0 +1,314 @@
+"""The submission server: one handle_<VERB> per SMTP verb, each check an early return.
+
+Replies come from relay/replies.py. Blocking work (database reads, password hashes, DKIM
+signing) runs in threads; the spool answers only after its commit reached the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import re
+import secrets
+import ssl
+from base64 import b64decode
+from dataclasses import dataclass
+from email.utils import format_datetime, getaddresses
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from relay import replies
+from relay.auth import LockoutTracker, Principal
+from relay.dkim import sign
+from relay.message import MessageHeaders
+from relay.metrics import Metrics
+from relay.policy import PolicyStore
+from relay.spool import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
+from runbooks.schema import DkimSigningSpec
+
+log = logging.getLogger("axiom.relay")
+
+# A bare CR or LF next to a dot is how SMTP smuggling hides a second end-of-data from a
+# receiver that accepts non-CRLF line ends (SEC Consult, Dec 2023). Refuse it outright.
+_SMUGGLING = re.compile(rb"(?:(?<!\r)\n|\r(?!\n))\.|\.(?:\r(?!\n)|(?<!\r)\n)")
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_ROUTED_LOCAL_PART = re.compile(r"[%!]")
+DEFAULT_STREAM = "transactional"
+STREAM_HEADER = "x-axiom-stream"
+_STREAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+
+
+@dataclass
+class RelayContext:
+    hostname: str
+    policy: PolicyStore
+    spool: Spool
+    lockout: LockoutTracker
+    signing: DkimSigningSpec
+    metrics: Metrics
+    max_recipients: int
+    on_lockout: Any  # callable(client_ip, failures) -> None, writes the audit entry
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol with our reply texts and stricter address parsing."""
+
+    line_length_limit = 1000  # 998 octets + CRLF (RFC 5321 4.5.3.1.6)
+
+    async def push(self, status):
+        if isinstance(status, str):
+            status = replies.translate(status)
+        await super().push(status)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.session.ssl is None and transport.get_extra_info("ssl_object") is not None:
+            self.session.ssl = {"implicit": True}  # implicit TLS: encrypted from the first byte
+
+    def _getaddr(self, arg: str):
+        # aiosmtpd silently drops an RFC 821 source route (<@relay:user@host>); we refuse it so
+        # nobody can steer the path of mail through us.
+        if arg.lstrip().startswith("<@"):
+            return None, None
+        return super()._getaddr(arg)
+
+
+def _client_ip(session: Session) -> str:
+    peer = session.peer
+    return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+class SubmissionHandler:
+    def __init__(self, ctx: RelayContext):
+        self.ctx = ctx
+
+    # --- AUTH (RFC 4954); handler auth_* methods replace aiosmtpd's synchronous ones ---
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push(replies.AUTH_BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            username = await server.challenge_auth("Username:")
+            if username is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                username = b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, username, password)
+
+    async def _verify(self, server: SMTP, username: bytes, password: bytes) -> AuthResult:
+        ip = _client_ip(server.session)
+        if self.ctx.lockout.is_locked(ip):
+            await server.push(replies.AUTH_LOCKED_OUT)
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
+        principal = await asyncio.to_thread(self.ctx.policy.authenticate, username, password)
+        if principal is None:
+            self.ctx.metrics.auth_failures.inc()
+            if self.ctx.lockout.record_failure(ip):
+                await asyncio.to_thread(self.ctx.on_lockout, ip)
+                await server.push(replies.AUTH_LOCKED_OUT)
+                server.transport.close()
+                return AuthResult(success=False, handled=True)
+            return AuthResult(success=False, message=replies.AUTH_FAILED)
+        self.ctx.lockout.record_success(ip)
+        return AuthResult(success=True, auth_data=principal, message=replies.AUTH_OK)
+
+    # --- MAIL ---
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options
+    ) -> str:
+        principal = await self._principal(session)
+        if principal is None:
+            return self._reject("auth_required", replies.AUTH_REQUIRED)
+        if address == "<>" or not address:
+            return self._reject("null_sender", replies.SENDER_NULL_NOT_ALLOWED)
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            return self._reject("bad_sender", replies.BAD_SENDER_ADDRESS)
+        if not await asyncio.to_thread(self.ctx.policy.may_send_as, principal, domain):
+            return self._reject(
+                "sender_domain", replies.SENDER_DOMAIN_NOT_ALLOWED.format(domain=domain.lower())
+            )
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    # --- RCPT ---
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options
+    ) -> str:
+        principal = await self._principal(session)
+        if principal is None:
+            return self._reject("relay_denied", replies.RELAY_DENIED)
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or "." not in domain.strip("."):
+            return self._reject("bad_recipient", replies.BAD_ADDRESS)
+        if _ROUTED_LOCAL_PART.search(local.strip('"')):
+            return self._reject("routed_recipient", replies.ROUTED_ADDRESS)
+        if len(envelope.rcpt_tos) >= self.ctx.max_recipients:
+            return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        reason = await asyncio.to_thread(
+            self.ctx.policy.suppression_reason, principal.tenant_id, address
+        )
+        if reason is not None:
+            return self._reject(
+                "suppressed", replies.RECIPIENT_SUPPRESSED.format(address=address, reason=reason)
+            )
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RECIPIENT_OK
+
+    # --- DATA ---
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        principal = await self._principal(session)
+        if principal is None:  # unreachable through aiosmtpd's ordering; kept as a guard
+            return self._reject("relay_denied", replies.RELAY_DENIED)
+        raw: bytes = envelope.original_content or b""
+        if _SMUGGLING.search(raw):
+            return self._reject("smuggling", replies.SMUGGLING)
+        # Remaining bare line ends become CRLF, as Postfix's default does, so what we sign is
+        # what every receiver will read.
+        raw = _BARE_LINE_END.sub(b"\r\n", raw)
+        headers = MessageHeaders.parse(raw)
+
+        from_values = headers.values("from")
+        addresses = getaddresses(from_values) if len(from_values) == 1 else []
+        if len(addresses) != 1 or "@" not in addresses[0][1]:
+            return self._reject("header_from", replies.HEADER_FROM_MISSING)
+        from_domain = addresses[0][1].rpartition("@")[2].lower().rstrip(">")
+        if not await asyncio.to_thread(self.ctx.policy.may_send_as, principal, from_domain):
+            return self._reject(
+                "header_from", replies.HEADER_FROM_NOT_ALLOWED.format(domain=from_domain)
+            )
+
+        stream_values = headers.values(STREAM_HEADER)
+        stream = stream_values[0].strip().lower() if stream_values else DEFAULT_STREAM
+        if not _STREAM_NAME.match(stream):
+            stream = DEFAULT_STREAM
+        headers.remove(STREAM_HEADER)  # an instruction to us, not for the recipient
+
+        queue_id = new_queue_id()
+        if not headers.values("message-id"):
+            headers.append("Message-ID", f"<{queue_id}@{self.ctx.hostname}>")
+        if not headers.values("date"):
+            headers.append("Date", format_datetime(_now(), usegmt=False))
+        headers.prepend("Received", self._received(session, queue_id))
+
+        keys = await asyncio.to_thread(self.ctx.policy.signing_keys, from_domain)
+        if not keys:
+            return self._reject("no_key", replies.NO_SIGNING_KEY.format(domain=from_domain))
+        unsigned = headers.to_bytes()
+        signatures = await asyncio.get_running_loop().run_in_executor(
+            None, sign, unsigned, keys, self.ctx.signing
+        )
+        entry = SpoolEntry(
+            queue_id=queue_id,
+            tenant_id=principal.tenant_id,
+            stream=stream,
+            mail_from=envelope.mail_from,
+            recipients=list(envelope.rcpt_tos),
+            header_from_domain=from_domain,
+            message_id_header=(headers.values("message-id") or [""])[0].strip()[:998],
+            data=signatures + unsigned,
+            client_address=_client_ip(session),
+            auth_user=principal.username,
+        )
+        started = asyncio.get_running_loop().time()
+        try:
+            await self.ctx.spool.put(entry)
+        except SpoolUnavailable as exc:
+            log.error("spool commit failed: %s", exc)
+            return self._reject("spool_unavailable", replies.SPOOL_UNAVAILABLE)
+        self.ctx.metrics.spool_latency.observe(asyncio.get_running_loop().time() - started)
+        self.ctx.metrics.accepted.inc()
+        return replies.QUEUED.format(queue_id=queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        ref = secrets.token_hex(4)
+        log.exception("internal error ref=%s", ref, exc_info=error)
+        self.ctx.metrics.rejected.labels(reason="internal_error").inc()
+        return replies.INTERNAL_ERROR.format(ref=ref)
+
+    # --- helpers ---
+    async def _principal(self, session: Session) -> Principal | None:
+        if isinstance(session.auth_data, Principal):
+            return session.auth_data
+        bound = await asyncio.to_thread(self.ctx.policy.principal_for_network, _client_ip(session))
+        if bound is not None:
+            session.auth_data = bound  # one lookup per connection
+        return bound
+
+    def _received(self, session: Session, queue_id: str) -> str:
+        # RFC 3848 protocol types: ESMTPSA = ESMTP + TLS + AUTH.
+        proto = "ESMTP"
+        if session.ssl:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo = (session.host_name or "unknown").replace("(", "").replace(")", "")[:200]
+        return (
+            f"from {helo} ([{_client_ip(session)}])\r\n\tby {self.ctx.hostname} (Axiom Send)"
+            f" with {proto} id {queue_id};\r\n\t{format_datetime(_now())}"
+        )
+
+    def _reject(self, reason: str, reply: str) -> str:
+        self.ctx.metrics.rejected.labels(reason=reason).inc()
+        return reply
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def make_protocol_factory(
+    handler: SubmissionHandler,
+    *,
+    hostname: str,
+    data_size_limit: int,
+    starttls_context: ssl.SSLContext | None,
+    implicit_tls: bool,
+    idle_timeout: float = 300,
+):
+    """One SMTP protocol per connection. On the implicit-TLS listener the transport is already
+    encrypted, so AUTH needs no STARTTLS there."""
+
+    def factory() -> SubmissionSMTP:
+        return SubmissionSMTP(
+            handler,
+            hostname=hostname,
+            ident="Axiom Send",
+            data_size_limit=data_size_limit,
+            enable_SMTPUTF8=True,
+            tls_context=None if implicit_tls else starttls_context,
+            require_starttls=False,  # bound-network tenants may submit in plaintext
+            auth_require_tls=not implicit_tls,
+            auth_exclude_mechanism=["CRAM-MD5"],
+            timeout=idle_timeout,
+        )
+
+    return factory

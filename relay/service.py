@@ -1,0 +1,178 @@
+"""Wires the relay together and runs it: listeners, spool writer, HTTP endpoint, signals.
+
+With AXIOM_RELAY_PROCESSES=N the parent starts N-1 extra listener processes sharing the
+ports through SO_REUSEPORT (the kernel spreads connections), because one Python process
+tops out at one core. Children die with the parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import uvicorn
+from sqlalchemy import text
+
+from axiom.settings import Settings, split_host_port
+from axiom.tls import server_context
+from models.audit_trail import record
+from models.db import make_engine, session_scope
+from relay.auth import CredentialCache, LockoutTracker
+from relay.http import build_app
+from relay.keystore import KeyBox
+from relay.metrics import build_metrics
+from relay.policy import PolicyStore
+from relay.server import RelayContext, SubmissionHandler, make_protocol_factory
+from relay.spool import Spool
+from runbooks.loader import dkim_signing
+
+log = logging.getLogger("axiom.relay")
+
+
+def build_context(settings: Settings, engine) -> RelayContext:
+    secret = settings.load_secret_key()
+    policy = PolicyStore(
+        engine,
+        KeyBox(secret),
+        CredentialCache(secret, settings.credential_cache_seconds),
+    )
+    spool = Spool(engine, batch_max=settings.spool_batch_max)
+
+    def on_lockout(client_ip: str) -> None:
+        with session_scope(engine) as session:
+            record(
+                session,
+                actor="relay:auth-lockout",
+                action="auth.lockout",
+                subject=f"client:{client_ip}",
+                evidence={
+                    "failures": settings.auth_max_failures,
+                    "window_seconds": settings.auth_failure_window_seconds,
+                    "lockout_seconds": settings.auth_lockout_seconds,
+                },
+            )
+            session.commit()
+
+    return RelayContext(
+        hostname=settings.hostname,
+        policy=policy,
+        spool=spool,
+        lockout=LockoutTracker(
+            settings.auth_max_failures,
+            settings.auth_failure_window_seconds,
+            settings.auth_lockout_seconds,
+        ),
+        signing=dkim_signing().spec,
+        metrics=build_metrics(),
+        max_recipients=settings.max_recipients,
+        on_lockout=on_lockout,
+    )
+
+
+async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool = False) -> None:
+    engine = make_engine(settings.db_url)
+    ctx = build_context(settings, engine)
+    ctx.spool.start()
+    handler = SubmissionHandler(ctx)
+    tls = server_context(settings.cert_path, settings.key_path)
+    loop = asyncio.get_running_loop()
+    servers = []
+    for listen, implicit in (
+        (settings.submission_listen, False),
+        (settings.submission_tls_listen, True),
+    ):
+        host, port = split_host_port(listen)
+        factory = make_protocol_factory(
+            handler,
+            hostname=settings.hostname,
+            data_size_limit=settings.max_message_size,
+            starttls_context=tls,
+            implicit_tls=implicit,
+        )
+        servers.append(
+            await loop.create_server(
+                factory, host, port, ssl=tls if implicit else None, reuse_port=reuse_port or None
+            )
+        )
+        log.info("listening on %s (%s)", listen, "implicit TLS" if implicit else "STARTTLS")
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    http_task = None
+    if with_http:
+        http_host, http_port = split_host_port(settings.http_listen)
+
+        async def health():
+            try:
+                await asyncio.to_thread(_ping, engine)
+                return True, {"database": "ok"}
+            except Exception as exc:
+                return False, {"database": str(exc).splitlines()[0]}
+
+        config = uvicorn.Config(
+            build_app(health), host=http_host, port=http_port, log_level="warning", lifespan="off"
+        )
+        http_server = uvicorn.Server(config)
+        http_server.install_signal_handlers = lambda: None  # we own the signals
+        http_task = asyncio.create_task(http_server.serve())
+
+    print(f"axiom relay ready pid={os.getpid()}", flush=True)
+    await stop.wait()
+    log.info("stopping")
+    for server in servers:
+        server.close()
+    for server in servers:
+        await server.wait_closed()
+    if http_task is not None:
+        http_server.should_exit = True
+        await http_task
+    ctx.spool.stop()
+    engine.dispose()
+
+
+def _ping(engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def run(settings: Settings) -> None:
+    """Entry point of `axiom relay`."""
+    extra = settings.relay_processes - 1
+    children: list[subprocess.Popen] = []
+    for _ in range(extra):
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "relay.service", "--listener-only"],
+                preexec_fn=_die_with_parent,
+            )
+        )
+    try:
+        asyncio.run(serve(settings, with_http=True, reuse_port=extra > 0))
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+if __name__ == "__main__":  # the extra listener processes
+    from axiom.settings import load_settings
+
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(serve(load_settings(), with_http=False, reuse_port=True))

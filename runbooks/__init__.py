@@ -1,0 +1,1 @@
+"""The Protocol as data: typed runbook files and the templates they render."""
