@@ -30,10 +30,11 @@ from runbooks.schema import DkimSigningSpec
 
 log = logging.getLogger("axiom.relay")
 
-# A bare CR or LF next to a dot is how SMTP smuggling hides a second end-of-data from a
-# receiver that accepts non-CRLF line ends (SEC Consult, Dec 2023). Refuse it outright.
-_SMUGGLING = re.compile(rb"(?:(?<!\r)\n|\r(?!\n))\.|\.(?:\r(?!\n)|(?<!\r)\n)")
-_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+# RFC 5321 2.3.8: CR and LF occur in DATA only as CRLF. A bare one next to a dot is how SMTP
+# smuggling hides a second end-of-data from a receiver that accepts other line ends (SEC
+# Consult, Dec 2023). aiosmtpd has already removed dot-stuffing when we see the data, so the
+# dot of "\r\n.\n" is gone; refusing every bare CR or LF closes all published variants.
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ROUTED_LOCAL_PART = re.compile(r"[%!]")
 DEFAULT_STREAM = "transactional"
 STREAM_HEADER = "x-axiom-stream"
@@ -132,7 +133,7 @@ class SubmissionHandler:
                 await server.push(replies.AUTH_LOCKED_OUT)
                 server.transport.close()
                 return AuthResult(success=False, handled=True)
-            return AuthResult(success=False, message=replies.AUTH_FAILED)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         self.ctx.lockout.record_success(ip)
         return AuthResult(success=True, auth_data=principal, message=replies.AUTH_OK)
 
@@ -187,11 +188,8 @@ class SubmissionHandler:
         if principal is None:  # unreachable through aiosmtpd's ordering; kept as a guard
             return self._reject("relay_denied", replies.RELAY_DENIED)
         raw: bytes = envelope.original_content or b""
-        if _SMUGGLING.search(raw):
-            return self._reject("smuggling", replies.SMUGGLING)
-        # Remaining bare line ends become CRLF, as Postfix's default does, so what we sign is
-        # what every receiver will read.
-        raw = _BARE_LINE_END.sub(b"\r\n", raw)
+        if _BARE_CR_OR_LF.search(raw):
+            return self._reject("bare_cr_lf", replies.BARE_CR_OR_LF)
         headers = MessageHeaders.parse(raw)
 
         from_values = headers.values("from")
