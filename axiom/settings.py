@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -36,11 +38,45 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """One nameserver entry: IP, IP:PORT, [IPv6] or [IPv6]:PORT; the port defaults to 53."""
+    entry, port = value.strip(), "53"
+    host = entry
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"nameserver {value!r}: expected [IPv6] or [IPv6]:PORT")
+        port = rest[1:] if rest else port
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {value!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"nameserver {value!r}: port must be 1-65535")
+    return str(address), int(port)
+
+
+def _nameserver_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        entries = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple):
+        entries = [str(part).strip() for part in value]
+    else:
+        raise ValueError("expected a comma-separated list of HOST[:PORT]")
+    for entry in entries:
+        parse_nameserver(entry)
+    return tuple(entries)
+
+
+Nameservers = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_nameserver_list)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AXIOM_",
         extra="forbid",
-        toml_file=os.environ.get("AXIOM_CONFIG", "axiom.toml"),
     )
 
     environment: Literal["sandbox", "production"] = "sandbox"
@@ -69,6 +105,10 @@ class Settings(BaseSettings):
     auth_lockout_seconds: int = Field(default=900, ge=1)
     credential_cache_seconds: int = Field(default=60, ge=0, le=3600)
     spool_batch_max: int = Field(default=256, ge=1)
+    dns_nameservers: Nameservers = Field(
+        default=(), description="Comma list of IP[:PORT] resolvers; empty: the system resolver"
+    )
+    delivery_port: int = Field(default=25, ge=1, le=65535, description="Port of receiving MXs")
 
     @field_validator("database_url")
     @classmethod
@@ -87,7 +127,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the file, so one-off overrides need no file edit.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # AXIOM_CONFIG names the file; read at load time so each process can point elsewhere.
+        toml_file = os.environ.get("AXIOM_CONFIG", "axiom.toml")
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
 
     @cached_property
     def db_url(self) -> str:
