@@ -33,6 +33,12 @@ app.add_typer(credential_app, name="credential")
 app.add_typer(domain_app, name="domain")
 app.add_typer(queue_app, name="queue")
 app.add_typer(runbooks_app, name="runbooks")
+pool_app = typer.Typer(no_args_is_help=True, help="IP pools (dedicated or shared).")
+ip_app = typer.Typer(no_args_is_help=True, help="Source IP addresses.")
+stream_app = typer.Typer(no_args_is_help=True, help="Tenant streams and their pools.")
+app.add_typer(pool_app, name="pool")
+app.add_typer(ip_app, name="ip")
+app.add_typer(stream_app, name="stream")
 
 out = Console()
 err = Console(stderr=True)
@@ -103,6 +109,11 @@ def init() -> None:
         write_self_signed(s.cert_path, s.key_path, s.hostname)
         out.print(f"self-signed TLS certificate for {s.hostname} written to {s.cert_path}")
     migrate(s.db_url)
+    from axiom.admin import ensure_default_pool
+
+    with _admin() as session:
+        if ensure_default_pool(session):
+            out.print("pool 'default' (shared) created with 127.0.0.1; new streams deliver from it")
     out.print(f"database ready: {_redact(s.db_url)}")
 
 
@@ -227,6 +238,83 @@ def relay() -> None:
         run(s)
     except OSError as exc:
         raise fail(f"cannot listen: {exc}", 2) from None
+
+
+# ---------------------------------------------------------------- egress
+@pool_app.command("add")
+def pool_add(
+    name: str,
+    kind: Annotated[str, typer.Option("--kind", help="dedicated or shared.")] = "shared",
+) -> None:
+    """Add an IP pool."""
+    from axiom.admin import add_pool
+
+    with _admin() as session:
+        add_pool(session, name, kind)
+    out.print(f"pool [bold]{name}[/bold] ({kind}) added")
+
+
+@ip_app.command("add")
+def ip_add(
+    address: str,
+    pool: Annotated[str, typer.Option("--pool", help="The pool it sends for.")],
+    ptr: Annotated[str | None, typer.Option("--ptr", help="Its PTR name, said in EHLO.")] = None,
+    weight: Annotated[int, typer.Option("--weight", help="Share of the pool's traffic.")] = 100,
+) -> None:
+    """Add a source IP to a pool (state cold until warmed up)."""
+    from axiom.admin import add_ip
+
+    with _admin() as session:
+        ip = add_ip(session, address, pool, ptr, weight)
+    out.print(f"{ip.address} added to pool [bold]{pool}[/bold] (weight {weight}, cold)")
+
+
+@stream_app.command("set")
+def stream_set(
+    tenant: str,
+    stream: str,
+    pool: Annotated[str, typer.Option("--pool", help="The pool this stream sends from.")],
+    fallback: Annotated[str | None, typer.Option("--fallback", help="Overflow pool.")] = None,
+) -> None:
+    """Bind TENANT's STREAM to a pool (and optionally an overflow pool)."""
+    from axiom.admin import set_stream
+
+    with _admin() as session:
+        set_stream(session, tenant, stream, pool, fallback)
+    extra = f", overflow to [bold]{fallback}[/bold]" if fallback else ""
+    out.print(f"{tenant}/{stream} sends from pool [bold]{pool}[/bold]{extra}")
+
+
+@app.command()
+def suspensions(json_output: JsonFlag = False) -> None:
+    """Active protective suspensions and throttles of (IP, provider) paths."""
+    from models import Suspension
+    from models.db import session_scope
+    from relay.clock import SystemClock
+
+    now = SystemClock().now()
+    with session_scope(engine()) as session:
+        rows = session.exec(
+            select(Suspension)
+            .where(Suspension.expires_at > now)
+            .order_by(col(Suspension.expires_at))
+        ).all()
+    if json_output:
+        _print_json([r.model_dump() for r in rows])
+        return
+    table = Table("ip", "provider", "action", "limit/min", "until", "rule", "reason")
+    for r in rows:
+        table.add_row(
+            r.source_ip,
+            r.provider,
+            r.action,
+            str(r.limit_per_minute or ""),
+            f"{r.expires_at:%Y-%m-%d %H:%M:%S}",
+            r.rule_id or "",
+            r.reason[:60],
+        )
+    out.print(table)
+    out.print(f"{len(rows)} active")
 
 
 # ---------------------------------------------------------------- queue
@@ -384,6 +472,56 @@ def runbooks_validate(
         table.add_row(rb.id, rb.kind, rb.version, rb.title)
     out.print(table)
     out.print(f"{len(found)} runbook(s) valid")
+
+
+# ---------------------------------------------------------------- classification
+@app.command("classify")
+def classify_replies(
+    replies: Annotated[
+        list[str],
+        typer.Argument(
+            help='SMTP replies, e.g. "550 5.1.1 <x@y>: user unknown"; lines of a multi-line '
+            'reply are separated by newlines (or a literal \\n). "-" reads stdin, one reply '
+            "line per line; NNN- continuation lines join the reply they continue.",
+            show_default=False,
+        ),
+    ],
+    mx: Annotated[
+        str | None,
+        typer.Option("--mx", help="The MX host that answered; selects its provider's rules."),
+    ] = None,
+) -> None:
+    """Classify SMTP replies: one JSON object per reply, in input order."""
+    from rich.markup import escape
+
+    from relay.classify import classify, parse_reply, provider_for_mx, rules, split_replies
+    from runbooks.loader import RunbookError
+
+    try:
+        rules()
+    except RunbookError as exc:
+        raise fail(str(exc), 2) from None
+    provider = provider_for_mx(mx) if mx else None
+    inputs: list[tuple[str, str]] = []
+    for position, value in enumerate(replies, 1):
+        if value == "-":
+            inputs += [(f"stdin line {n}", text) for n, text in split_replies(sys.stdin)]
+        else:
+            inputs.append((f"argument {position}", value.replace("\\n", "\n")))
+    failed = False
+    for label, text in inputs:
+        try:
+            reply = parse_reply(text)
+        except ValueError as exc:
+            failed = True
+            err.print(
+                f"[red]error:[/red] {label}: {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            continue
+        result = classify(reply, provider).as_dict() | {"reply": text}
+        sys.stdout.write(json.dumps(result) + "\n")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

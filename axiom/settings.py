@@ -109,6 +109,9 @@ class Settings(BaseSettings):
         default=(), description="Comma list of IP[:PORT] resolvers; empty: the system resolver"
     )
     delivery_port: int = Field(default=25, ge=1, le=65535, description="Port of receiving MXs")
+    delivery_enabled: bool = Field(
+        default=True, description="Run the delivery engine in `axiom relay` (off: accept only)"
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -24,12 +24,16 @@ from axiom.tls import server_context
 from models.audit_trail import record
 from models.db import make_engine, session_scope
 from relay.auth import CredentialCache, LockoutTracker
+from relay.clock import SystemClock
+from relay.delivery import DeliveryEngine
+from relay.dns import Resolver
 from relay.http import build_app
 from relay.keystore import KeyBox
 from relay.metrics import build_metrics
 from relay.policy import PolicyStore
 from relay.server import RelayContext, SubmissionHandler, make_protocol_factory
 from relay.spool import Spool
+from runbooks import loader as runbooks
 from runbooks.loader import dkim_signing
 
 log = logging.getLogger("axiom.relay")
@@ -124,9 +128,17 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
         http_server.install_signal_handlers = lambda: None  # we own the signals
         http_task = asyncio.create_task(http_server.serve())
 
+    delivery_task = None
+    if with_http and settings.delivery_enabled:
+        delivery = build_delivery_engine(settings, engine)
+        ctx.spool.on_commit = delivery.wake.set  # new mail starts out at once, not at the next poll
+        delivery_task = asyncio.create_task(delivery.run(stop))
+
     print(f"axiom relay ready pid={os.getpid()}", flush=True)
     await stop.wait()
     log.info("stopping")
+    if delivery_task is not None:
+        await delivery_task
     for server in servers:
         server.close()
     for server in servers:
@@ -136,6 +148,20 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
         await http_task
     ctx.spool.stop()
     engine.dispose()
+
+
+def build_delivery_engine(settings: Settings, engine) -> DeliveryEngine:
+    shaping = runbooks.shaping()
+    return DeliveryEngine(
+        engine=engine,
+        resolver=Resolver.from_settings(settings),
+        clock=SystemClock(),
+        hostname=settings.hostname,
+        delivery_port=settings.delivery_port,
+        delivery=runbooks.delivery().spec,
+        shaping=shaping.spec,
+        shaping_version=shaping.version,
+    )
 
 
 def _ping(engine) -> None:

@@ -56,6 +56,7 @@ class Spool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._started = False
+        self.on_commit = None  # called on the event loop after each committed batch
 
     def start(self) -> None:
         if not self._started:
@@ -98,40 +99,48 @@ class Spool:
                 error = exc
             for _, loop, future in batch:
                 loop.call_soon_threadsafe(_settle, future, error)
+            if error is None and self.on_commit is not None:
+                batch[0][1].call_soon_threadsafe(self.on_commit)
 
     def _commit(self, entries: list[SpoolEntry]) -> None:
-        messages = [
-            {
-                "id": e.queue_id,
-                "tenant_id": e.tenant_id,
-                "stream": e.stream,
-                "mail_from": e.mail_from,
-                "header_from_domain": e.header_from_domain,
-                "message_id_header": e.message_id_header,
-                "size": len(e.data),
-                "data": e.data,
-                "client_address": e.client_address,
-                "auth_user": e.auth_user,
-                "created_at": e.created_at,
-            }
-            for e in entries
-        ]
-        recipients = [
-            {
-                "message_id": e.queue_id,
-                "address": rcpt,
-                "domain": rcpt.rpartition("@")[2].lower(),
-                "state": RecipientState.queued,
-                "attempts": 0,
-                "next_attempt_at": e.created_at,
-                "updated_at": e.created_at,
-            }
-            for e in entries
-            for rcpt in e.recipients
-        ]
+        messages, recipients = spool_rows(entries)
         with self._engine.begin() as conn:
             conn.execute(insert(Message), messages)
             conn.execute(insert(Recipient), recipients)
+
+
+def spool_rows(entries: list[SpoolEntry]) -> tuple[list[dict], list[dict]]:
+    """The Message and Recipient rows for entries (shared with the DSN writer)."""
+    messages = [
+        {
+            "id": e.queue_id,
+            "tenant_id": e.tenant_id,
+            "stream": e.stream,
+            "mail_from": e.mail_from,
+            "header_from_domain": e.header_from_domain,
+            "message_id_header": e.message_id_header,
+            "size": len(e.data),
+            "data": e.data,
+            "client_address": e.client_address,
+            "auth_user": e.auth_user,
+            "created_at": e.created_at,
+        }
+        for e in entries
+    ]
+    recipients = [
+        {
+            "message_id": e.queue_id,
+            "address": rcpt,
+            "domain": rcpt.rpartition("@")[2].lower(),
+            "state": RecipientState.queued,
+            "attempts": 0,
+            "next_attempt_at": e.created_at,
+            "updated_at": e.created_at,
+        }
+        for e in entries
+        for rcpt in e.recipients
+    ]
+    return messages, recipients
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
-from runbooks.schema import DkimSigningRunbook, Runbook
+from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
+from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
+
+# Every kind of runbook file; `kind` picks the schema.
+Runbook = Annotated[
+    DkimSigningRunbook
+    | ClassificationRunbook
+    | ProvidersRunbook
+    | DeliveryRunbook
+    | ShapingRunbook,
+    Field(discriminator="kind"),
+]
 
 RUNBOOK_DIR = Path(__file__).parent
 _adapter: TypeAdapter[Runbook] = TypeAdapter(Runbook)
@@ -49,7 +61,25 @@ def load_all(directory: Path = RUNBOOK_DIR) -> dict[str, Runbook]:
 
 
 @cache
+def shipped() -> dict[str, Runbook]:
+    """The runbooks shipped with this version, loaded once per process."""
+    return load_all()
+
+
 def dkim_signing() -> DkimSigningRunbook:
-    runbook = load_all()["dkim-signing"]
-    assert isinstance(runbook, DkimSigningRunbook)
+    return _typed("dkim-signing", DkimSigningRunbook)
+
+
+def delivery() -> DeliveryRunbook:
+    return _typed("delivery", DeliveryRunbook)
+
+
+def shaping() -> ShapingRunbook:
+    return _typed("shaping", ShapingRunbook)
+
+
+def _typed(runbook_id: str, kind: type):
+    runbook = shipped()[runbook_id]
+    if not isinstance(runbook, kind):
+        raise RunbookError(RUNBOOK_DIR, runbook_id, f"expected kind {kind.__name__}")
     return runbook

@@ -192,12 +192,14 @@ class PostfixInstance:
         smtpd_options: Mapping[str, object] | None = None,
         hostname: str | None = None,
         keep: bool = False,
+        host: str = LOOPBACK,
     ):
         self.name = name
+        self.host = host
         self.hostname = hostname or f"{name}.test"
         self.smtpd = smtpd
         self._fixed_port = smtpd_port is not None
-        self.port = smtpd_port if smtpd_port is not None else free_port()
+        self.port = smtpd_port if smtpd_port is not None else free_port(host)
         self.smtpd_options = dict(smtpd_options or {})
         self.main_cf_overrides = dict(main_cf or {})
         self.master_cf_entries = list(master_cf)
@@ -216,7 +218,7 @@ class PostfixInstance:
     # ------------------------------------------------------------------ configuration
     @property
     def address(self) -> tuple[str, int]:
-        return LOOPBACK, self.port
+        return self.host, self.port
 
     def main_cf(self) -> dict[str, str]:
         values: dict[str, object] = {
@@ -228,7 +230,7 @@ class PostfixInstance:
             "myhostname": self.hostname,
             "mydomain": self.hostname,
             "myorigin": "$myhostname",
-            "inet_interfaces": LOOPBACK,
+            "inet_interfaces": self.host,
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
             "mydestination": "",
@@ -260,7 +262,7 @@ class PostfixInstance:
     def master_cf(self) -> str:
         entries: dict[tuple[str, str], str] = {}
         if self.smtpd:
-            lines = [f"{LOOPBACK}:{self.port} inet  n       -       n       -       -       smtpd"]
+            lines = [f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd"]
             for key, value in self.smtpd_options.items():
                 text = _format_value(value)
                 lines.append(
@@ -316,7 +318,7 @@ class PostfixInstance:
                 if attempt == attempts - 1 or "Address already in use" not in self.log():
                     self._remove()
                     raise
-                self.port = free_port()  # lost the race for the port; take another
+                self.port = free_port(self.host)  # lost the race for the port; take another
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout: float) -> None:
@@ -344,7 +346,9 @@ class PostfixInstance:
             if self._master_pid is None:
                 with contextlib.suppress(FileNotFoundError, ValueError):
                     self._master_pid = int(pid_file.read_text().strip())
-            if self._master_pid is not None and (not self.smtpd or _listening(self.port)):
+            if self._master_pid is not None and (
+                not self.smtpd or _listening(self.port, self.host)
+            ):
                 return
             time.sleep(0.02)
         raise PostfixError(f"postfix {self.name} not ready in {timeout}s:\n{self.log()}")
@@ -382,6 +386,11 @@ class PostfixInstance:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def master_pid(self) -> int | None:
+        """The master's pid, which is also the process group of every Postfix daemon."""
+        return self._master_pid
 
     def __enter__(self) -> PostfixInstance:
         return self.start()
@@ -531,10 +540,12 @@ class SmtpSink:
         hostname: str = "sink.test",
         capture: bool = False,
         keep: bool = False,
+        host: str = LOOPBACK,
     ):
+        self.host = host
         self.options = list(options)
         self._fixed_port = port is not None
-        self.port = port if port is not None else free_port()
+        self.port = port if port is not None else free_port(host)
         self.backlog = backlog
         self.hostname = hostname
         self.keep = keep or bool(os.environ.get("AXIOM_KEEP_PEERS"))
@@ -549,7 +560,7 @@ class SmtpSink:
 
     @property
     def address(self) -> tuple[str, int]:
-        return LOOPBACK, self.port
+        return self.host, self.port
 
     def command(self) -> list[str]:
         args = [SMTP_SINK, "-4", "-h", self.hostname, *self.options]
@@ -557,7 +568,7 @@ class SmtpSink:
             args += ["-d", f"{self.dump_dir}/msg."]
         if os.geteuid() == 0:
             args += ["-u", "postfix"]  # required when started as root
-        return [*args, f"{LOOPBACK}:{self.port}", str(self.backlog)]
+        return [*args, f"{self.host}:{self.port}", str(self.backlog)]
 
     def start(self, timeout: float = 10) -> SmtpSink:
         attempts = 1 if self._fixed_port else 3
@@ -576,13 +587,13 @@ class SmtpSink:
             _live.add(self)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self._proc.poll() is None:
-                if _listening(self.port):
+                if _listening(self.port, self.host):
                     return self
                 time.sleep(0.02)
             output = self.output()
             self.stop(remove=False)
             if attempt < attempts - 1 and "in use" in output:
-                self.port = free_port()
+                self.port = free_port(self.host)
                 continue
             self._remove()
             raise PostfixError(f"smtp-sink on port {self.port} did not start:\n{output}")

@@ -1,0 +1,314 @@
+"""Classifies a remote SMTP reply, or a failure before any reply, with runbooks/classification.yaml.
+
+Every input gets exactly one category, whether it is permanent, and the recommended action,
+decided here once and carried as data from then on (DESIGN principle 6). The rules are loaded
+and compiled on first use and cached; classifying does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import get_args
+
+from runbooks.loader import RUNBOOK_DIR, RunbookError, load_file
+from runbooks.schema import (
+    Action,
+    Category,
+    ClassificationRunbook,
+    FailureKind,
+    FailureRule,
+    ProvidersRunbook,
+    ReplyRule,
+)
+
+CATEGORIES: tuple[str, ...] = get_args(Category)
+ACTIONS: tuple[str, ...] = get_args(Action)
+FAILURE_KINDS: tuple[str, ...] = get_args(FailureKind)
+CLASSIFICATION_FILE = RUNBOOK_DIR / "classification.yaml"
+PROVIDERS_FILE = RUNBOOK_DIR / "providers.yaml"
+
+# Rule ids for the two outcomes no runbook rule can give.
+UNPARSEABLE = "unparseable"
+NO_RULE = "no-rule"
+
+
+class ReplyParseError(ValueError):
+    """The text is not an SMTP reply as RFC 5321 section 4.2 shapes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str | None  # RFC 3463 class.subject.detail, when the first line carries one
+    text: str  # every line's text without its code and enhanced code, joined by spaces
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailure:
+    """Delivery failed before the remote server said anything: connection, TLS or DNS."""
+
+    kind: FailureKind
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown connection failure kind {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    category: Category
+    permanent: bool  # a failure that must not be retried; false for delivered
+    action: Action
+    rule_id: str
+    provider: str | None  # as given, else as recognised by a provider rule
+    code: int | None  # for a connection failure, the code it is recorded under
+    enhanced_code: str | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+# "smtp;" is how a DSN's Diagnostic-Code field (RFC 3464) prefixes the reply it quotes.
+_LINE = re.compile(r"\s*(?:smtp;\s*)?([1-5][0-9]{2})([ -]|$)(.*)", re.IGNORECASE)
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
+
+
+def parse_reply(raw: str) -> Reply:
+    """One reply, single- or multi-line (NNN-text … NNN text). A missing final line is
+    tolerated, as log excerpts often cut it; mixed codes or two replies are not."""
+    # Only CR LF / LF end a line (RFC 5321 2.3.8); str.splitlines() would also split on \x1e.
+    lines = [line for line in re.split(r"\r?\n", raw) if line.strip()]
+    if not lines:
+        raise ReplyParseError("not an SMTP reply: empty")
+    parsed: list[tuple[int, str, str]] = []
+    for line in lines:
+        m = _LINE.fullmatch(line)
+        if m is None:
+            raise ReplyParseError(
+                f"not an SMTP reply (it must start with a 3-digit code 1xx-5xx): {line!r}"
+            )
+        parsed.append((int(m[1]), m[2], m[3].strip()))
+    code = parsed[0][0]
+    for number, (line_code, separator, _) in enumerate(parsed, 1):
+        if line_code != code:
+            raise ReplyParseError(
+                f"line {number} has code {line_code}, the reply began with {code}"
+            )
+        if separator != "-" and number < len(parsed):
+            raise ReplyParseError(
+                f"line {number} ends the reply ({code} without '-') but more follow"
+            )
+    enhanced = None
+    first = _ENHANCED.match(parsed[0][2])
+    if first:
+        enhanced = ".".join(str(int(part)) for part in first.groups())
+    texts = []
+    for _, _, text in parsed:
+        m = _ENHANCED.match(text)
+        if m and enhanced == ".".join(str(int(part)) for part in m.groups()):
+            text = text[m.end() :].strip()
+        if text:
+            texts.append(text)
+    return Reply(code, enhanced, " ".join(texts))
+
+
+def split_replies(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """Group input lines into replies: continuation lines (NNN-) join the lines after them
+    up to the final one with the same code. Yields (first line number, reply text)."""
+    block: list[str] = []
+    start = 0
+    block_code = -1
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        m = _LINE.fullmatch(line)
+        if block and (m is None or int(m[1]) != block_code):
+            yield start, "\n".join(block)  # a continuation with no final line
+            block = []
+        if not line.strip():
+            continue
+        if not block:
+            start = number
+        block.append(line)
+        block_code = int(m[1]) if m else -1
+        if m is None or m[2] != "-":
+            yield start, "\n".join(block)
+            block = []
+    if block:
+        yield start, "\n".join(block)
+
+
+# --------------------------------------------------------------------------- rules
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    rule: ReplyRule
+    code: re.Pattern[str] | None
+    # (class, subject, lowest detail, highest detail); None is a wildcard
+    enhanced: tuple[int | None, int | None, int, int] | None
+    text: re.Pattern[str] | None
+
+    def matches(self, reply: Reply, enhanced: tuple[int, ...] | None) -> bool:
+        if self.code is not None and not self.code.fullmatch(str(reply.code)):
+            return False
+        if self.enhanced is not None:
+            if enhanced is None:
+                return False
+            klass, subject, low, high = self.enhanced
+            if klass is not None and klass != enhanced[0]:
+                return False
+            if subject is not None and subject != enhanced[1]:
+                return False
+            if not low <= enhanced[2] <= high:
+                return False
+        return self.text is None or self.text.search(reply.text) is not None
+
+
+def _compile_rule(rule: ReplyRule) -> _CompiledRule:
+    match = rule.match
+    code = re.compile(match.code.replace("x", "[0-9]")) if match.code else None
+    enhanced = None
+    if match.enhanced:
+        klass, subject, detail = match.enhanced.split(".")
+        low, _, high = detail.partition("-")
+        enhanced = (
+            None if klass == "x" else int(klass),
+            None if subject == "x" else int(subject),
+            0 if low == "x" else int(low),
+            999 if low == "x" else int(high or low),
+        )
+    text = re.compile(match.text, re.IGNORECASE) if match.text else None
+    return _CompiledRule(rule, code, enhanced, text)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    # Rules to try, in order, keyed by provider; the key None (provider unknown) tries every
+    # provider's rules, since their texts are distinctive enough to name the provider.
+    by_provider: dict[str | None, tuple[_CompiledRule, ...]]
+    generic: tuple[_CompiledRule, ...]
+    code_class: tuple[_CompiledRule, ...]
+    failures: dict[str, FailureRule]
+    mx_suffixes: tuple[tuple[str, str], ...]  # (suffix, provider), longest suffix first
+    fallback_provider: str
+    rule_count: int
+
+    def candidates(self, provider: str | None) -> tuple[_CompiledRule, ...]:
+        return self.by_provider.get(provider, self.generic)
+
+
+def _load(file: Path, kind: type):
+    runbook = load_file(file)
+    if not isinstance(runbook, kind):
+        raise RunbookError(file, "kind", f"expected a {kind.__name__}, found {runbook.kind!r}")
+    return runbook
+
+
+def load_rules(
+    classification_file: Path = CLASSIFICATION_FILE, providers_file: Path = PROVIDERS_FILE
+) -> RuleSet:
+    """Load, cross-check and compile both runbooks; raises RunbookError naming the file."""
+    spec = _load(classification_file, ClassificationRunbook).spec
+    providers = _load(providers_file, ProvidersRunbook).spec
+    known = {p.name for p in providers.providers} - {providers.fallback}
+    for index, rule in enumerate(spec.provider_rules):
+        if rule.provider not in known:
+            raise RunbookError(
+                classification_file,
+                f"spec.provider_rules.{index}.provider",
+                f"{rule.provider!r} is not a provider in {providers_file.name}",
+            )
+    provider_rules = [_compile_rule(r) for r in spec.provider_rules]
+    generic = tuple(_compile_rule(r) for r in spec.text_rules + spec.enhanced_code_rules)
+    code_class = tuple(_compile_rule(r) for r in spec.code_class_rules)
+    fallthrough = generic + code_class
+    by_provider: dict[str | None, tuple[_CompiledRule, ...]] = {
+        name: tuple(c for c in provider_rules if c.rule.provider == name) + fallthrough
+        for name in known
+    }
+    by_provider[None] = tuple(provider_rules) + fallthrough
+    suffixes = sorted(
+        ((s, p.name) for p in providers.providers for s in p.mx_suffixes),
+        key=lambda pair: -len(pair[0]),
+    )
+    return RuleSet(
+        by_provider=by_provider,
+        generic=fallthrough,
+        code_class=code_class,
+        failures={r.failure: r for r in spec.connection_failure_rules},
+        mx_suffixes=tuple(suffixes),
+        fallback_provider=providers.fallback,
+        rule_count=len(spec.all_rules()),
+    )
+
+
+@cache
+def rules() -> RuleSet:
+    """The shipped rules, loaded once per process."""
+    return load_rules()
+
+
+# --------------------------------------------------------------------------- public API
+def provider_for_mx(mx_host: str) -> str:
+    """The provider answering at MX host (suffix match on label boundaries), else the fallback."""
+    host = mx_host.strip().rstrip(".").lower()
+    for suffix, provider in rules().mx_suffixes:
+        if host == suffix or host.endswith("." + suffix):
+            return provider
+    return rules().fallback_provider
+
+
+def classify(
+    subject: Reply | ConnectionFailure | str, provider: str | None = None
+) -> Classification:
+    """Exactly one classification for a reply (parsed or raw text) or a connection failure.
+
+    provider: the name provider_for_mx gave, or None when unknown. Raw text that is not a
+    reply is classified unknown and transient rather than raising: the caller still has to
+    decide something, and retrying within the queue lifetime is the safe choice.
+    """
+    ruleset = rules()
+    if isinstance(subject, ConnectionFailure):
+        f = ruleset.failures[subject.kind]
+        return Classification(
+            f.category, f.permanent, f.action, f.id, provider, f.reply_code, f.enhanced_code
+        )
+    if isinstance(subject, str):
+        try:
+            subject = parse_reply(subject)
+        except ReplyParseError:
+            return Classification(
+                "unknown", False, "investigate", UNPARSEABLE, provider, None, None
+            )
+    enhanced = (
+        tuple(int(part) for part in subject.enhanced.split(".")) if subject.enhanced else None
+    )
+    # A positive or intermediate reply is never a failure, whatever its text says.
+    candidates = ruleset.candidates(provider) if subject.code >= 400 else ruleset.code_class
+    for compiled in candidates:
+        if compiled.matches(subject, enhanced):
+            rule = compiled.rule
+            permanent = subject.code >= 500 if rule.permanent is None else rule.permanent
+            named = provider or (None if rule.provider == "any" else rule.provider)
+            return Classification(
+                rule.category,
+                permanent,
+                rule.action,
+                rule.id,
+                named,
+                subject.code,
+                subject.enhanced,
+            )
+    return Classification(
+        "unknown",
+        subject.code >= 500,
+        "investigate",
+        NO_RULE,
+        provider,
+        subject.code,
+        subject.enhanced,
+    )

@@ -1,0 +1,552 @@
+"""The delivery engine: empties the spool towards the recipients' MX, the Protocol's way.
+
+Loop: claim due recipients under a lease → group them per (message, domain) → for each group
+resolve MX, name the provider, choose a source IP, respect the path's pacing, speak SMTP
+(reusing connections), classify every reply once → settle: delivered, deferred with backoff,
+bounced (DSN + suppression), expired (DSN), or postponed without an attempt when no source IP
+may send. Reactions to receiver signals are written as time-bounded suspensions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import ssl
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import aiosmtplib
+from sqlalchemy import Engine
+
+from models import RecipientState
+from relay.classify import Classification, ConnectionFailure, classify, provider_for_mx
+from relay.clock import Clock
+from relay.dns import MxResult, Resolver
+from relay.dsn import FailedRecipient, build_dsn, dsn_entry
+from relay.egress import Egress, SourceIp
+from relay.queue import Attempt, Claim, QueuedMessage, Settlement, claim_due, load_messages, settle
+from relay.reactions import ReactionEngine
+from relay.retry import has_expired, next_attempt_at
+from relay.shaping import PathGate, Shaper
+from runbooks.schema_delivery import DeliverySpec, ShapingSpec
+
+log = logging.getLogger("axiom.delivery")
+
+HARD_BOUNCE = {"mailbox_unknown", "bad_domain"}
+MAX_PACING_WAIT = 20.0  # longer waits give the lease back instead of holding it
+_DNS_FAILURE_KIND = {
+    "null_mx": "dns_null_mx",
+    "nxdomain": "dns_nxdomain",
+    "invalid_domain": "dns_nxdomain",
+    "no_mail_records": "dns_no_mail_host",
+    "mx_unresolvable": "dns_no_mail_host",
+}
+
+
+@dataclass
+class _Reply:
+    code: int | None
+    text: str
+    failure: str | None = None  # connection failure kind when there was no reply
+
+    def classify(self, provider: str | None) -> Classification:
+        if self.failure is not None:
+            return classify(ConnectionFailure(self.failure, self.text), provider)
+        return classify(f"{self.code} {self.text}", provider)
+
+
+class _Unreachable(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+@dataclass
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    gate: PathGate
+    sent: int = 0
+    clean: bool = True  # False: an unfinished transaction needs RSET before reuse
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+class ConnectionPool:
+    """Open SMTP sessions per (source IP, MX address); each holds one slot of its path's gate."""
+
+    def __init__(self, hostname: str, port: int, spec: DeliverySpec):
+        self._hostname = hostname
+        self._port = port
+        self._spec = spec
+        self._idle: dict[tuple[str, str], list[_Connection]] = defaultdict(list)
+        self._tls_broken_until: dict[str, float] = {}
+        self._closing: set[asyncio.Future] = set()
+
+    async def acquire(
+        self, source: SourceIp, mx_host: str, address: str, gate: PathGate
+    ) -> _Connection:
+        idle = self._idle[(source.address, address)]
+        while idle:
+            conn = idle.pop()
+            if conn.smtp.is_connected:
+                if not conn.clean:
+                    with contextlib.suppress(aiosmtplib.SMTPException):
+                        await conn.smtp.rset()
+                    conn.clean = True
+                return conn
+            self._close(conn)
+        await gate.connections.acquire()
+        try:
+            smtp = await self._open(source, address)
+        except BaseException:
+            gate.connections.release()
+            raise
+        return _Connection(smtp, gate)
+
+    async def _open(self, source: SourceIp, address: str) -> aiosmtplib.SMTP:
+        use_tls = self._tls_broken_until.get(address, 0) < time.monotonic()
+        try:
+            return await self._connect(source, address, use_tls)
+        except _Unreachable as exc:
+            if exc.kind != "tls_handshake" or not use_tls:
+                raise
+            # Opportunistic TLS that fails is remembered for a while (as KumoMTA does) and the
+            # message goes in plaintext now rather than waiting for a fix we cannot make.
+            self._tls_broken_until[address] = (
+                time.monotonic() + self._spec.tls_broken_memory_seconds
+            )
+            log.warning(
+                "STARTTLS to %s failed (%s); plaintext for %ss",
+                address,
+                exc.detail,
+                self._spec.tls_broken_memory_seconds,
+            )
+            return await self._connect(source, address, False)
+
+    async def _connect(self, source: SourceIp, address: str, use_tls: bool) -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(
+            hostname=address,
+            port=self._port,
+            source_address=(source.address, 0),
+            local_hostname=source.ptr_name or self._hostname,
+            timeout=self._spec.command_timeout_seconds,
+            use_tls=False,
+            start_tls=False,
+            validate_certs=False,
+        )
+        try:
+            await smtp.connect(timeout=self._spec.connect_timeout_seconds)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise _ReplyOnConnect(exc.code, exc.message) from None
+        except (aiosmtplib.SMTPConnectTimeoutError, TimeoutError) as exc:
+            raise _Unreachable("connection_timeout", str(exc)) from None
+        except (aiosmtplib.SMTPConnectError, OSError) as exc:
+            raise _Unreachable("connection_refused", str(exc)) from None
+        try:
+            await smtp.ehlo()
+            if use_tls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(validate_certs=False)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                    smtp.close()
+                    raise _Unreachable("tls_handshake", str(exc)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise _ReplyOnConnect(exc.code, exc.message) from None
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            smtp.close()
+            raise _Unreachable("connection_lost", str(exc)) from None
+        return smtp
+
+    def release(self, conn: _Connection, source: SourceIp, address: str, reusable: bool) -> None:
+        if (
+            reusable
+            and conn.smtp.is_connected
+            and conn.sent < conn.gate.limits.messages_per_connection
+        ):
+            conn.idle_since = time.monotonic()
+            self._idle[(source.address, address)].append(conn)
+        else:
+            task = asyncio.ensure_future(self._quit(conn))
+            self._closing.add(task)  # keep a reference until the QUIT is done
+            task.add_done_callback(self._closing.discard)
+
+    async def _quit(self, conn: _Connection) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await conn.smtp.quit()
+        self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        with contextlib.suppress(Exception):
+            conn.smtp.close()
+        conn.gate.connections.release()
+
+    async def reap(self, max_idle: float = 5.0) -> None:
+        now = time.monotonic()
+        for key, conns in list(self._idle.items()):
+            keep = [c for c in conns if now - c.idle_since < max_idle and c.smtp.is_connected]
+            for conn in conns:
+                if conn not in keep:
+                    await self._quit(conn)
+            self._idle[key] = keep
+
+    async def close_all(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                await self._quit(conn)
+        self._idle.clear()
+
+
+class _ReplyOnConnect(Exception):
+    """The server answered the greeting or EHLO with an error (e.g. 421, 554)."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(f"{code} {text}")
+        self.code, self.text = code, text
+
+
+class DeliveryEngine:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        resolver: Resolver,
+        clock: Clock,
+        hostname: str,
+        delivery_port: int,
+        delivery: DeliverySpec,
+        shaping: ShapingSpec,
+        shaping_version: str,
+        egress: Egress | None = None,
+        node_id: str | None = None,
+    ):
+        self.engine = engine
+        self.resolver = resolver
+        self.clock = clock
+        self.hostname = hostname
+        self.spec = delivery
+        self.egress = egress or Egress(engine, clock)
+        self.shaper = Shaper(shaping.limits_for)
+        self.reactions = ReactionEngine(shaping.reactions, shaping_version)
+        self.pool = ConnectionPool(hostname, delivery_port, delivery)
+        self.node_id = node_id or f"{hostname}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.wake = asyncio.Event()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- the loop ---
+    async def run(self, stop: asyncio.Event, idle_poll: float = 1.0) -> None:
+        reaper = asyncio.create_task(self._reap_forever())
+        try:
+            while not stop.is_set():
+                claimed = 0
+                try:
+                    claimed = await self.run_once()
+                except Exception:
+                    log.exception("claim failed; retrying")  # e.g. database briefly unreachable
+                if claimed == 0:
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(idle_poll):
+                            await asyncio.wait(
+                                [
+                                    asyncio.ensure_future(stop.wait()),
+                                    asyncio.ensure_future(self.wake.wait()),
+                                ],
+                                return_when=asyncio.FIRST_COMPLETED,
+                            )
+        finally:
+            reaper.cancel()
+            await self.drain()
+            await self.pool.close_all()
+
+    async def run_once(self) -> int:
+        room = self.spec.max_in_flight - self._in_flight
+        if room <= 0:
+            await asyncio.sleep(0.05)
+            return 0
+        now = self.clock.now()
+        claims = await asyncio.to_thread(
+            claim_due,
+            self.engine,
+            self.node_id,
+            now,
+            self.spec.lease_seconds,
+            min(room, self.spec.claim_batch),
+        )
+        if not claims:
+            return 0
+        messages = await asyncio.to_thread(
+            load_messages, self.engine, {c.message_id for c in claims}
+        )
+        groups: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+        for claim in claims:
+            groups[(claim.message_id, claim.domain)].append(claim)
+        for (message_id, domain), group in groups.items():
+            message = messages.get(message_id)
+            if message is None:
+                continue
+            self._in_flight += len(group)
+            task = asyncio.create_task(self._job(message, domain, group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claims)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(2)
+            await self.pool.reap()
+
+    # --- one message to one domain ---
+    async def _job(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
+        try:
+            await self._deliver(message, domain, claims)
+        except Exception:
+            # The leases run out and another attempt follows; nothing is lost.
+            log.exception("delivery of %s to %s failed unexpectedly", message.id, domain)
+        finally:
+            self._in_flight -= len(claims)
+
+    async def _deliver(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
+        outcome = Settlement()
+        mx = await self.resolver.resolve_mx(domain)
+        if not mx.ok:
+            failure = mx.failure
+            kind = _DNS_FAILURE_KIND.get(
+                failure.kind, "dns_timeout" if "timed out" in failure.reason else "dns_servfail"
+            )
+            reply = _Reply(
+                None, f"{failure.enhanced_code} {domain}: {failure.reason}", failure=kind
+            )
+            attempts = [self._attempt(c, reply, None, None, None, 0) for c in claims]
+            self._conclude(message, attempts, outcome, mx_host=None)
+            await self._settle(outcome, attempts)
+            return
+        provider = provider_for_mx(mx.targets[0].host)
+        choice = await asyncio.to_thread(
+            self.egress.choose, message.tenant_id, message.stream, provider
+        )
+        now = self.clock.now()
+        if choice.source is None:
+            until = choice.wait_until or now + timedelta(seconds=self.spec.capped_wait_seconds)
+            outcome.postponed = [(c, until, f"waiting: {choice.wait_reason}") for c in claims]
+            await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+            return
+        source = choice.source
+        gate = self.shaper.gate(source.address, provider)
+        delay = gate.delay_for_next(self.egress.throttle_for(source.address, provider))
+        if delay > MAX_PACING_WAIT:
+            outcome.postponed = [
+                (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
+                for c in claims
+            ]
+            await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
+        attempts = await self._transmit(message, claims, mx, source, provider, gate)
+        delivered = sum(1 for a in attempts if a.category == "delivered")
+        if delivered and choice.warmup_day_id is not None:
+            outcome.warmup_sent.append((choice.warmup_day_id, delivered))
+        self._conclude(
+            message, attempts, outcome, mx_host=attempts[0].mx_host if attempts else None
+        )
+        await self._settle(outcome, attempts)
+
+    async def _transmit(
+        self,
+        message: QueuedMessage,
+        claims: list[Claim],
+        mx: MxResult,
+        source: SourceIp,
+        provider: str,
+        gate: PathGate,
+    ) -> list[Attempt]:
+        started = time.monotonic()
+        last = _Reply(None, "no MX host could be reached", failure="connection_refused")
+        last_host: str | None = None
+        for host, address in mx.endpoints():
+            last_host = host
+            try:
+                conn = await self.pool.acquire(source, host, address, gate)
+            except _Unreachable as exc:
+                last = _Reply(None, f"{host}[{address}]: {exc.detail}", failure=exc.kind)
+                continue  # RFC 5321 5.1: try the next MX
+            except _ReplyOnConnect as exc:
+                last = _Reply(exc.code, exc.text)
+                continue
+            replies, reusable = await self._transaction(conn, message, claims)
+            gate.record_send(sum(1 for r in replies.values() if r.code and r.code < 300))
+            self.pool.release(conn, source, address, reusable)
+            latency = int((time.monotonic() - started) * 1000)
+            return [
+                self._attempt(c, replies[c.recipient_id], source, provider, host, latency)
+                for c in claims
+            ]
+        latency = int((time.monotonic() - started) * 1000)
+        return [self._attempt(c, last, source, provider, last_host, latency) for c in claims]
+
+    async def _transaction(
+        self, conn: _Connection, message: QueuedMessage, claims: list[Claim]
+    ) -> tuple[dict[int, _Reply], bool]:
+        """One MAIL/RCPT…/DATA exchange; per-recipient replies and whether to keep the session."""
+        smtp = conn.smtp
+        replies: dict[int, _Reply] = {}
+        conn.clean = False
+        try:
+            try:
+                await smtp.mail(message.mail_from)
+            except aiosmtplib.SMTPResponseException as exc:
+                return {c.recipient_id: _Reply(exc.code, exc.message) for c in claims}, True
+            accepted = []
+            for claim in claims:
+                try:
+                    await smtp.rcpt(claim.address)
+                    accepted.append(claim)
+                except aiosmtplib.SMTPResponseException as exc:
+                    replies[claim.recipient_id] = _Reply(exc.code, exc.message)
+            if not accepted:
+                return replies, True
+            try:
+                response = await smtp.data(message.data)
+                for claim in accepted:
+                    replies[claim.recipient_id] = _Reply(response.code, response.message)
+                conn.clean = True
+                conn.sent += 1
+            except aiosmtplib.SMTPResponseException as exc:
+                for claim in accepted:
+                    replies[claim.recipient_id] = _Reply(exc.code, exc.message)
+            return replies, True
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            kind = (
+                "connection_timeout"
+                if isinstance(exc, aiosmtplib.SMTPTimeoutError)
+                else "connection_lost"
+            )
+            for claim in claims:
+                replies.setdefault(claim.recipient_id, _Reply(None, str(exc) or kind, failure=kind))
+            return replies, False
+
+    def _attempt(
+        self,
+        claim: Claim,
+        reply: _Reply,
+        source: SourceIp | None,
+        provider: str | None,
+        mx_host: str | None,
+        latency: int,
+    ) -> Attempt:
+        verdict = reply.classify(provider)
+        return Attempt(
+            claim=claim,
+            category=verdict.category,
+            permanent=verdict.permanent,
+            action=verdict.action,
+            reply_code=reply.code if reply.code is not None else verdict.code,
+            enhanced_code=verdict.enhanced_code,
+            reply_text=reply.text,
+            source_ip=source.address if source else None,
+            provider=provider,
+            mx_host=mx_host,
+            latency_ms=latency,
+        )
+
+    # --- deciding what each outcome means ---
+    def _conclude(
+        self,
+        message: QueuedMessage,
+        attempts: list[Attempt],
+        outcome: Settlement,
+        mx_host: str | None,
+    ) -> None:
+        now = self.clock.now()
+        failures: list[FailedRecipient] = []
+        for attempt in attempts:
+            if attempt.category == "delivered":
+                outcome.delivered.append(attempt)
+            elif attempt.permanent:
+                outcome.failed.append((attempt, RecipientState.bounced))
+                failures.append(
+                    FailedRecipient(
+                        attempt.claim.address,
+                        attempt.enhanced_code or "5.0.0",
+                        attempt.reply,
+                        attempt.mx_host,
+                    )
+                )
+                if attempt.category in HARD_BOUNCE and message.mail_from:
+                    outcome.suppress.append(
+                        (
+                            message.tenant_id,
+                            attempt.claim.address,
+                            f"{attempt.category}: {attempt.reply}",
+                        )
+                    )
+            elif has_expired(_aware(message.created_at), now, self.spec.retry):
+                outcome.failed.append((attempt, RecipientState.expired))
+                failures.append(
+                    FailedRecipient(
+                        attempt.claim.address, "4.4.7", attempt.reply, attempt.mx_host, expired=True
+                    )
+                )
+            else:
+                when = next_attempt_at(attempt.claim.attempts + 1, now, self.spec.retry)
+                outcome.deferred.append((attempt, when))
+        # Never a DSN about a DSN: the null sender gets none (RFC 5321 4.5.5).
+        if failures and message.mail_from:
+            data = build_dsn(
+                reporting_mta=self.hostname,
+                from_local_part=self.spec.dsn_from_local_part,
+                original_sender=message.mail_from,
+                original=message.data,
+                arrival=_aware(message.created_at),
+                failures=failures,
+                now=now,
+            )
+            outcome.dsns.append(
+                dsn_entry(message.tenant_id, message.mail_from, data, now, self.hostname)
+            )
+
+    async def _settle(self, outcome: Settlement, attempts: list[Attempt]) -> None:
+        now = self.clock.now()
+        await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+        fired = []
+        for attempt in attempts:
+            if attempt.source_ip and attempt.provider and attempt.category != "delivered":
+                fired += self.reactions.observe(
+                    source_ip=attempt.source_ip,
+                    provider=attempt.provider,
+                    category=attempt.category,
+                    reply=attempt.reply,
+                    now=now,
+                )
+        if fired:
+            created = await asyncio.to_thread(self.reactions.apply, self.engine, fired, now)
+            if created:
+                self.egress.invalidate()
+                for s in created:
+                    log.warning(
+                        "reaction %s: %s %s/%s until %s",
+                        s.rule_id,
+                        s.action,
+                        s.source_ip,
+                        s.provider,
+                        s.expires_at,
+                    )
+        if outcome.dsns:
+            self.wake.set()
+
+
+def _aware(moment):
+    from models.audit import as_utc
+
+    return as_utc(moment)

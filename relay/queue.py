@@ -1,0 +1,243 @@
+"""The delivery side of the spool: claim due recipients under a lease, record what happened.
+
+A claim sets lease_owner/lease_expires_at; a worker that dies simply lets its lease run out
+and another worker claims the recipient again (at-least-once). On PostgreSQL the claim uses
+FOR UPDATE SKIP LOCKED so several delivery processes share one spool without claiming the same
+row; SQLite serialises writers with BEGIN IMMEDIATE. Outcomes are written only while the
+writer still holds the lease, so a worker that lost its lease cannot overwrite newer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from models import DeliveryEvent, Message, Recipient, RecipientState, Suppression, WarmupDay
+from models.audit_trail import record
+from models.db import is_sqlite
+from relay.spool import SpoolEntry, spool_rows
+
+
+@dataclass(frozen=True)
+class Claim:
+    recipient_id: int
+    message_id: str
+    address: str
+    domain: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    id: str
+    tenant_id: int
+    stream: str
+    mail_from: str
+    data: bytes
+    created_at: datetime
+
+
+@dataclass
+class Attempt:
+    """One recipient's result of one attempt, as the delivery event will record it."""
+
+    claim: Claim
+    category: str
+    permanent: bool
+    action: str | None = None
+    reply_code: int | None = None
+    enhanced_code: str | None = None
+    reply_text: str | None = None
+    source_ip: str | None = None
+    provider: str | None = None
+    mx_host: str | None = None
+    latency_ms: int | None = None
+
+    @property
+    def reply(self) -> str:
+        parts = [str(self.reply_code or ""), self.enhanced_code or "", self.reply_text or ""]
+        return " ".join(p for p in parts if p)[:1000]
+
+
+@dataclass
+class Settlement:
+    """Everything one delivery job changes, committed in one transaction."""
+
+    delivered: list[Attempt] = field(default_factory=list)
+    deferred: list[tuple[Attempt, datetime]] = field(default_factory=list)
+    failed: list[tuple[Attempt, RecipientState]] = field(default_factory=list)  # bounced/expired
+    # Not attempted (every source IP capped or suspended): back to the queue, no attempt counted.
+    postponed: list[tuple[Claim, datetime, str]] = field(default_factory=list)
+    suppress: list[tuple[int, str, str]] = field(default_factory=list)  # tenant, address, reason
+    dsns: list[SpoolEntry] = field(default_factory=list)
+    warmup_sent: list[tuple[int, int]] = field(default_factory=list)  # (warmup day id, count)
+
+
+def claim_due(
+    engine: Engine, owner: str, now: datetime, lease_seconds: int, limit: int
+) -> list[Claim]:
+    due = (
+        select(Recipient.id)
+        .where(
+            Recipient.state == RecipientState.queued,
+            Recipient.next_attempt_at <= now,
+            or_(Recipient.lease_expires_at.is_(None), Recipient.lease_expires_at < now),
+        )
+        .order_by(Recipient.next_attempt_at)
+        .limit(limit)
+    )
+    if not is_sqlite(engine):
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(Recipient)
+        .where(Recipient.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(
+            Recipient.id,
+            Recipient.message_id,
+            Recipient.address,
+            Recipient.domain,
+            Recipient.attempts,
+        )
+    )
+    with engine.begin() as conn:
+        rows = conn.execute(stmt).all()
+    return [Claim(*row) for row in rows]
+
+
+def load_messages(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:
+    if not ids:
+        return {}
+    stmt = select(
+        Message.id,
+        Message.tenant_id,
+        Message.stream,
+        Message.mail_from,
+        Message.data,
+        Message.created_at,
+    ).where(Message.id.in_(ids))
+    with engine.connect() as conn:
+        return {row[0]: QueuedMessage(*row) for row in conn.execute(stmt)}
+
+
+def _held(claim: Claim, owner: str):
+    return and_(Recipient.id == claim.recipient_id, Recipient.lease_owner == owner)
+
+
+def settle(engine: Engine, owner: str, now: datetime, outcome: Settlement) -> None:
+    """Write one job's outcome; recipients whose lease was lost are left untouched."""
+    from sqlmodel import Session
+
+    events = []
+    with Session(engine) as session:
+        conn = session.connection()
+        for attempt in outcome.delivered:
+            conn.execute(
+                update(Recipient)
+                .where(_held(attempt.claim, owner))
+                .values(
+                    state=RecipientState.delivered,
+                    attempts=attempt.claim.attempts + 1,
+                    last_reply=attempt.reply,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            events.append(attempt)
+        for attempt, when in outcome.deferred:
+            conn.execute(
+                update(Recipient)
+                .where(_held(attempt.claim, owner))
+                .values(
+                    attempts=attempt.claim.attempts + 1,
+                    next_attempt_at=when,
+                    last_reply=attempt.reply,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            events.append(attempt)
+        for attempt, state in outcome.failed:
+            conn.execute(
+                update(Recipient)
+                .where(_held(attempt.claim, owner))
+                .values(
+                    state=state,
+                    attempts=attempt.claim.attempts + (state == RecipientState.bounced),
+                    last_reply=attempt.reply,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            events.append(attempt)
+        for claim, when, reason in outcome.postponed:
+            conn.execute(
+                update(Recipient)
+                .where(_held(claim, owner))
+                .values(
+                    next_attempt_at=when,
+                    last_reply=reason[:1000],
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+        if events:
+            conn.execute(
+                insert(DeliveryEvent),
+                [
+                    {
+                        "at": now,
+                        "message_id": a.claim.message_id,
+                        "recipient_id": a.claim.recipient_id,
+                        "recipient": a.claim.address,
+                        "source_ip": a.source_ip,
+                        "provider": a.provider,
+                        "mx_host": a.mx_host,
+                        "reply_code": a.reply_code,
+                        "enhanced_code": a.enhanced_code,
+                        "reply_text": (a.reply_text or "")[:2000] or None,
+                        "category": a.category,
+                        "permanent": a.permanent,
+                        "action": a.action,
+                        "latency_ms": a.latency_ms,
+                    }
+                    for a in events
+                ],
+            )
+        for tenant_id, address, reason in outcome.suppress:
+            values = {
+                "tenant_id": tenant_id,
+                "address": address.lower(),
+                "reason": reason[:255],
+                "source": "bounce",
+                "created_at": now,
+            }
+            dialect_insert = sqlite_insert if is_sqlite(engine) else pg_insert
+            inserted = conn.execute(
+                dialect_insert(Suppression).values(**values).on_conflict_do_nothing()
+            ).rowcount
+            if inserted:
+                record(
+                    session,
+                    actor="relay:bounce",
+                    action="suppression.add",
+                    subject=f"recipient:{address.lower()}",
+                    evidence={"tenant_id": tenant_id, "reason": reason},
+                    at=now,
+                )
+        if outcome.dsns:
+            messages, recipients = spool_rows(outcome.dsns)
+            conn.execute(insert(Message), messages)
+            conn.execute(insert(Recipient), recipients)
+        for day_id, count in outcome.warmup_sent:
+            conn.execute(
+                update(WarmupDay).where(WarmupDay.id == day_id).values(sent=WarmupDay.sent + count)
+            )
+        session.commit()
