@@ -46,6 +46,11 @@ class Reply:
     enhanced: str | None  # RFC 3463 class.subject.detail, when the first line carries one
     text: str  # every line's text without its code and enhanced code, joined by spaces
 
+    @classmethod
+    def from_response(cls, code: int, message: str) -> Reply:
+        """From a client library's (code, message) pair, e.g. aiosmtplib's SMTPResponse."""
+        return parse_reply(f"{code} {message}")
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailure:
@@ -80,42 +85,51 @@ _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 
 
 def parse_reply(raw: str) -> Reply:
-    """One reply, single- or multi-line (NNN-text … NNN text). A missing final line is
-    tolerated, as log excerpts often cut it; mixed codes or two replies are not."""
+    """One reply, single- or multi-line (NNN-text … NNN text).
+
+    Two liberties, both for texts met in practice: a missing final line is tolerated (log
+    excerpts cut it), and a line with no code continues the reply, because Python's smtplib
+    and aiosmtplib hand a multi-line reply over as its code plus the lines' texts joined by
+    newlines. Mixed codes and two replies in one text are refused.
+    """
     # Only CR LF / LF end a line (RFC 5321 2.3.8); str.splitlines() would also split on \x1e.
     lines = [line for line in re.split(r"\r?\n", raw) if line.strip()]
     if not lines:
         raise ReplyParseError("not an SMTP reply: empty")
-    parsed: list[tuple[int, str, str]] = []
-    for line in lines:
+    code: int | None = None
+    finished = False
+    texts: list[str] = []
+    for number, line in enumerate(lines, 1):
         m = _LINE.fullmatch(line)
-        if m is None:
+        if m is None and code is None:
             raise ReplyParseError(
                 f"not an SMTP reply (it must start with a 3-digit code 1xx-5xx): {line!r}"
             )
-        parsed.append((int(m[1]), m[2], m[3].strip()))
-    code = parsed[0][0]
-    for number, (line_code, separator, _) in enumerate(parsed, 1):
-        if line_code != code:
+        if m is None:
+            texts.append(line.strip())
+            continue
+        line_code = int(m[1])
+        if code is not None and line_code != code:
             raise ReplyParseError(
                 f"line {number} has code {line_code}, the reply began with {code}"
             )
-        if separator != "-" and number < len(parsed):
-            raise ReplyParseError(
-                f"line {number} ends the reply ({code} without '-') but more follow"
-            )
+        if finished:
+            raise ReplyParseError(f"line {number} follows the final line ({code} without '-')")
+        code, finished = line_code, m[2] != "-"
+        texts.append(m[3].strip())
+    assert code is not None
     enhanced = None
-    first = _ENHANCED.match(parsed[0][2])
+    first = _ENHANCED.match(texts[0])
     if first:
         enhanced = ".".join(str(int(part)) for part in first.groups())
-    texts = []
-    for _, _, text in parsed:
+    kept = []
+    for text in texts:
         m = _ENHANCED.match(text)
         if m and enhanced == ".".join(str(int(part)) for part in m.groups()):
             text = text[m.end() :].strip()
         if text:
-            texts.append(text)
-    return Reply(code, enhanced, " ".join(texts))
+            kept.append(text)
+    return Reply(code, enhanced, " ".join(kept))
 
 
 def split_replies(lines: Iterable[str]) -> Iterator[tuple[int, str]]:

@@ -1,0 +1,645 @@
+"""Reply classification: published provider replies, precedence, fallbacks, failures, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from axiom.cli import app
+from relay import classify as classify_module
+from relay.classify import (
+    ACTIONS,
+    CATEGORIES,
+    CLASSIFICATION_FILE,
+    FAILURE_KINDS,
+    NO_RULE,
+    PROVIDERS_FILE,
+    UNPARSEABLE,
+    ConnectionFailure,
+    Reply,
+    ReplyParseError,
+    classify,
+    load_rules,
+    parse_reply,
+    provider_for_mx,
+    rules,
+    split_replies,
+)
+from runbooks.loader import RunbookError, load_all, load_file
+
+IP = "192.0.2.10"
+
+# (provider, reply, category, permanent, action) - texts from the deliverability fact sheet
+# (§2.3-2.9), i.e. the providers' published error pages, Sisimai and KumoMTA rule sets.
+# One reply per row reads better than ruff's five-line tuples.
+# fmt: off
+PUBLISHED = [
+    # --- Google
+    ("google", f"421-4.7.28 [{IP}      15] Gmail has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited. For more information, go to\n421 4.7.28  https://support.google.com/mail/?p=UnsolicitedRateLimitError to review our Bulk Email Senders Guidelines. a1-20020a - gsmtp", "rate_limited", False, "suspend_path"),
+    ("google", "421 4.7.28 Gmail has detected an unusual rate of mail originating from your DKIM domain [example.com      15]. - gsmtp", "rate_limited", False, "suspend_path"),
+    ("google", "550 5.7.28 There is an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been blocked. - gsmtp", "reputation", True, "suspend_path"),
+    ("google", "421 4.7.28 Gmail has detected that this message exceeded the quota for sending messages that have the same Message-ID. - gsmtp", "rate_limited", False, "investigate"),
+    ("google", f"421 4.7.0 [{IP}] Our system has detected that this message is suspicious due to the very low reputation of the sending IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited. - gsmtp", "reputation", False, "throttle_path"),
+    ("google", f"550 5.7.1 [{IP}] Our system has detected that this message is likely suspicious due to the very low reputation of the sending domain. To best protect our users from spam, the message has been blocked. - gsmtp", "reputation", True, "suspend_path"),
+    ("google", f"421 4.7.0 [{IP}] Our system has detected that this message is suspicious due to the nature of the content or the links within. - gsmtp", "content", False, "check_content"),
+    ("google", f"550 5.7.1 [{IP}] Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam sent to Gmail, this message has been blocked. - gsmtp", "content", True, "check_content"),
+    ("google", f"550 5.7.25 [{IP}] The IP address sending this message does not have a PTR record setup, or the corresponding forward DNS entry does not point to the sending IP. - gsmtp", "rdns", True, "check_rdns"),
+    ("google", "451 4.7.23 The sending IP address for this message doesn't have a PTR record, or the PTR record's forward DNS entry doesn't match the sending IP address. - gsmtp", "rdns", False, "check_rdns"),
+    ("google", "550 5.7.26 This mail has been blocked because the sender is unauthenticated. Gmail requires all senders to authenticate with either SPF or DKIM. - gsmtp", "authentication", True, "check_authentication"),
+    ("google", "550 5.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy. Please contact the administrator of example.com domain. - gsmtp", "authentication", True, "check_authentication"),
+    ("google", "421 4.7.26 This mail has been rate limited because it is unauthenticated. - gsmtp", "authentication", False, "check_authentication"),
+    ("google", "451 4.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy, but temporary DNS failures prevent authentication. - gsmtp", "transient", False, "retry"),
+    ("google", f"550 5.7.26 The MAIL FROM domain [example.com] has an SPF record with a hard fail policy (-all) but it fails to pass SPF checks with the ip: [{IP}]. - gsmtp", "authentication", True, "check_authentication"),
+    ("google", "421 4.7.27 Your email has been rate limited because SPF authentication didn't pass for this message. - gsmtp", "authentication", False, "check_authentication"),
+    ("google", "550 5.7.30 Your email has been blocked because DKIM authentication didn't pass for this message. - gsmtp", "authentication", True, "check_authentication"),
+    ("google", "421 4.7.32 Your email has been rate limited because the From: header (RFC5322) in this message isn't aligned with either the authenticated SPF or DKIM organizational domain. - gsmtp", "authentication", False, "check_authentication"),
+    ("google", "421 4.7.29 Your email has been rate limited because this message wasn't sent over a TLS connection. - gsmtp", "tls", False, "check_tls"),
+    ("google", "421 4.7.0 TLS required for RCPT domain, closing connection. - gsmtp", "tls", False, "check_tls"),
+    ("google", "450 4.2.1 The user you are trying to contact is receiving mail too quickly. Please resend your message at a later time. - gsmtp", "rate_limited", False, "retry"),
+    ("google", "452 4.2.2 The recipient's inbox is out of storage space. Please direct the recipient to https://support.google.com/mail/?p=OverQuotaTemp - gsmtp", "mailbox_full", False, "retry"),
+    ("google", "552 5.2.2 The recipient's inbox is out of storage space and inactive. Please direct the recipient to https://support.google.com/mail/?p=OverQuotaPerm - gsmtp", "mailbox_disabled", True, "suppress_recipient"),
+    ("google", "550 5.2.1 The email account that you tried to reach is inactive. - gsmtp", "mailbox_disabled", True, "suppress_recipient"),
+    ("google", "550 5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos. - gsmtp", "mailbox_unknown", True, "suppress_recipient"),
+    ("google", "452 4.5.3 Your message has too many recipients. - gsmtp", "policy", False, "split_message"),
+    ("google", "552 5.3.4 Your message exceeded Google's message size limits. - gsmtp", "message_too_large", True, "none"),
+    ("google", f"550 5.7.1 [{IP}] Messages missing a valid Message-ID header are not accepted. - gsmtp", "content", True, "check_content"),
+    ("google", "250 2.0.0 OK  1712345678 a1-20020a05 - gsmtp", "delivered", False, "none"),
+    # --- Microsoft
+    ("microsoft", f"550 5.7.1 Unfortunately, messages from [{IP}] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150). You can also refer your provider to http://mail.live.com/mail/troubleshooting.aspx#errors.", "blocklisted", True, "suspend_path"),
+    ("microsoft", f"550 5.7.1 Unfortunately, messages from [{IP}] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3140).", "blocklisted", True, "suspend_path"),
+    ("microsoft", f"421 RP-001 (BAY004-MC5F17) Unfortunately, some messages from {IP} weren't sent. Please try again. The mail server IP connecting to Outlook.com server has exceeded the rate limit allowed.", "rate_limited", False, "throttle_path"),
+    ("microsoft", f"421 RP-002 (BAY004-MC5F17) Unfortunately, some messages from {IP} weren't sent. Please try again.", "rate_limited", False, "throttle_path"),
+    ("microsoft", f"421 RP-003 (BAY004-MC5F17) The mail server IP connecting to Outlook.com server has exceeded the connection limit allowed. {IP}", "rate_limited", False, "throttle_path"),
+    ("microsoft", f"451 4.7.650 The mail server [{IP}] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://postmaster.live.com (S775)", "reputation", False, "throttle_path"),
+    ("microsoft", f"451 4.7.651 The mail server [{IP}] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://postmaster.live.com (S844)", "reputation", False, "throttle_path"),
+    ("microsoft", f"451 4.7.500 Server busy. Please try again later from [{IP}]. (AS77712344) [BN1NAM02FT015.eop-nam02.prod.protection.outlook.com]", "rate_limited", False, "throttle_path"),
+    ("microsoft", f"451 4.7.652 The mail server [{IP}] has exceeded the maximum number of connections. (S3115)", "rate_limited", False, "throttle_path"),
+    ("microsoft", f"550 5.7.606 Access denied, banned sending IP [{IP}]. To request removal from this list please visit https://sender.office.com/ and follow the directions. (AS16012609)", "blocklisted", True, "suspend_path"),
+    ("microsoft", f"550 5.7.511 Access denied, banned sender[{IP}]. To request removal from this list please forward this message to delist@messaging.microsoft.com.", "blocklisted", True, "suspend_path"),
+    ("microsoft", "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP. For more information please go to http://go.microsoft.com/fwlink/?LinkId=526653 AS(7)", "reputation", True, "suspend_path"),
+    ("microsoft", f"550 5.7.1 Service unavailable, Client host [{IP}] blocked using Spamhaus. To request removal from this list see https://www.spamhaus.org/query/ip/{IP} (AS16012611)", "blocklisted", True, "suspend_path"),
+    ("microsoft", "550 5.7.1 Helo domain is listed in Spamhaus (S8001)", "blocklisted", True, "suspend_path"),
+    ("microsoft", "550 5.7.515 Access denied, sending domain example.com does not meet the required authentication level.", "authentication", True, "check_authentication"),
+    ("microsoft", "550 5.7.509 Access denied, sending domain example.com does not pass DMARC verification and has a DMARC policy of reject.", "authentication", True, "check_authentication"),
+    ("microsoft", "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", "mailbox_unknown", True, "suppress_recipient"),
+    ("microsoft", "550 5.5.0 Requested action not taken: mailbox unavailable", "mailbox_unknown", True, "suppress_recipient"),
+    ("microsoft", "451 4.7.0 Temporary server error. Please try again later. PRX4 [AM0PR01MB1234.eurprd01.prod.exchangelabs.com]", "transient", False, "retry"),
+    ("microsoft", f"550 SC-001 (BAY004-MC1F33) Unfortunately, messages from {IP} weren't sent. Outlook.com rejected the messages due to policy reasons.", "reputation", True, "suspend_path"),
+    ("microsoft", "550 5.7.513 Service unavailable, Client host [192.0.2.10] blocked by example.org using Customer Block list (AS16012607)", "policy", True, "investigate"),
+    # --- Yahoo / AOL
+    ("yahoo", f"421 4.7.0 [TSS04] Messages from {IP} temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes", "reputation", False, "suspend_path"),
+    ("yahoo", f"553 5.7.2 [TSS09] All messages from {IP} will be permanently deferred; Retrying will NOT succeed. See https://postmaster.yahooinc.com/error-codes", "reputation", True, "suspend_path"),
+    ("yahoo", f"421 4.7.0 [TS01] Messages from {IP} temporarily deferred due to user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes", "reputation", False, "throttle_path"),
+    ("yahoo", "421 4.7.0 [TS02] We're seeing unusual traffic patterns from your server. Submit your sending IPs for review.", "rate_limited", False, "throttle_path"),
+    ("yahoo", "421 4.7.0 [TS03] We're seeing unusual traffic patterns from your server.", "rate_limited", False, "throttle_path"),
+    ("yahoo", f"421 [IPTS04] Messages from {IP} temporarily deferred due to unexpected volume or user complaints", "reputation", False, "suspend_path"),
+    ("yahoo", f"553 5.7.1 [BL21] Connections will not be accepted from {IP}, because the ip is in Spamhaus's list; see https://postmaster.yahooinc.com/error-codes", "blocklisted", True, "suspend_path"),
+    ("yahoo", "553 5.7.1 [BL23] Connections not accepted from IP addresses on Spamhaus XBL; see https://postmaster.yahooinc.com/error-codes", "blocklisted", True, "suspend_path"),
+    ("yahoo", "554 5.7.9 Message not accepted for policy reasons.  See https://postmaster.yahooinc.com/error-codes", "content", True, "check_content"),
+    ("yahoo", "550 5.7.9 This mail has been blocked because the sender is unauthenticated. Yahoo requires all senders to authenticate with either SPF or DKIM.", "authentication", True, "check_authentication"),
+    ("yahoo", "554 delivery error: dd This user doesn't have a yahoo.com account (someone@yahoo.com) [0] - mta1012.mail.gq1.yahoo.com", "mailbox_unknown", True, "suppress_recipient"),
+    ("yahoo", "554 delivery error: dd Sorry your message to someone@yahoo.com cannot be delivered. This mailbox is disabled (554.30). - mta1012.mail.gq1.yahoo.com", "mailbox_disabled", True, "suppress_recipient"),
+    ("yahoo", "552 1 Requested mail action aborted, mailbox not found", "mailbox_unknown", True, "suppress_recipient"),
+    ("yahoo", "421 Max message per connection reached, closing transmission channel", "rate_limited", False, "throttle_path"),
+    ("yahoo", "451 Message temporarily deferred due to unresolvable RFC.5321 from domain; see https://postmaster.yahooinc.com/error-codes", "authentication", False, "check_authentication"),
+    # --- Apple iCloud
+    ("apple", "421 4.7.1 Messages to someone@icloud.com deferred due to excessive volume. Try again later.", "rate_limited", False, "throttle_path"),
+    ("apple", f"421 [HCM1] Your mail from {IP} was deferred. Please try again later.", "reputation", False, "suspend_path"),
+    ("apple", "451 [BS02] Temporary server error. Please try again later.", "transient", False, "retry"),
+    ("apple", "554 5.7.1 [HME1] This message was blocked for failing both SPF and DKIM authentication checks.", "authentication", True, "check_authentication"),
+    ("apple", "554 5.7.1 Your message was rejected due to example.com's DMARC policy.", "authentication", True, "check_authentication"),
+    ("apple", "550 5.7.1 Your email was rejected due to having a domain present in the Spamhaus DBL -- see https://www.spamhaus.org/dbl/", "blocklisted", True, "suspend_path"),
+    ("apple", f"550 5.7.0 Blocked - see https://support.proofpoint.com/dnsbl-lookup.cgi?ip={IP}", "blocklisted", True, "suspend_path"),
+    ("apple", "550 5.7.1 [CS01] Message rejected due to local policy. Please visit https://support.apple.com/en-us/HT204137", "policy", True, "check_content"),
+    ("apple", "550 5.7.1 message content rejected due to spam", "content", True, "check_content"),
+    ("apple", "550 5.1.1 <someone@icloud.com>: inactive email address", "mailbox_disabled", True, "suppress_recipient"),
+    ("apple", "550 5.1.1 <someone@icloud.com>: user does not exist", "mailbox_unknown", True, "suppress_recipient"),
+    ("apple", "552 5.2.2 <someone@icloud.com>: user is over quota", "mailbox_full", False, "retry"),
+    # --- Comcast
+    ("comcast", f"554 5.7.1 {IP} has been blocked. Please see https://postmaster.comcast.net/smtp-error-codes.php#BL000001", "blocklisted", True, "suspend_path"),
+    ("comcast", f"421 4.1.0 {IP} throttled. Please see https://postmaster.comcast.net/smtp-error-codes.php#RL000001", "rate_limited", False, "throttle_path"),
+    ("comcast", f"554 5.7.1 {IP} dynamic or residential IP space. Please see https://postmaster.comcast.net/smtp-error-codes.php#ES000010", "rdns", True, "check_rdns"),
+    ("comcast", "550 5.1.1 someone@comcast.net Account Closed, Please Remove", "mailbox_disabled", True, "suppress_recipient"),
+    ("comcast", "421 Too many sessions opened", "rate_limited", False, "throttle_path"),
+    ("comcast", "421 Reverse DNS failure : Try again later", "rdns", False, "check_rdns"),
+    # --- GMX / WEB.DE
+    ("gmx", "421-Reject due to policy restrictions.\n421 Too many messages have been received in a short period of time. Please reduce the sending rate. For explanation visit https://postmaster.gmx.net/en/case?c=r0301", "rate_limited", False, "throttle_path"),
+    ("gmx", f"554-IP address is block listed.\n554 For explanation visit https://postmaster.gmx.net/en/case?c=r0201&i=ip&v={IP}&r=1ABCD", "blocklisted", True, "suspend_path"),
+    ("gmx", "550 Reject due to SPF policy", "authentication", True, "check_authentication"),
+    ("gmx", "421 Reject due to policy violations", "reputation", False, "suspend_path"),
+    ("gmx", "554-Transaction failed\n554 Reject due to policy restrictions.", "policy", True, "suspend_path"),
+    # --- Orange
+    ("orange", "550 5.7.1 Service refuse. Veuillez essayer plus tard. Service refused, please try later. OFR004_103 [103]", "reputation", True, "suspend_path"),
+    ("orange", "421 mwinf5c17 ME Trop de connexions, veuillez verifier votre configuration. Too many connections, slow down. OFR005_104 [104]", "rate_limited", False, "throttle_path"),
+    ("orange", f"550 5.7.1 Client host blocked for spamming issues. OFR006_102 Ref http://csi.cloudmark.com/reset-request/?ip={IP}", "blocklisted", True, "suspend_path"),
+    ("orange", "501 5.0.2 <sender@example.com>: Mail rejected. DMARC check failed.", "authentication", True, "check_authentication"),
+    ("orange", "550 5.1.1 Adresse d au moins un destinataire invalide. Invalid recipient. OFR_416 [416]", "mailbox_unknown", True, "suppress_recipient"),
+    ("orange", "552 5.1.1 Boite du destinataire pleine. Recipient overquota. OFR_417 [417]", "mailbox_full", False, "retry"),
+    # --- generic receivers (DNSBLs, Postfix, RFC texts)
+    ("generic", f"554 5.7.1 Service unavailable; Client host [{IP}] blocked using zen.spamhaus.org; https://www.spamhaus.org/query/ip/{IP}", "blocklisted", True, "suspend_path"),
+    ("generic", f"554 5.7.1 Service unavailable; Client host [{IP}] blocked using b.barracudacentral.org; http://www.barracudanetworks.com/reputation/?pr=1&ip={IP}", "blocklisted", True, "suspend_path"),
+    ("generic", f"550 5.7.1 Rejected: {IP} is listed at bl.spamcop.net", "blocklisted", True, "suspend_path"),
+    ("generic", "550 5.1.1 <x@example.org>: Recipient address rejected: User unknown in virtual mailbox table", "mailbox_unknown", True, "suppress_recipient"),
+    ("generic", "552 Mailbox full", "mailbox_full", False, "retry"),
+    ("generic", "550 5.2.1 <x@example.org>: account disabled", "mailbox_disabled", True, "suppress_recipient"),
+    ("generic", "450 4.2.0 <x@example.org>: Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/example.org.html", "transient", False, "retry"),
+    ("generic", f"450 4.7.1 Client host rejected: cannot find your reverse hostname, [{IP}]", "rdns", False, "check_rdns"),
+    ("generic", "554 5.7.1 Message rejected as spam", "content", True, "check_content"),
+    ("generic", "552 5.3.4 Message size exceeds fixed maximum message size", "message_too_large", True, "none"),
+    ("generic", "550 5.7.1 <sender@example.com>: Sender address rejected: Domain not found", "authentication", True, "check_authentication"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("provider", "reply", "category", "permanent", "action"), PUBLISHED)
+def test_published_replies(provider, reply, category, permanent, action):
+    result = classify(reply, provider)
+    assert (result.category, result.permanent, result.action) == (category, permanent, action), (
+        result.rule_id
+    )
+    assert result.provider == provider
+    assert result.code == int(reply[:3])
+
+
+def test_the_table_covers_every_provider_and_most_categories():
+    providers = {row[0] for row in PUBLISHED}
+    assert providers == {p for _, p in rules().mx_suffixes} | {"generic"}
+    assert len(PUBLISHED) >= 40
+    assert {row[2] for row in PUBLISHED} >= set(CATEGORIES) - {"unknown", "bad_domain"}
+
+
+# --------------------------------------------------------------------------- precedence
+@pytest.mark.parametrize(
+    ("reply", "provider", "provider_rule", "generic_rule", "generic_category"),
+    [
+        (
+            "552 5.2.2 The recipient's inbox is out of storage space and inactive. - gsmtp",
+            "google",
+            "google-storage-inactive",
+            "text-mailbox-full",
+            "mailbox_full",
+        ),
+        (
+            f"421 4.7.0 [TSS04] Messages from {IP} temporarily deferred due to unexpected "
+            "volume or user complaints",
+            "yahoo",
+            "yahoo-tss04",
+            "text-reputation-deferred",
+            "reputation",
+        ),
+        (
+            "550 5.7.513 Service unavailable, Client host [192.0.2.10] blocked by example.org "
+            "using Customer Block list (AS16012607)",
+            "microsoft",
+            "microsoft-customer-block-list",
+            "text-blocklisted",
+            "blocklisted",
+        ),
+        (
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found by SMTP address lookup",
+            "microsoft",
+            "enhanced-x.1.10-rejected",  # no Microsoft text: the registry meaning holds
+            "enhanced-x.1.10-rejected",
+            "bad_domain",
+        ),
+    ],
+)
+def test_provider_rules_come_before_generic_ones(
+    reply, provider, provider_rule, generic_rule, generic_category
+):
+    assert classify(reply, provider).rule_id == provider_rule
+    generic = classify(reply, "generic")
+    assert (generic.rule_id, generic.category) == (generic_rule, generic_category)
+
+
+def test_gmail_per_recipient_rate_is_not_an_inactive_mailbox():
+    # The IANA table reads X.2.1 as "mailbox disabled"; Gmail's 450 4.2.1 is a rate limit.
+    reply = "450 4.2.1 The user you are trying to contact is receiving mail too quickly. - gsmtp"
+    assert classify(reply, "google").category == "rate_limited"
+    assert classify("450 4.2.1 Try later", "google").category == "mailbox_disabled"
+
+
+def test_unknown_provider_tries_every_provider_rule_and_names_the_provider():
+    reply = f"553 5.7.2 [TSS09] All messages from {IP} will be permanently deferred"
+    result = classify(reply)
+    assert (result.provider, result.rule_id) == ("yahoo", "yahoo-tss09-permanently-deferred")
+    # A known provider only gets its own rules: Yahoo's tag means nothing at Microsoft.
+    at_microsoft = classify(reply, "microsoft")
+    assert at_microsoft.provider == "microsoft"
+    assert not at_microsoft.rule_id.startswith("yahoo-")
+
+
+def test_generic_reply_without_provider_names_none():
+    result = classify("550 5.1.1 <x@example.org>: User unknown")
+    assert result.provider is None
+
+
+def test_positive_replies_are_delivered_whatever_the_text():
+    for reply in ("250 2.0.0 Ok: queued, spam score 0.1", "250 2.6.0 blocked using nothing"):
+        result = classify(reply, None)
+        assert (result.category, result.permanent, result.rule_id) == (
+            "delivered",
+            False,
+            "code-2xx",
+        )
+
+
+# --------------------------------------------------------------------------- fallbacks
+@pytest.mark.parametrize(
+    ("reply", "category", "permanent", "rule_id"),
+    [
+        ("550 5.1.1 bye", "mailbox_unknown", True, "enhanced-x.1.1-rejected"),
+        ("450 4.1.1 later", "mailbox_unknown", False, "enhanced-x.1.1-deferred"),
+        ("550 5.1.2 bye", "bad_domain", True, "enhanced-x.1.2-rejected"),
+        ("556 5.1.10 bye", "bad_domain", True, "enhanced-x.1.10-rejected"),
+        ("550 5.2.1 bye", "mailbox_disabled", True, "enhanced-x.2.1-rejected"),
+        ("552 5.2.2 bye", "mailbox_full", False, "enhanced-x.2.2"),
+        ("552 5.3.4 bye", "message_too_large", True, "enhanced-x.3.4"),
+        ("552 5.5.3 bye", "policy", False, "enhanced-x.5.3"),
+        ("550 5.7.1 bye", "policy", True, "enhanced-x.7.1-rejected"),
+        ("530 5.7.10 bye", "tls", True, "enhanced-x.7.10-11"),
+        ("550 5.7.23 bye", "authentication", True, "enhanced-x.7.20-24"),
+        ("550 5.7.25 bye", "rdns", True, "enhanced-x.7.25"),
+        ("550 5.7.26 bye", "authentication", True, "enhanced-x.7.26-27"),
+        ("550 5.7.27 bye", "authentication", True, "enhanced-x.7.26-27"),
+        ("421 4.7.28 slow", "rate_limited", False, "enhanced-x.7.28"),
+        ("451 4.4.3 later", "transient", False, "enhanced-x.4.1-5-deferred"),
+        # the class comes from the reply code: Gmail sends 421 5.7.32
+        ("421 5.7.32 later", "transient", False, "code-4xx"),
+        ("421 later", "transient", False, "code-4xx"),
+        ("554 bye", "unknown", True, "code-5xx"),
+        ("550 5.9.9 bye", "unknown", True, "code-5xx"),
+        ("250 ok", "delivered", False, "code-2xx"),
+        ("354 go ahead", "unknown", False, "code-3xx"),
+    ],
+)
+def test_enhanced_code_then_code_class_fallback(reply, category, permanent, rule_id):
+    result = classify(reply, "generic")
+    assert (result.category, result.permanent, result.rule_id) == (category, permanent, rule_id)
+
+
+def test_unparseable_text_is_unknown_and_transient():
+    result = classify("connection reset by peer")
+    assert (result.category, result.permanent, result.rule_id) == ("unknown", False, UNPARSEABLE)
+    assert result.code is None
+
+
+# --------------------------------------------------------------------------- failures
+@pytest.mark.parametrize(
+    ("kind", "category", "permanent", "code", "enhanced"),
+    [
+        ("connection_refused", "transient", False, 451, "4.4.1"),
+        ("connection_timeout", "transient", False, 451, "4.4.1"),
+        ("connection_lost", "transient", False, 451, "4.4.2"),
+        ("tls_handshake", "tls", False, 451, "4.7.5"),
+        ("dns_nxdomain", "bad_domain", True, 550, "5.1.2"),
+        ("dns_null_mx", "bad_domain", True, 556, "5.1.10"),
+        ("dns_no_mail_host", "bad_domain", True, 550, "5.4.4"),
+        ("dns_servfail", "transient", False, 451, "4.4.3"),
+        ("dns_timeout", "transient", False, 451, "4.4.3"),
+    ],
+)
+def test_connection_failures(kind, category, permanent, code, enhanced):
+    result = classify(ConnectionFailure(kind, "detail"), "google")
+    assert (result.category, result.permanent, result.code, result.enhanced_code) == (
+        category,
+        permanent,
+        code,
+        enhanced,
+    )
+    assert result.provider == "google"
+    assert result.rule_id.startswith("failure-")
+
+
+def test_every_failure_kind_is_tested_and_bogus_kinds_refused():
+    assert set(FAILURE_KINDS) == set(rules().failures)
+    with pytest.raises(ValueError, match="unknown connection failure kind"):
+        ConnectionFailure("dns_bogus")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- parsing
+def test_multiline_reply_joins_lines_and_strips_repeated_enhanced_code():
+    reply = parse_reply("421-4.7.28 first part\n421-4.7.28 second\n421 4.7.28 last - gsmtp")
+    assert reply == Reply(421, "4.7.28", "first part second last - gsmtp")
+
+
+def test_a_client_librarys_code_and_message_classify_like_the_wire_reply():
+    from aiosmtplib import SMTPResponse
+
+    # aiosmtplib (like smtplib) strips "421-"/"421 " from each line and joins with newlines.
+    response = SMTPResponse(
+        421,
+        f"4.7.28 [{IP}] Gmail has detected an unusual rate of unsolicited mail originating\n"
+        "4.7.28 from your IP address. - gsmtp",
+    )
+    reply = Reply.from_response(response.code, response.message)
+    assert reply.enhanced == "4.7.28" and "4.7.28" not in reply.text
+    wire = classify(
+        f"421-4.7.28 [{IP}] Gmail has detected an unusual rate of unsolicited mail originating\n"
+        "421 4.7.28 from your IP address. - gsmtp"
+    )
+    assert classify(reply) == classify(f"{response.code} {response.message}") == wire
+    assert wire.rule_id == "google-unusual-rate-deferred"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("550 5.1.1 <x@y>: user unknown", Reply(550, "5.1.1", "<x@y>: user unknown")),
+        ("smtp; 550 5.1.1 <x@y>: user unknown", Reply(550, "5.1.1", "<x@y>: user unknown")),
+        ("421", Reply(421, None, "")),
+        ("550-5.7.1 cut from a log", Reply(550, "5.7.1", "cut from a log")),
+        ("554 For explanation 5.1.1 later", Reply(554, None, "For explanation 5.1.1 later")),
+        ("550 5.01.001 zeros", Reply(550, "5.1.1", "zeros")),
+    ],
+)
+def test_parse_reply(raw, expected):
+    assert parse_reply(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("hello", "must start with a 3-digit code"),
+        ("", "empty"),
+        ("650 nope", "must start with a 3-digit code"),
+        ("421-4.7.0 a\n550 5.7.1 b", "line 2 has code 550"),
+        ("550 5.1.1 a\n550 5.1.1 b", "line 2 follows the final line"),
+    ],
+)
+def test_parse_reply_errors(raw, message):
+    with pytest.raises(ReplyParseError, match=message):
+        parse_reply(raw)
+
+
+def test_split_replies_groups_continuation_lines():
+    lines = [
+        "421-4.7.28 a\n",
+        "421 4.7.28 b\n",
+        "\n",
+        "not a reply\n",
+        "550-5.7.1 cut short\n",
+        "250 ok\n",
+    ]
+    assert list(split_replies(lines)) == [
+        (1, "421-4.7.28 a\n421 4.7.28 b"),
+        (4, "not a reply"),
+        (5, "550-5.7.1 cut short"),
+        (6, "250 ok"),
+    ]
+
+
+# --------------------------------------------------------------------------- providers
+@pytest.mark.parametrize(
+    ("mx", "provider"),
+    [
+        ("gmail-smtp-in.l.google.com", "google"),
+        ("alt1.gmail-smtp-in.l.google.com.", "google"),
+        ("ASPMX.L.GOOGLE.COM", "google"),
+        ("smtp.google.com", "google"),
+        ("alt2.aspmx.l.googlemail.com", "google"),
+        ("hotmail-com.olc.protection.outlook.com", "microsoft"),
+        ("example-org.mail.protection.outlook.com", "microsoft"),
+        ("example-org.o-v1.mx.microsoft", "microsoft"),
+        ("mx1.hotmail.com", "microsoft"),
+        ("mta5.am0.yahoodns.net", "yahoo"),
+        ("mx-aol.mail.gm0.yahoodns.net", "yahoo"),
+        ("mx01.mail.icloud.com", "apple"),
+        ("mx1a1.comcast.net", "comcast"),
+        ("mx00.gmx.net", "gmx"),
+        ("mx-ha02.web.de", "gmx"),
+        ("smtp-in.orange.fr", "orange"),
+        ("mx.example.org", "generic"),
+        ("notgoogle.com", "generic"),  # a suffix matches on a label boundary only
+        ("google.com.evil.example", "generic"),
+        ("", "generic"),
+    ],
+)
+def test_provider_for_mx(mx, provider):
+    assert provider_for_mx(mx) == provider
+
+
+def test_every_named_provider_has_rules():
+    named = {p for _, p in rules().mx_suffixes}
+    with_rules = {c.rule.provider for c in rules().by_provider[None]} - {"any"}
+    assert named == with_rules
+
+
+# --------------------------------------------------------------------------- runbooks
+def test_every_shipped_runbook_validates():
+    found = load_all()
+    assert found["classification"].kind == "classification"
+    assert found["providers"].kind == "providers"
+    assert rules().rule_count == len(found["classification"].spec.all_rules()) >= 150
+
+
+def _write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _raw(file: Path) -> dict:
+    return yaml.safe_load(file.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda s: s["provider_rules"][1]["match"].pop("text"), "needs a provider and a text"),
+        (lambda s: s["text_rules"][0].update(provider="google"), "only provider_rules may name"),
+        (lambda s: s["text_rules"][0]["match"].update(text="(unclosed"), "not a valid regular"),
+        (lambda s: s["text_rules"][1].update(id=s["text_rules"][0]["id"]), "duplicate rule ids"),
+        (lambda s: s["text_rules"][0].update(category="bounced"), "Input should be"),
+        (lambda s: s["text_rules"][0].update(action="delist"), "Input should be"),
+        (lambda s: s["text_rules"][0].update(colour="red"), "Extra inputs"),
+        (lambda s: s["text_rules"][0].pop("source"), "Field required"),
+        (lambda s: s["enhanced_code_rules"][0]["match"].update(enhanced="x.7.9-2"), "low to high"),
+        (lambda s: s["code_class_rules"][0]["match"].update(text="ok"), "matches on code only"),
+        (lambda s: s["connection_failure_rules"].pop(), "need each kind once"),
+        (lambda s: s["connection_failure_rules"][0].update(permanent=True), "must agree"),
+    ],
+)
+def test_bad_classification_data_is_refused(tmp_path, mutate, reason):
+    data = _raw(CLASSIFICATION_FILE)
+    mutate(data["spec"])
+    with pytest.raises(RunbookError, match=reason):
+        load_file(_write(tmp_path, "classification.yaml", data))
+
+
+def test_a_rule_for_an_unlisted_provider_is_refused(tmp_path):
+    data = _raw(CLASSIFICATION_FILE)
+    data["spec"]["provider_rules"][0]["provider"] = "hotmale"
+    with pytest.raises(RunbookError, match="'hotmale' is not a provider") as info:
+        load_rules(_write(tmp_path, "classification.yaml", data), PROVIDERS_FILE)
+    assert info.value.path == "spec.provider_rules.0.provider"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda s: s["providers"][0]["mx_suffixes"].append(".Google.com"), "lower-case host"),
+        (lambda s: s["providers"][1]["mx_suffixes"].append("google.com"), "one provider only"),
+        (lambda s: s["providers"][0].update(sources=[]), "at least 1"),
+        (lambda s: s.update(fallback="nobody"), "not a listed provider"),
+        (lambda s: s["providers"][0].update(mx_suffixes=[]), "the fallback lists no MX"),
+    ],
+)
+def test_bad_provider_data_is_refused(tmp_path, mutate, reason):
+    data = _raw(PROVIDERS_FILE)
+    mutate(data["spec"])
+    with pytest.raises(RunbookError, match=reason):
+        load_file(_write(tmp_path, "providers.yaml", data))
+
+
+def test_schema_refuses_an_empty_match():
+    from runbooks.schema import ReplyMatch
+
+    with pytest.raises(ValidationError, match="at least one of code, enhanced, text"):
+        ReplyMatch()
+
+
+def test_classifying_does_no_io_after_the_first_load(monkeypatch):
+    rules()
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("file access on the classification path")
+
+    monkeypatch.setattr(classify_module, "load_file", no_io)
+    monkeypatch.setattr(Path, "read_text", no_io)
+    monkeypatch.setattr("builtins.open", no_io)
+    assert classify("550 5.1.1 user unknown", provider_for_mx("mx.example.org")).category == (
+        "mailbox_unknown"
+    )
+
+
+# --------------------------------------------------------------------------- properties
+RULES_BY_ID = {r.rule.id: r.rule for r in rules().by_provider[None] + rules().code_class}
+PROVIDER_NAMES = [None, "generic", *sorted({p for _, p in rules().mx_suffixes})]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), provider=st.sampled_from(PROVIDER_NAMES))
+def test_any_string_gets_exactly_one_valid_classification(text, provider):
+    result = classify(text, provider)
+    assert result.category in CATEGORIES
+    assert result.action in ACTIONS
+    assert isinstance(result.permanent, bool)
+
+
+reply_strategy = st.builds(
+    lambda code, enhanced, text: f"{code} {enhanced} {text}".strip(),
+    st.integers(100, 599),
+    st.one_of(
+        st.just(""),
+        st.builds(
+            lambda c, s, d: f"{c}.{s}.{d}",
+            st.sampled_from([2, 4, 5]),
+            st.integers(0, 9),
+            st.integers(0, 1000),
+        ),
+    ),
+    st.one_of(
+        st.text(st.characters(exclude_characters="\n"), max_size=80),
+        st.sampled_from([row[1].partition(" ")[2].replace("\n", " ") for row in PUBLISHED]),
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(reply=reply_strategy, provider=st.sampled_from(PROVIDER_NAMES))
+def test_permanence_follows_the_code_unless_a_rule_overrules_it(reply, provider):
+    result = classify(reply, provider)
+    assert result.rule_id not in (UNPARSEABLE, NO_RULE)
+    rule = RULES_BY_ID[result.rule_id]
+    if rule.permanent is None:
+        assert result.permanent == (result.code >= 500)
+    if result.code < 400:
+        assert result.category in ("delivered", "unknown") and not result.permanent
+
+
+# --------------------------------------------------------------------------- CLI
+runner = CliRunner()
+
+
+def _json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def test_cli_classifies_arguments():
+    result = runner.invoke(
+        app,
+        [
+            "classify",
+            "550 5.1.1 <x@y>: user unknown",
+            r"421-4.7.28 Gmail has detected an unusual rate of unsolicited mail\n421 4.7.28 - gsmtp",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    first, second = _json_lines(result.stdout)
+    assert first == {
+        "category": "mailbox_unknown",
+        "permanent": True,
+        "action": "suppress_recipient",
+        "rule_id": "text-mailbox-unknown",
+        "provider": None,
+        "code": 550,
+        "enhanced_code": "5.1.1",
+        "reply": "550 5.1.1 <x@y>: user unknown",
+    }
+    assert (second["provider"], second["category"], second["enhanced_code"]) == (
+        "google",
+        "rate_limited",
+        "4.7.28",
+    )
+
+
+def test_cli_reads_stdin_reports_bad_lines_and_keeps_going():
+    stdin = (
+        "421-4.7.28 [192.0.2.10] Gmail has detected an unusual rate of unsolicited mail\n"
+        "421 4.7.28 originating from your IP address. - gsmtp\n"
+        "\n"
+        "this is not [a reply]\n"
+        "550 5.7.1 Service unavailable, Client host [192.0.2.10] blocked using Spamhaus\n"
+    )
+    result = runner.invoke(app, ["classify", "--mx", "mx1.hotmail.com", "-"], input=stdin)
+    assert result.exit_code == 1
+    assert "stdin line 4" in result.stderr and "'this is not [a reply]'" in result.stderr
+    gmail_text, spamhaus = _json_lines(result.stdout)
+    # --mx says Microsoft answered, so Gmail's text gets no Gmail rule, only the registry.
+    assert (gmail_text["provider"], gmail_text["rule_id"]) == ("microsoft", "enhanced-x.7.28")
+    assert (spamhaus["rule_id"], spamhaus["category"]) == ("microsoft-spamhaus", "blocklisted")
+
+
+def test_cli_names_a_bad_argument():
+    result = runner.invoke(app, ["classify", "250 ok", "oops"])
+    assert result.exit_code == 1
+    assert "argument 2" in result.stderr and "'oops'" in result.stderr
+    assert [r["category"] for r in _json_lines(result.stdout)] == ["delivered"]
+
+
+def test_cli_as_a_real_process():
+    axiom = Path(sys.executable).parent / "axiom"
+    result = subprocess.run(
+        [str(axiom), "classify", "--mx", "mta5.am0.yahoodns.net", "-"],
+        input="421 4.7.0 [TSS04] Messages from 192.0.2.10 temporarily deferred\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = _json_lines(result.stdout)
+    assert (line["provider"], line["category"], line["action"]) == (
+        "yahoo",
+        "reputation",
+        "suspend_path",
+    )
