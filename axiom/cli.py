@@ -240,6 +240,19 @@ def relay() -> None:
         raise fail(f"cannot listen: {exc}", 2) from None
 
 
+@app.command()
+def deliver() -> None:
+    """Run only the delivery engine (no listeners): more delivery processes on one spool."""
+    import asyncio
+    import logging
+
+    s = settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from relay.service import deliver_only
+
+    asyncio.run(deliver_only(s))
+
+
 # ---------------------------------------------------------------- egress
 @pool_app.command("add")
 def pool_add(

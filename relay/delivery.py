@@ -89,7 +89,32 @@ class ConnectionPool:
     async def acquire(
         self, source: SourceIp, mx_host: str, address: str, gate: PathGate
     ) -> _Connection:
-        idle = self._idle[(source.address, address)]
+        key = (source.address, address)
+        while True:
+            conn = await self._take_idle(key)
+            if conn is not None:
+                return conn
+            if not gate.connections.locked():
+                break
+            # Every slot of this path is taken. An idle session to another MX of the same
+            # path gives its slot up; otherwise wait until a session is released.
+            victim = self._idle_on(gate)
+            if victim is not None:
+                await self._quit(victim)
+                continue
+            gate.available.clear()
+            await gate.available.wait()
+        await gate.connections.acquire()
+        try:
+            smtp = await self._open(source, address)
+        except BaseException:
+            gate.connections.release()
+            gate.available.set()
+            raise
+        return _Connection(smtp, gate)
+
+    async def _take_idle(self, key: tuple[str, str]) -> _Connection | None:
+        idle = self._idle[key]
         while idle:
             conn = idle.pop()
             if conn.smtp.is_connected:
@@ -99,13 +124,15 @@ class ConnectionPool:
                     conn.clean = True
                 return conn
             self._close(conn)
-        await gate.connections.acquire()
-        try:
-            smtp = await self._open(source, address)
-        except BaseException:
-            gate.connections.release()
-            raise
-        return _Connection(smtp, gate)
+        return None
+
+    def _idle_on(self, gate: PathGate) -> _Connection | None:
+        for conns in self._idle.values():
+            for conn in conns:
+                if conn.gate is gate:
+                    conns.remove(conn)
+                    return conn
+        return None
 
     async def _open(self, source: SourceIp, address: str) -> aiosmtplib.SMTP:
         use_tls = self._tls_broken_until.get(address, 0) < time.monotonic()
@@ -170,6 +197,7 @@ class ConnectionPool:
         ):
             conn.idle_since = time.monotonic()
             self._idle[(source.address, address)].append(conn)
+            conn.gate.available.set()
         else:
             task = asyncio.ensure_future(self._quit(conn))
             self._closing.add(task)  # keep a reference until the QUIT is done
@@ -185,6 +213,7 @@ class ConnectionPool:
         with contextlib.suppress(Exception):
             conn.smtp.close()
         conn.gate.connections.release()
+        conn.gate.available.set()
 
     async def reap(self, max_idle: float = 5.0) -> None:
         now = time.monotonic()

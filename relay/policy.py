@@ -3,6 +3,8 @@
 These are blocking database reads; the SMTP handler calls them through a thread. Small,
 short-TTL caches keep the hot path (one message per connection) off the database without
 letting a change — a domain activated, a key rotated, a credential disabled — wait long.
+A cached answer costs microseconds, less than the hop to a thread and back, so the cached
+lookups also answer `cached_only=True`: the answer, or NOT_CACHED instead of a database read.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, event
 from sqlmodel import Session, col, select
 
 from models import (
@@ -33,6 +35,7 @@ from relay.keystore import KeyBox
 
 K = TypeVar("K")
 V = TypeVar("V")
+NOT_CACHED: Any = object()  # a cached_only=True lookup that would have to read the database
 
 
 class TtlCache(Generic[K, V]):
@@ -41,12 +44,22 @@ class TtlCache(Generic[K, V]):
         self._data: dict[K, tuple[float, V]] = {}
         self._lock = threading.Lock()
 
-    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
-        now = self._clock()
+    def peek(self, key: K) -> V:
+        """The live cached value, or NOT_CACHED; never loads."""
+        return self._peek(key, self._clock())
+
+    def _peek(self, key: K, now: float) -> V:
         with self._lock:
             hit = self._data.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        return NOT_CACHED
+
+    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
+        now = self._clock()
+        value = self._peek(key, now)
+        if value is not NOT_CACHED:
+            return value
         value = load()
         with self._lock:
             self._data[key] = (now + self._ttl, value)
@@ -64,7 +77,7 @@ class PolicyStore:
     def __init__(
         self, engine: Engine, keybox: KeyBox, credentials: CredentialCache, ttl: float = 5.0
     ):
-        self._engine = engine
+        self._engine = _reader(engine)
         self._keybox = keybox
         self._credentials = credentials
         self._domains: TtlCache[str, SendingDomain | None] = TtlCache(ttl)
@@ -96,12 +109,19 @@ class PolicyStore:
         self._credentials.put(username, password, principal)
         return principal
 
-    def principal_for_network(self, client_ip: str) -> Principal | None:
+    def principal_for_network(self, client_ip: str, *, cached_only: bool = False):
+        """The Principal bound to the client's network, or None."""
         try:
             addr = ipaddress.ip_address(client_ip)
         except ValueError:
             return None
-        for network, principal in self._networks.get_or_load("all", self._load_networks):
+        if cached_only:
+            networks = self._networks.peek("all")
+            if networks is NOT_CACHED:
+                return NOT_CACHED
+        else:
+            networks = self._networks.get_or_load("all", self._load_networks)
+        for network, principal in networks:
             if addr.version == network.version and addr in network:
                 return principal
         return None
@@ -117,8 +137,11 @@ class PolicyStore:
         ]
 
     # --- which domains ---
-    def sending_domain(self, name: str) -> SendingDomain | None:
+    def sending_domain(self, name: str, *, cached_only: bool = False):
+        """The SendingDomain, or None when unknown (or NOT_CACHED, see cached_only)."""
         name = name.lower().rstrip(".")
+        if cached_only:
+            return self._domains.peek(name)
         return self._domains.get_or_load(name, lambda: self._load_domain(name))
 
     def _load_domain(self, name: str) -> SendingDomain | None:
@@ -128,23 +151,29 @@ class PolicyStore:
             return None
         return SendingDomain(domain.tenant_id, domain.name, domain.state == DomainState.active)
 
-    def may_send_as(self, principal: Principal, domain_name: str) -> bool:
-        domain = self.sending_domain(domain_name)
+    def may_send_as(self, principal: Principal, domain_name: str, *, cached_only: bool = False):
+        """Whether principal may send as domain_name (or NOT_CACHED, see cached_only)."""
+        domain = self.sending_domain(domain_name, cached_only=cached_only)
+        if domain is NOT_CACHED:
+            return NOT_CACHED
         return domain is not None and domain.active and domain.tenant_id == principal.tenant_id
 
     # --- whom not to mail ---
     def suppression_reason(self, tenant_id: int, address: str) -> str | None:
-        with Session(self._engine) as session:
-            row = session.exec(
+        # Once per recipient, uncached: a plain Core read (an ORM Session costs more than it).
+        with self._engine.connect() as conn:
+            return conn.execute(
                 select(Suppression.reason).where(
                     Suppression.tenant_id == tenant_id, Suppression.address == address.lower()
                 )
-            ).first()
-        return row
+            ).scalar()
 
     # --- how to sign ---
-    def signing_keys(self, domain_name: str) -> list[SigningKey]:
+    def signing_keys(self, domain_name: str, *, cached_only: bool = False):
+        """The domain's active keys, RSA first (or NOT_CACHED, see cached_only)."""
         name = domain_name.lower()
+        if cached_only:
+            return self._keys.peek(name)
         return self._keys.get_or_load(name, lambda: self._load_keys(name))
 
     def _load_keys(self, name: str) -> list[SigningKey]:
@@ -161,3 +190,27 @@ class PolicyStore:
             )
             for k in rows
         ]
+
+
+def _reader(engine: Engine) -> Engine:
+    """The engine policy reads use. On a SQLite file: connections of their own that never
+    take the write lock. models/db.py opens every SQLite transaction with BEGIN IMMEDIATE so
+    that writers queue rather than fail on lock upgrade; a policy read doing the same waits
+    behind every spool commit in SQLite's busy handler (sleeps of 1 to 100 ms), and with
+    AXIOM_RELAY_PROCESSES > 1 behind every other process's commits too. In WAL mode a read
+    needs no lock: each SELECT here runs alone in autocommit and sees committed data."""
+    url = engine.url
+    database = url.database or ""
+    if engine.dialect.name != "sqlite" or database in ("", ":memory:") or "mode=memory" in database:
+        return engine  # PostgreSQL has no such lock; an in-memory database is one connection
+    reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    event.listen(reader, "connect", _read_only_pragmas)
+    return reader
+
+
+def _read_only_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # no implicit BEGIN: every statement its own snapshot
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA query_only=ON")
+    cur.close()

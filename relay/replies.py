@@ -13,6 +13,7 @@ AUTH_ALREADY = "503 5.5.1 Already authenticated"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
 AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+TLS_HANDSHAKE_FAILED = "554 5.7.0 TLS handshake failed"
 
 # --- MAIL ---
 SENDER_OK = "250 2.1.0 Sender OK"
@@ -73,7 +74,7 @@ _TRANSLATIONS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^501 Too many values"), "501 5.5.4 Too many AUTH arguments"),
     (re.compile(r"^555 (MAIL FROM|RCPT TO) parameters"), r"555 5.5.4 \1 parameters not recognized"),
     (re.compile(r"^530 Must issue a STARTTLS"), "530 5.7.0 Must issue a STARTTLS command first"),
-    (re.compile(r"^554 Command refused due to lack"), "554 5.7.0 TLS handshake failed"),
+    (re.compile(r"^554 Command refused due to lack"), TLS_HANDSHAKE_FAILED),
     (re.compile(r"^502 EXPN not implemented"), "502 5.5.1 EXPN not implemented"),
     (re.compile(r"^252 Cannot VRFY user"), "252 2.5.0 Cannot VRFY user"),
     (re.compile(r"^421 (.*) Service not available"), r"421 4.3.2 \1 Service not available"),

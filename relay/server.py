@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from email.utils import format_datetime, getaddresses
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from relay import replies
 from relay.auth import LockoutTracker, Principal
 from relay.dkim import sign
 from relay.message import MessageHeaders
 from relay.metrics import Metrics
-from relay.policy import PolicyStore
+from relay.policy import NOT_CACHED, PolicyStore
 from relay.spool import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
 from runbooks.schema import DkimSigningSpec
 
@@ -36,6 +36,14 @@ log = logging.getLogger("axiom.relay")
 # dot of "\r\n.\n" is gone; refusing every bare CR or LF closes all published variants.
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ROUTED_LOCAL_PART = re.compile(r"[%!]")
+# Client text reaches the database and, echoed, the wire. aiosmtpd decodes invalid UTF-8 to lone
+# surrogates, which no driver encodes; PostgreSQL refuses NUL; VARCHAR columns refuse overlong
+# values. Any of these in a spool row fails its whole group commit, so they are refused or
+# cleaned up front instead of turning into 451s the client would retry forever.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 5321 textstring allows TAB
+MAX_ADDRESS = 512  # Message.mail_from and Recipient.address (models/spool.py)
+MAX_DOMAIN = 253  # Recipient.domain; also the longest domain name DNS allows
 DEFAULT_STREAM = "transactional"
 STREAM_HEADER = "x-axiom-stream"
 _STREAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
@@ -59,9 +67,19 @@ class SubmissionSMTP(SMTP):
     line_length_limit = 1000  # 998 octets + CRLF (RFC 5321 4.5.3.1.6)
 
     async def push(self, status):
+        if self.transport is None or self.transport.is_closing():
+            return  # aiosmtpd goes on with lines it had buffered when it closed the connection
         if isinstance(status, str):
-            status = replies.translate(status)
+            status = _clean_text(replies.translate(status), _REPLY_UNSAFE)
         await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if self.transport is None or self.transport.is_closing():
+            # A read or write on a connection already closed (QUIT, lockout, too many bogus
+            # commands) while aiosmtpd drains lines it had buffered: no internal error.
+            log.debug("after close: %r", error)
+            return replies.INTERNAL_ERROR.format(ref="closed")  # push() drops it
+        return await super().handle_exception(error)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -73,7 +91,19 @@ class SubmissionSMTP(SMTP):
         # nobody can steer the path of mail through us.
         if arg.lstrip().startswith("<@"):
             return None, None
-        return super()._getaddr(arg)
+        try:
+            return super()._getaddr(arg)
+        except IndexError:  # the stdlib's get_angle_addr on a lone "<"
+            return None, None
+
+
+def _clean_text(value: str, unsafe: re.Pattern[str] = _CONTROL) -> str:
+    """Invalid UTF-8 (lone surrogates) and control characters become '?'."""
+    return unsafe.sub("?", value.encode("utf-8", "replace").decode("utf-8"))
+
+
+def _well_formed(address: str, limit: int = MAX_ADDRESS) -> bool:
+    return len(address) <= limit and address == _clean_text(address)
 
 
 def _client_ip(session: Session) -> str:
@@ -125,7 +155,9 @@ class SubmissionHandler:
             await server.push(replies.AUTH_LOCKED_OUT)
             server.transport.close()
             return AuthResult(success=False, handled=True)
-        principal = await asyncio.to_thread(self.ctx.policy.authenticate, username, password)
+        principal = None
+        if b"\0" not in username:  # PostgreSQL cannot even compare a NUL-bearing name
+            principal = await asyncio.to_thread(self.ctx.policy.authenticate, username, password)
         if principal is None:
             self.ctx.metrics.auth_failures.inc()
             if self.ctx.lockout.record_failure(ip):
@@ -147,9 +179,9 @@ class SubmissionHandler:
         if address == "<>" or not address:
             return self._reject("null_sender", replies.SENDER_NULL_NOT_ALLOWED)
         local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
+        if not at or not local or not domain or not _well_formed(address):
             return self._reject("bad_sender", replies.BAD_SENDER_ADDRESS)
-        if not await asyncio.to_thread(self.ctx.policy.may_send_as, principal, domain):
+        if not await self._ask(self.ctx.policy.may_send_as, principal, domain):
             return self._reject(
                 "sender_domain", replies.SENDER_DOMAIN_NOT_ALLOWED.format(domain=domain.lower())
             )
@@ -166,6 +198,8 @@ class SubmissionHandler:
             return self._reject("relay_denied", replies.RELAY_DENIED)
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or "." not in domain.strip("."):
+            return self._reject("bad_recipient", replies.BAD_ADDRESS)
+        if not _well_formed(address) or len(domain) > MAX_DOMAIN:
             return self._reject("bad_recipient", replies.BAD_ADDRESS)
         if _ROUTED_LOCAL_PART.search(local.strip('"')):
             return self._reject("routed_recipient", replies.ROUTED_ADDRESS)
@@ -197,7 +231,9 @@ class SubmissionHandler:
         if len(addresses) != 1 or "@" not in addresses[0][1]:
             return self._reject("header_from", replies.HEADER_FROM_MISSING)
         from_domain = addresses[0][1].rpartition("@")[2].lower().rstrip(">")
-        if not await asyncio.to_thread(self.ctx.policy.may_send_as, principal, from_domain):
+        if not _well_formed(from_domain, MAX_DOMAIN) or not await self._ask(
+            self.ctx.policy.may_send_as, principal, from_domain
+        ):
             return self._reject(
                 "header_from", replies.HEADER_FROM_NOT_ALLOWED.format(domain=from_domain)
             )
@@ -215,7 +251,7 @@ class SubmissionHandler:
             headers.append("Date", format_datetime(_now(), usegmt=False))
         headers.prepend("Received", self._received(session, queue_id))
 
-        keys = await asyncio.to_thread(self.ctx.policy.signing_keys, from_domain)
+        keys = await self._ask(self.ctx.policy.signing_keys, from_domain)
         if not keys:
             return self._reject("no_key", replies.NO_SIGNING_KEY.format(domain=from_domain))
         unsigned = headers.to_bytes()
@@ -229,7 +265,7 @@ class SubmissionHandler:
             mail_from=envelope.mail_from,
             recipients=list(envelope.rcpt_tos),
             header_from_domain=from_domain,
-            message_id_header=(headers.values("message-id") or [""])[0].strip()[:998],
+            message_id_header=_clean_text((headers.values("message-id") or [""])[0].strip())[:998],
             data=signatures + unsigned,
             client_address=_client_ip(session),
             auth_user=principal.username,
@@ -245,6 +281,12 @@ class SubmissionHandler:
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client failed its STARTTLS handshake (a prober, a broken client): no internal
+            # error of ours, and aiosmtpd closes the connection without sending a reply.
+            log.info("STARTTLS handshake failed: %s", error.__cause__)
+            self.ctx.metrics.rejected.labels(reason="tls_handshake").inc()
+            return replies.TLS_HANDSHAKE_FAILED
         ref = secrets.token_hex(4)
         log.exception("internal error ref=%s", ref, exc_info=error)
         self.ctx.metrics.rejected.labels(reason="internal_error").inc()
@@ -254,10 +296,19 @@ class SubmissionHandler:
     async def _principal(self, session: Session) -> Principal | None:
         if isinstance(session.auth_data, Principal):
             return session.auth_data
-        bound = await asyncio.to_thread(self.ctx.policy.principal_for_network, _client_ip(session))
+        bound = await self._ask(self.ctx.policy.principal_for_network, _client_ip(session))
         if bound is not None:
             session.auth_data = bound  # one lookup per connection
         return bound
+
+    @staticmethod
+    async def _ask(question, *args):
+        """A policy answer: inline when the policy's cache holds it (microseconds), else from
+        a thread, since the database read blocks."""
+        answer = question(*args, cached_only=True)
+        if answer is NOT_CACHED:
+            answer = await asyncio.to_thread(question, *args)
+        return answer
 
     def _received(self, session: Session, queue_id: str) -> str:
         # RFC 3848 protocol types: ESMTPSA = ESMTP + TLS + AUTH.
@@ -266,7 +317,7 @@ class SubmissionHandler:
             proto += "S"
         if session.authenticated:
             proto += "A"
-        helo = (session.host_name or "unknown").replace("(", "").replace(")", "")[:200]
+        helo = _clean_text(session.host_name or "unknown").replace("(", "").replace(")", "")[:200]
         return (
             f"from {helo} ([{_client_ip(session)}])\r\n\tby {self.ctx.hostname} (Axiom Send)"
             f" with {proto} id {queue_id};\r\n\t{format_datetime(_now())}"

@@ -19,6 +19,7 @@ class PathGate:
     def __init__(self, limits: PathLimits, clock: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.connections = asyncio.Semaphore(limits.max_connections)
+        self.available = asyncio.Event()  # set when a session is released or closed
         self._clock = clock
         self._sent: deque[float] = deque()  # send times within the last hour
 
