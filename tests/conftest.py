@@ -128,12 +128,25 @@ def axiom_home(tmp_path, db_url) -> AxiomHome:
     (home / "secret.key").write_bytes(secret)
     write_self_signed(home / "tls" / "cert.pem", home / "tls" / "key.pem", "relay.axiom.test")
     migrate(db_url)
+    _default_pool(db_url)  # what `axiom init` does after migrating
     return AxiomHome(
         home,
         db_url,
         secret,
         {"submission": free_port(), "submission_tls": free_port(), "http": free_port()},
     )
+
+
+def _default_pool(db_url: str) -> None:
+    from axiom.admin import ensure_default_pool
+
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            ensure_default_pool(s)
+            s.commit()
+    finally:
+        engine.dispose()
 
 
 @dataclass
