@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     auth_max_failures: int = Field(default=5, ge=1)
     auth_failure_window_seconds: int = Field(default=300, ge=1)
     auth_lockout_seconds: int = Field(default=900, ge=1)
+    max_connections_per_client: int = Field(default=20, ge=1)
+    max_commands_per_session: int = Field(default=1000, ge=10, description="per SMTP verb")
+    session_idle_timeout_seconds: int = Field(default=300, ge=5)
+    session_max_seconds: int = Field(default=1800, ge=10)
+    max_header_fields: int = Field(default=1000, ge=10)
+    max_header_field_bytes: int = Field(default=102_400, ge=1000)
     credential_cache_seconds: int = Field(default=60, ge=0, le=3600)
     spool_batch_max: int = Field(default=256, ge=1)
     dns_nameservers: Nameservers = Field(
@@ -111,6 +117,12 @@ class Settings(BaseSettings):
     delivery_port: int = Field(default=25, ge=1, le=65535, description="Port of receiving MXs")
     delivery_enabled: bool = Field(
         default=True, description="Run the delivery engine in `axiom relay` (off: accept only)"
+    )
+    delivery_lease_seconds: int | None = Field(
+        default=None,
+        ge=5,
+        le=3600,
+        description="How long a claimed recipient stays leased; default: runbooks/delivery.yaml",
     )
 
     @field_validator("database_url")

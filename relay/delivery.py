@@ -371,25 +371,30 @@ class DeliveryEngine:
             await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
             return
         source = choice.source
-        gate = self.shaper.gate(source.address, provider)
-        delay = gate.delay_for_next(self.egress.throttle_for(source.address, provider))
-        if delay > MAX_PACING_WAIT:
-            outcome.postponed = [
-                (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
-                for c in claims
-            ]
-            await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
-            return
-        if delay > 0:
-            await asyncio.sleep(delay)
-        attempts = await self._transmit(message, claims, mx, source, provider, gate)
-        delivered = sum(1 for a in attempts if a.category == "delivered")
-        if delivered and choice.warmup_day_id is not None:
-            outcome.warmup_sent.append((choice.warmup_day_id, delivered))
-        self._conclude(
-            message, attempts, outcome, mx_host=attempts[0].mx_host if attempts else None
-        )
-        await self._settle(outcome, attempts)
+        delivered = 0
+        try:
+            gate = self.shaper.gate(source.address, provider)
+            delay = gate.delay_for_next(self.egress.throttle_for(source.address, provider))
+            if delay > MAX_PACING_WAIT:
+                outcome.postponed = [
+                    (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
+                    for c in claims
+                ]
+                await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+                return
+            if delay > 0:
+                await asyncio.sleep(delay)
+            attempts = await self._transmit(message, claims, mx, source, provider, gate)
+            delivered = sum(1 for a in attempts if a.category == "delivered")
+            if delivered and choice.warmup_day_id is not None:
+                outcome.warmup_sent.append((choice.warmup_day_id, delivered))
+            self._conclude(
+                message, attempts, outcome, mx_host=attempts[0].mx_host if attempts else None
+            )
+            await self._settle(outcome, attempts)
+        finally:
+            # The warm-up pick is in WarmupDay.sent now (or came to nothing): stop holding it.
+            self.egress.release(choice.warmup_day_id, delivered)
 
     async def _transmit(
         self,

@@ -72,9 +72,11 @@ class Egress:
         self._clock = clock
         self._ttl = ttl
         self._rng = rng or random.Random()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
-        self._chosen_today: dict[int, int] = defaultdict(int)  # warm-up day id → picks since load
+        # Warm-up day id → picks whose outcome is not yet in WarmupDay.sent. Kept across
+        # snapshot reloads: a reload sees only settled sends, never the ones in flight.
+        self._pending: dict[int, int] = defaultdict(int)
 
     def invalidate(self) -> None:
         with self._lock:
@@ -84,7 +86,23 @@ class Egress:
         snap = self._current()
         return snap.throttles.get((ip, provider)) or snap.throttles.get((ip, ALL_PROVIDERS))
 
+    def release(self, warmup_day_id: int | None, delivered: int) -> None:
+        """A pick choose() made is settled: `delivered` more are counted in WarmupDay.sent."""
+        if warmup_day_id is None:
+            return
+        with self._lock:
+            self._pending[warmup_day_id] = max(0, self._pending[warmup_day_id] - 1)
+            snap = self._snapshot
+            if snap is not None and delivered:  # until the next reload reads the new count
+                for key, (day_id, cap, sent) in snap.caps.items():
+                    if day_id == warmup_day_id:
+                        snap.caps[key] = (day_id, cap, sent + delivered)
+
     def choose(self, tenant_id: int, stream: str, provider: str) -> EgressChoice:
+        with self._lock:  # check and count a warm-up pick together (choose runs in threads)
+            return self._choose(tenant_id, stream, provider)
+
+    def _choose(self, tenant_id: int, stream: str, provider: str) -> EgressChoice:
         snap = self._current()
         pool_id, fallback_id = snap.streams.get(
             (tenant_id, stream), (snap.pool_ids.get(DEFAULT_POOL), None)
@@ -132,7 +150,7 @@ class Egress:
             cap = snap.caps.get((ip.id, provider)) or snap.caps.get((ip.id, ALL_PROVIDERS))
             if cap is not None:
                 day_id, limit, sent = cap
-                if sent + self._chosen_today[day_id] >= limit:
+                if sent + self._pending[day_id] >= limit:
                     reasons.append(
                         f"{ip.address} reached its warm-up cap of {limit} for {provider} today"
                     )
@@ -146,7 +164,7 @@ class Egress:
             return None
         ip, day_id = self._rng.choices(candidates, weights=[c[0].weight for c in candidates])[0]
         if day_id is not None:
-            self._chosen_today[day_id] += 1
+            self._pending[day_id] += 1
         return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), warmup_day_id=day_id)
 
     def _current(self) -> _Snapshot:
@@ -156,7 +174,6 @@ class Egress:
                 return snap
             snap = self._load()
             self._snapshot = snap
-            self._chosen_today.clear()
             return snap
 
     def _load(self) -> _Snapshot:

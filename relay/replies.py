@@ -44,6 +44,14 @@ LINE_TOO_LONG = "500 5.5.2 Line too long: RFC 5321 4.5.3.1.6 allows 998 octets"
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 NO_SIGNING_KEY = "451 4.7.5 No active DKIM key for {domain}; try again later"
 
+TOO_MANY_HEADERS = "552 5.3.4 Too many header fields (limit {limit})"
+HEADER_TOO_LARGE = "552 5.3.4 A header field is too large (limit {limit} octets)"
+
+# --- session limits ---
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; try again later"
+SESSION_TOO_LONG = "421 4.4.2 Session time limit reached; closing connection"
+IDLE_TIMEOUT = "421 4.4.2 Idle timeout; closing connection"
+
 # --- any verb ---
 INTERNAL_ERROR = "451 4.3.0 Temporary internal error (ref {ref}); try again later"
 SPOOL_UNAVAILABLE = "451 4.3.0 Queue temporarily unavailable; try again later"
@@ -79,6 +87,10 @@ _TRANSLATIONS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^252 Cannot VRFY user"), "252 2.5.0 Cannot VRFY user"),
     (re.compile(r"^421 (.*) Service not available"), r"421 4.3.2 \1 Service not available"),
     (re.compile(r"^500 Error: \(.*\)"), "451 4.3.0 Temporary internal error; try again later"),
+    (
+        re.compile(r"^421 4\.7\.0 (\S+) sent too many times"),
+        r"421 4.7.0 Too many \1 commands in this session",
+    ),
 ]
 
 

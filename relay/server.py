@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
 import re
 import secrets
@@ -59,6 +60,8 @@ class RelayContext:
     metrics: Metrics
     max_recipients: int
     on_lockout: Any  # callable(client_ip, failures) -> None, writes the audit entry
+    max_header_fields: int = 1000
+    max_header_field_bytes: int = 102_400  # Postfix's header_size_limit
 
 
 class SubmissionSMTP(SMTP):
@@ -81,10 +84,55 @@ class SubmissionSMTP(SMTP):
             return replies.INTERNAL_ERROR.format(ref="closed")  # push() drops it
         return await super().handle_exception(error)
 
+    limits: SessionLimits  # set by make_protocol_factory
+    _refusal: str | None = None
+    _counted_ip: str | None = None
+    _session_deadline: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport) -> None:
+        first = self._original_transport is None  # STARTTLS calls this again with TLS
         super().connection_made(transport)
         if self.session.ssl is None and transport.get_extra_info("ssl_object") is not None:
             self.session.ssl = {"implicit": True}  # implicit TLS: encrypted from the first byte
+        if not first:
+            return
+        ip = _client_ip(self.session)
+        if not self.limits.connections.admit(ip):
+            self._refusal = replies.TOO_MANY_CONNECTIONS
+            return
+        self._counted_ip = ip
+        # The idle timeout restarts with every command; this one does not, so a client that
+        # trickles bytes (slowloris) is still dropped.
+        self._session_deadline = self.loop.call_later(
+            self.limits.max_session_seconds, self._session_expired
+        )
+
+    def connection_lost(self, error) -> None:
+        if self._counted_ip is not None:
+            self.limits.connections.release(self._counted_ip)
+            self._counted_ip = None
+        if self._session_deadline is not None:
+            self._session_deadline.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self):
+        if self._refusal is not None:
+            await self.push(self._refusal)
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _session_expired(self) -> None:
+        self._say_and_close(replies.SESSION_TOO_LONG)
+
+    def _timeout_cb(self) -> None:
+        self._say_and_close(replies.IDLE_TIMEOUT)
+
+    def _say_and_close(self, reply: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(reply.encode() + b"\r\n")
+            self.transport.close()
 
     def _getaddr(self, arg: str):
         # aiosmtpd silently drops an RFC 821 source route (<@relay:user@host>); we refuse it so
@@ -104,6 +152,33 @@ def _clean_text(value: str, unsafe: re.Pattern[str] = _CONTROL) -> str:
 
 def _well_formed(address: str, limit: int = MAX_ADDRESS) -> bool:
     return len(address) <= limit and address == _clean_text(address)
+
+
+class ConnectionCounter:
+    """Open connections per client address, shared by both listeners of one process."""
+
+    def __init__(self, per_client: int):
+        self._per_client = per_client
+        self._open: dict[str, int] = {}
+
+    def admit(self, ip: str) -> bool:
+        if self._open.get(ip, 0) >= self._per_client:
+            return False
+        self._open[ip] = self._open.get(ip, 0) + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        left = self._open.get(ip, 0) - 1
+        if left > 0:
+            self._open[ip] = left
+        else:
+            self._open.pop(ip, None)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    connections: ConnectionCounter
+    max_session_seconds: float
 
 
 def _client_ip(session: Session) -> str:
@@ -225,6 +300,15 @@ class SubmissionHandler:
         if _BARE_CR_OR_LF.search(raw):
             return self._reject("bare_cr_lf", replies.BARE_CR_OR_LF)
         headers = MessageHeaders.parse(raw)
+        if len(headers.fields) > self.ctx.max_header_fields:
+            return self._reject(
+                "header_limit", replies.TOO_MANY_HEADERS.format(limit=self.ctx.max_header_fields)
+            )
+        if any(len(f) > self.ctx.max_header_field_bytes for f in headers.fields):
+            return self._reject(
+                "header_limit",
+                replies.HEADER_TOO_LARGE.format(limit=self.ctx.max_header_field_bytes),
+            )
 
         from_values = headers.values("from")
         addresses = getaddresses(from_values) if len(from_values) == 1 else []
@@ -341,13 +425,15 @@ def make_protocol_factory(
     data_size_limit: int,
     starttls_context: ssl.SSLContext | None,
     implicit_tls: bool,
+    limits: SessionLimits,
     idle_timeout: float = 300,
+    commands_per_session: int = 1000,
 ):
     """One SMTP protocol per connection. On the implicit-TLS listener the transport is already
     encrypted, so AUTH needs no STARTTLS there."""
 
     def factory() -> SubmissionSMTP:
-        return SubmissionSMTP(
+        protocol = SubmissionSMTP(
             handler,
             hostname=hostname,
             ident="Axiom Send",
@@ -358,6 +444,10 @@ def make_protocol_factory(
             auth_require_tls=not implicit_tls,
             auth_exclude_mechanism=["CRAM-MD5"],
             timeout=idle_timeout,
+            # aiosmtpd counts each verb separately and answers 421 4.7.0 past the limit.
+            command_call_limit=commands_per_session,
         )
+        protocol.limits = limits
+        return protocol
 
     return factory

@@ -32,7 +32,13 @@ from relay.http import build_app
 from relay.keystore import KeyBox
 from relay.metrics import build_metrics
 from relay.policy import PolicyStore
-from relay.server import RelayContext, SubmissionHandler, make_protocol_factory
+from relay.server import (
+    ConnectionCounter,
+    RelayContext,
+    SessionLimits,
+    SubmissionHandler,
+    make_protocol_factory,
+)
 from relay.spool import Spool
 from runbooks import loader as runbooks
 from runbooks.loader import dkim_signing
@@ -77,6 +83,8 @@ def build_context(settings: Settings, engine) -> RelayContext:
         metrics=build_metrics(),
         max_recipients=settings.max_recipients,
         on_lockout=on_lockout,
+        max_header_fields=settings.max_header_fields,
+        max_header_field_bytes=settings.max_header_field_bytes,
     )
 
 
@@ -86,6 +94,9 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
     ctx.spool.start()
     handler = SubmissionHandler(ctx)
     tls = server_context(settings.cert_path, settings.key_path)
+    limits = SessionLimits(
+        ConnectionCounter(settings.max_connections_per_client), settings.session_max_seconds
+    )
     loop = asyncio.get_running_loop()
     servers = []
     for listen, implicit in (
@@ -99,6 +110,9 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
             data_size_limit=settings.max_message_size,
             starttls_context=tls,
             implicit_tls=implicit,
+            limits=limits,
+            idle_timeout=settings.session_idle_timeout_seconds,
+            commands_per_session=settings.max_commands_per_session,
         )
         servers.append(
             await loop.create_server(
@@ -158,13 +172,16 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
 
 def build_delivery_engine(settings: Settings, engine) -> DeliveryEngine:
     shaping = runbooks.shaping()
+    delivery = runbooks.delivery().spec
+    if settings.delivery_lease_seconds is not None:
+        delivery = delivery.model_copy(update={"lease_seconds": settings.delivery_lease_seconds})
     return DeliveryEngine(
         engine=engine,
         resolver=Resolver.from_settings(settings),
         clock=SystemClock(),
         hostname=settings.hostname,
         delivery_port=settings.delivery_port,
-        delivery=runbooks.delivery().spec,
+        delivery=delivery,
         shaping=shaping.spec,
         shaping_version=shaping.version,
     )
