@@ -86,34 +86,13 @@ def _print_json(data) -> None:
 @app.command()
 def init() -> None:
     """Create AXIOM_HOME, the secret key, a sandbox TLS certificate and the database schema."""
-    from axiom.tls import write_self_signed
-    from models.db import migrate
-    from relay.keystore import KeyBox
+    from axiom.setup import initialise
 
     s = settings()
-    s.home.mkdir(parents=True, exist_ok=True)
-    if s.secret_key is None and not s.secret_key_path.exists():
-        if s.environment != "sandbox":
-            raise fail(
-                "AXIOM_SECRET_KEY: must be set outside sandbox (generate one with `axiom keygen`)",
-                2,
-            )
-        s.secret_key_path.write_bytes(KeyBox.generate())
-        s.secret_key_path.chmod(0o600)
-        out.print(f"secret key written to {s.secret_key_path}")
-    if not s.cert_path.exists() or not s.key_path.exists():
-        if s.environment != "sandbox" and (s.tls_cert or s.tls_key):
-            raise fail(
-                f"AXIOM_TLS_CERT/AXIOM_TLS_KEY: {s.cert_path} or {s.key_path} does not exist", 2
-            )
-        write_self_signed(s.cert_path, s.key_path, s.hostname)
-        out.print(f"self-signed TLS certificate for {s.hostname} written to {s.cert_path}")
-    migrate(s.db_url)
-    from axiom.admin import ensure_default_pool
-
-    with _admin() as session:
-        if ensure_default_pool(session):
-            out.print("pool 'default' (shared) created with 127.0.0.1; new streams deliver from it")
+    try:
+        initialise(s, say=lambda line: out.print(line, highlight=False))
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
     out.print(f"database ready: {_redact(s.db_url)}")
 
 
@@ -251,6 +230,19 @@ def deliver() -> None:
     from relay.service import deliver_only
 
     asyncio.run(deliver_only(s))
+
+
+@app.command()
+def up() -> None:
+    """Run the whole product: Prefect server + UI, sandbox world, relay, served flows."""
+    from axiom.up import StartupError, run
+
+    s = settings()
+    try:
+        code = run(s, out)
+    except StartupError as exc:
+        raise fail(str(exc), 1) from None
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------- egress

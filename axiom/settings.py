@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     submission_listen: HostPort = "127.0.0.1:2525"
     submission_tls_listen: HostPort = "127.0.0.1:2465"
     http_listen: HostPort = "127.0.0.1:8025"
+    prefect_listen: HostPort = Field(
+        default="127.0.0.1:4200", description="The Prefect server `axiom up` runs (UI and API)"
+    )
+    sandbox_demo_domain: str = Field(
+        default="demo.axiom.test", description="The demo tenant's sending domain in sandbox mode"
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     secret_key: str | None = Field(
