@@ -245,6 +245,29 @@ def up() -> None:
     raise typer.Exit(code)
 
 
+flows_app = typer.Typer(no_args_is_help=True, help="The Protocol's Prefect flows.")
+app.add_typer(flows_app, name="flows")
+
+
+@flows_app.command("serve")
+def flows_serve() -> None:
+    """Register every runbook's deployment with Prefect and run them (what `axiom up` starts)."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    from flows.deployments import deployments
+
+    runner = Runner(pause_on_shutdown=False)
+    served = deployments()
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(d.name for d in served) or "none"
+    sys.stdout.write(f"flows ready: {len(served)} deployment(s): {names}\n")
+    sys.stdout.flush()
+    asyncio.run(runner.start())
+
+
 # ---------------------------------------------------------------- egress
 @pool_app.command("add")
 def pool_add(
