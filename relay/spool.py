@@ -92,15 +92,26 @@ class Spool:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            error: Exception | None = None
             try:
                 self._commit([entry for entry, _, _ in batch])
+                outcomes = [None] * len(batch)
             except Exception as exc:
-                error = exc
-            for _, loop, future in batch:
+                # One bad row must not fail the other tenants' mail in its batch: commit them
+                # one by one. If the database itself is down, each fails again, quickly.
+                outcomes = (
+                    [exc] if len(batch) == 1 else [self._commit_alone(e) for e, _, _ in batch]
+                )
+            for (_, loop, future), error in zip(batch, outcomes, strict=True):
                 loop.call_soon_threadsafe(_settle, future, error)
-            if error is None and self.on_commit is not None:
+            if any(error is None for error in outcomes) and self.on_commit is not None:
                 batch[0][1].call_soon_threadsafe(self.on_commit)
+
+    def _commit_alone(self, entry: SpoolEntry) -> Exception | None:
+        try:
+            self._commit([entry])
+            return None
+        except Exception as exc:
+            return exc
 
     def _commit(self, entries: list[SpoolEntry]) -> None:
         messages, recipients = spool_rows(entries)
