@@ -552,5 +552,107 @@ def classify_replies(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- checkpoints
+operator_app = typer.Typer(no_args_is_help=True, help="Operators who answer checkpoints.")
+app.add_typer(operator_app, name="operator")
+
+
+@operator_app.command("add")
+def operator_add(
+    name: str,
+    role: Annotated[
+        list[str], typer.Option("--role", help="A role from runbooks/checkpoints.yaml; repeat.")
+    ],
+    slack_id: Annotated[
+        str | None, typer.Option("--slack-id", help="Their Slack user id (U…).")
+    ] = None,
+) -> None:
+    """Register an operator; they may answer the checkpoints their roles allow, nothing else."""
+    from axiom.admin import add_operator
+
+    with _admin() as session:
+        add_operator(session, name, role, slack_id)
+    out.print(f"operator [bold]{name}[/bold] added with roles {', '.join(sorted(set(role)))}")
+
+
+@operator_app.command("list")
+def operator_list(json_output: JsonFlag = False) -> None:
+    """Registered operators, their roles and Slack ids."""
+    from models import Operator
+    from models.db import session_scope
+
+    with session_scope(engine()) as session:
+        rows = session.exec(select(Operator).order_by(col(Operator.name))).all()
+    if json_output:
+        _print_json([r.model_dump() for r in rows])
+        return
+    table = Table("name", "roles", "slack id")
+    for r in rows:
+        table.add_row(r.name, r.roles, r.slack_user_id or "")
+    out.print(table)
+
+
+@app.command()
+def approvals(json_output: JsonFlag = False) -> None:
+    """Pending checkpoint approvals, soonest to expire first."""
+    from flows.approvals import ApprovalDesk
+
+    s = settings()
+    desk = ApprovalDesk(engine())  # reads only: no Slack, no Prefect
+    rows = desk.pending()
+    if json_output:
+        _print_json([r.model_dump() for r in rows])
+        return
+    table = Table("id", "kind", "subject", "proposal", "may answer", "expires", "run")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.kind,
+            r.subject,
+            json.dumps(r.proposal, default=str)[:60],
+            r.allowed_roles,
+            f"{r.expires_at:%Y-%m-%d %H:%M:%S}",
+            r.flow_run_id or "",
+        )
+    out.print(table)
+    from notifications.slack import approval_channels
+
+    out.print(f"{len(rows)} pending; {approval_channels(s)}", highlight=False)
+
+
+@app.command()
+def approve(
+    approval_id: int,
+    operator: Annotated[str, typer.Option("--as", help="Your operator name.")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approve.")] = False,
+    comment: Annotated[str, typer.Option("--comment", help="Kept in the audit trail.")] = "",
+) -> None:
+    """Answer a checkpoint: same checks as Slack and the Prefect UI; the first answer wins."""
+    from flows.approvals import Answer, ApprovalDesk, Refusal
+
+    s = settings()
+    desk = ApprovalDesk.from_settings(s, engine())
+    answer = Answer(
+        approval_id=approval_id,
+        verdict="reject" if reject else "approve",
+        via="cli",
+        operator=operator,
+        comment=comment,
+    )
+    try:
+        decided = desk.decide(answer)
+    except Refusal as refusal:
+        raise fail(f"refused ({refusal.reason}): {refusal.message}", 3) from None
+    verb = "rejected" if reject else "approved"
+    out.print(f"approval #{approval_id} {verb} by {decided.operator}", highlight=False)
+    if decided.resumed is not None and not decided.resumed.accepted:
+        err.print(
+            f"[yellow]the run was not resumed ({decided.resumed.status} "
+            f"{decided.resumed.reason}); it acts on this decision when it next reads it, "
+            "at the latest at expiry[/yellow]",
+            highlight=False,
+        )
+
+
 def main() -> None:
     app()

@@ -130,6 +130,42 @@ class Settings(BaseSettings):
         le=3600,
         description="How long a claimed recipient stays leased; default: runbooks/delivery.yaml",
     )
+    # Human checkpoints (flows/checkpoint.py) and Slack (notifications/). Without a bot token
+    # and channel, approvals are answered in the Prefect UI and with `axiom approve`.
+    slack_bot_token: str | None = Field(default=None, description="Bot token (xoxb-…)")
+    slack_signing_secret: str | None = Field(
+        default=None, description="Verifies POST /slack/interactivity; unset: endpoint answers 503"
+    )
+    slack_channel: str | None = Field(
+        default=None, description="Channel id (C…) for approval requests and alerts"
+    )
+    slack_api_url: str = Field(
+        default="https://slack.com/api/", description="Slack Web API base URL (tests: a fake)"
+    )
+    slack_language: Literal["en", "it"] = Field(
+        default="en", description="Language of Slack messages (runbooks/templates/<lang>/)"
+    )
+    slack_retry_initial_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="First back-off when Slack fails; doubles to 60 s"
+    )
+    prefect_api_url: str | None = Field(
+        default=None,
+        description="Prefect API used to resume paused runs; default PREFECT_API_URL, "
+        "else http://AXIOM_PREFECT_LISTEN/api",
+    )
+    prefect_ui_url: str | None = Field(
+        default=None, description="Base of flow-run links in messages; default: the API URL's base"
+    )
+    checkpoint_poll_seconds: int = Field(
+        default=2, ge=1, le=60, description="How often a paused run checks it was resumed"
+    )
+
+    @field_validator("slack_api_url", "prefect_api_url", "prefect_ui_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -167,6 +203,23 @@ class Settings(BaseSettings):
     @property
     def secret_key_path(self) -> Path:
         return self.home / "secret.key"
+
+    @property
+    def slack_configured(self) -> bool:
+        return bool(self.slack_bot_token and self.slack_channel)
+
+    def prefect_api(self) -> str:
+        """Where paused runs are resumed: the setting, Prefect's own setting, or `axiom up`'s."""
+        if self.prefect_api_url:
+            return self.prefect_api_url.rstrip("/")
+        if os.environ.get("PREFECT_API_URL"):  # what `axiom up` gives its children
+            return os.environ["PREFECT_API_URL"].rstrip("/")
+        from prefect.settings import PREFECT_API_URL  # a Prefect profile; prefect loads slowly
+
+        return (PREFECT_API_URL.value() or f"http://{self.prefect_listen}/api").rstrip("/")
+
+    def prefect_ui(self) -> str:
+        return (self.prefect_ui_url or self.prefect_api().removesuffix("/api")).rstrip("/")
 
     def load_secret_key(self) -> bytes:
         """The key for secrets at rest: the setting, else the file `axiom init` wrote."""

@@ -136,8 +136,14 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
             except Exception as exc:
                 return False, {"database": str(exc).splitlines()[0]}
 
+        from notifications.interactivity import routes as slack_routes  # control-plane hook
+
         config = uvicorn.Config(
-            build_app(health), host=http_host, port=http_port, log_level="warning", lifespan="off"
+            build_app(health, slack_routes(settings, engine)),
+            host=http_host,
+            port=http_port,
+            log_level="warning",
+            lifespan="off",
         )
         http_server = uvicorn.Server(config)
         http_server.install_signal_handlers = lambda: None  # we own the signals

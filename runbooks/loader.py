@@ -11,6 +11,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
+from runbooks.schema_protocol import CheckpointsRunbook
 
 # Every kind of runbook file; `kind` picks the schema.
 Runbook = Annotated[
@@ -18,7 +19,8 @@ Runbook = Annotated[
     | ClassificationRunbook
     | ProvidersRunbook
     | DeliveryRunbook
-    | ShapingRunbook,
+    | ShapingRunbook
+    | CheckpointsRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -76,6 +78,10 @@ def delivery() -> DeliveryRunbook:
 
 def shaping() -> ShapingRunbook:
     return _typed("shaping", ShapingRunbook)
+
+
+def checkpoints() -> CheckpointsRunbook:
+    return _typed("checkpoints", CheckpointsRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

@@ -1,0 +1,214 @@
+"""Runbook "suspend a stream": hold one tenant stream's outgoing mail once a person approves.
+
+The hold is state the relay already honours: the stream is bound to the pool `hold`, which
+has no addresses, so egress finds no source IP and the stream's mail waits in the spool
+("waiting: pool hold has no IP addresses"), retried every capped_wait_seconds and still aging
+toward the delivery runbook's maximum age. Submission goes on; other streams are untouched.
+To release it an operator binds the stream to a pool again (`axiom stream set TENANT STREAM
+--pool POOL`); the pool it left is in the outcome and in the audit entry.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.context import FlowRunContext
+from pydantic import BaseModel, Field
+from sqlmodel import Session, col, func, select
+
+from axiom.settings import load_settings
+from flows.checkpoint import request_approval
+from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
+from models.audit_trail import record
+from models.db import make_engine, session_scope
+from relay.egress import DEFAULT_POOL
+from runbooks.loader import checkpoints
+
+HOLD_POOL = "hold"
+CHECKPOINT_KIND = "stream.suspend"
+
+
+class StreamState(BaseModel):
+    tenant: str
+    stream: str
+    pool: str | None
+    fallback_pool: str | None
+    queued_recipients: int
+
+    @property
+    def held(self) -> bool:
+        return self.pool == HOLD_POOL
+
+
+class StreamHoldOutcome(BaseModel):
+    """What the run did, for the UI and for scripts."""
+
+    outcome: Literal["held", "not_held", "dry_run", "already_held"]
+    tenant: str
+    stream: str
+    approval_id: int | None = None
+    decision: str | None = None
+    decided_by: str | None = None
+    previous_pool: str | None = None
+    previous_fallback_pool: str | None = None
+    queued_recipients: int = 0
+    release_with: str | None = None
+
+
+@task
+def read_stream(tenant: str, stream: str) -> StreamState:
+    """The stream as the relay sees it now (a stream without a row uses the default pool)."""
+    engine = make_engine(load_settings().db_url)
+    try:
+        with session_scope(engine) as session:
+            owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
+            if owner is None:
+                raise ValueError(f"tenant {tenant!r} does not exist")
+            row = session.exec(
+                select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
+            ).first()
+            queued = session.exec(
+                select(func.count())
+                .select_from(Recipient)
+                .join(Message, col(Message.id) == Recipient.message_id)
+                .where(
+                    Message.tenant_id == owner.id,
+                    Message.stream == stream,
+                    Recipient.state == RecipientState.queued,
+                )
+            ).one()
+            return StreamState(
+                tenant=tenant,
+                stream=stream,
+                pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
+                fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
+                queued_recipients=queued,
+            )
+    finally:
+        engine.dispose()
+
+
+@task
+def hold_stream(state: StreamState, approval_id: int, approved_by: str, reason: str) -> None:
+    """Bind the stream to the empty `hold` pool; audited with who approved and what it left."""
+    engine = make_engine(load_settings().db_url)
+    run = FlowRunContext.get()
+    actor = f"flow:{run.flow_run.id}" if run and run.flow_run else "flow"
+    governing = checkpoints()  # the declaration this change was approved under
+    try:
+        with session_scope(engine) as session:
+            hold = _hold_pool(session, actor)
+            owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
+            row = session.exec(
+                select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
+            ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
+            row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
+            session.add(row)
+            record(
+                session,
+                actor=actor,
+                action="stream.suspend",
+                subject=f"stream:{state.tenant}/{state.stream}",
+                evidence={
+                    "approval_id": approval_id,
+                    "approved_by": approved_by,
+                    "reason": reason,
+                    "previous_pool": state.pool,
+                    "previous_fallback_pool": state.fallback_pool,
+                    "queued_recipients": state.queued_recipients,
+                    "flow": "suspend-stream",
+                },
+                runbook_id=governing.id,
+                runbook_version=governing.version,
+            )
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+@flow(name="suspend-stream", log_prints=False)
+def suspend_stream(
+    tenant: str,
+    stream: str,
+    reason: Annotated[str, Field(min_length=3)],
+    dry_run: bool = False,
+) -> StreamHoldOutcome:
+    """Propose holding a tenant stream's outgoing mail; do it only once a person approves.
+
+    Args:
+        tenant: The tenant (customer) name.
+        stream: The stream, e.g. marketing or transactional.
+        reason: Why; shown to the approver and kept in the audit trail.
+        dry_run: Ask for approval but change nothing.
+    """
+    logger = get_run_logger()
+    state = read_stream(tenant, stream)
+    base = {"tenant": tenant, "stream": stream, "queued_recipients": state.queued_recipients}
+    if state.held:
+        logger.info("%s/%s is already held; nothing to do", tenant, stream)
+        return StreamHoldOutcome(outcome="already_held", **base)
+    release = f"axiom stream set {tenant} {stream} --pool {state.pool}" + (
+        f" --fallback {state.fallback_pool}" if state.fallback_pool else ""
+    )
+    decision = request_approval(
+        kind=CHECKPOINT_KIND,
+        subject=f"stream:{tenant}/{stream}",
+        proposal={
+            "action": f"hold all outgoing mail of {tenant}/{stream} (bind it to pool {HOLD_POOL})",
+            "reason": reason,
+            "release with": release,
+            "dry run": dry_run,
+        },
+        evidence={
+            "current pool": state.pool,
+            "fallback pool": state.fallback_pool or "none",
+            "queued recipients": state.queued_recipients,
+        },
+    )
+    outcome = {
+        **base,
+        "approval_id": decision.approval_id,
+        "decision": decision.outcome,
+        "decided_by": decision.decided_by,
+        "previous_pool": state.pool,
+        "previous_fallback_pool": state.fallback_pool,
+    }
+    if not decision.approved:
+        logger.info("not holding %s/%s: approval %s", tenant, stream, decision.outcome)
+        return StreamHoldOutcome(outcome="not_held", **outcome)
+    if dry_run:
+        logger.info("dry run: %s/%s would now be held", tenant, stream)
+        return StreamHoldOutcome(outcome="dry_run", **outcome)
+    hold_stream(state, decision.approval_id, decision.decided_by or "", reason)
+    logger.info("%s/%s is held; release with: %s", tenant, stream, release)
+    return StreamHoldOutcome(outcome="held", release_with=release, **outcome)
+
+
+def _pool_name(session: Session, pool_id: int | None) -> str | None:
+    if pool_id is None:
+        return None
+    pool = session.get(IpPool, pool_id)
+    return pool.name if pool else None
+
+
+def _hold_pool(session: Session, actor: str) -> IpPool:
+    pool = session.exec(select(IpPool).where(IpPool.name == HOLD_POOL)).first()
+    if pool is None:
+        pool = IpPool(name=HOLD_POOL, kind=PoolKind.shared)
+        session.add(pool)
+        session.flush()
+        record(
+            session,
+            actor=actor,
+            action="pool.add",
+            subject=f"pool:{HOLD_POOL}",
+            evidence={"kind": "shared", "purpose": "holds suspended streams; must stay empty"},
+        )
+    has_addresses = session.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).first()
+    if has_addresses is not None:
+        raise RuntimeError(
+            f"pool {HOLD_POOL!r} has addresses ({has_addresses.address}); it cannot hold mail. "
+            "Move them to another pool first."
+        )
+    return pool

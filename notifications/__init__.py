@@ -1,0 +1,1 @@
+"""Messages to people: Slack approvals and alerts, and the signed interactivity endpoint."""
