@@ -10,6 +10,7 @@ may send. Reactions to receiver signals are written as time-bounded suspensions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -29,7 +30,16 @@ from relay.clock import Clock
 from relay.dns import MxResult, Resolver
 from relay.dsn import FailedRecipient, build_dsn, dsn_entry
 from relay.egress import Egress, SourceIp
-from relay.queue import Attempt, Claim, QueuedMessage, Settlement, claim_due, load_messages, settle
+from relay.queue import (
+    Attempt,
+    Claim,
+    QueuedMessage,
+    Settlement,
+    claim_due,
+    load_messages,
+    renew_leases,
+    settle,
+)
 from relay.reactions import ReactionEngine
 from relay.retry import has_expired, next_attempt_at
 from relay.shaping import PathGate, Shaper
@@ -266,11 +276,13 @@ class DeliveryEngine:
         self.node_id = node_id or f"{hostname}:{os.getpid()}:{secrets.token_hex(3)}"
         self.wake = asyncio.Event()
         self._in_flight = 0
+        self._held: set[int] = set()  # recipient ids claimed and not yet settled
         self._tasks: set[asyncio.Task] = set()
 
     # --- the loop ---
     async def run(self, stop: asyncio.Event, idle_poll: float = 1.0) -> None:
         reaper = asyncio.create_task(self._reap_forever())
+        renewer = asyncio.create_task(self._renew_leases_forever())
         try:
             while not stop.is_set():
                 claimed = 0
@@ -292,6 +304,7 @@ class DeliveryEngine:
         finally:
             reaper.cancel()
             await self.drain()
+            renewer.cancel()
             await self.pool.close_all()
 
     async def run_once(self) -> int:
@@ -308,6 +321,9 @@ class DeliveryEngine:
             self.spec.lease_seconds,
             min(room, self.spec.claim_batch),
         )
+        # A lease of ours that ran out while its job still runs (a renewal came late) can come
+        # back to us: that recipient is already being worked on, and once is enough.
+        claims = [c for c in claims if c.recipient_id not in self._held]
         if not claims:
             return 0
         messages = await asyncio.to_thread(
@@ -321,6 +337,7 @@ class DeliveryEngine:
             if message is None:
                 continue
             self._in_flight += len(group)
+            self._held.update(c.recipient_id for c in group)
             task = asyncio.create_task(self._job(message, domain, group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -335,6 +352,35 @@ class DeliveryEngine:
             await asyncio.sleep(2)
             await self.pool.reap()
 
+    async def _renew_leases_forever(self) -> None:
+        """Keep the leases of recipients still being worked on. A job may wait on connection
+        slots, pacing or a slow receiver for longer than lease_seconds; unrenewed, its lease
+        would run out and another worker (or this one) would claim and send it a second time.
+        Only a process that stopped renewing (it died) lets its leases expire."""
+        # Its own thread: behind queued settle() calls in the shared pool it could come late.
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lease-renewal")
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(self.spec.lease_seconds / 3)
+                held = sorted(self._held)
+                if not held:
+                    continue
+                try:
+                    await loop.run_in_executor(
+                        executor,
+                        renew_leases,
+                        self.engine,
+                        self.node_id,
+                        held,
+                        self.clock.now(),
+                        self.spec.lease_seconds,
+                    )
+                except Exception:
+                    log.exception("lease renewal failed; retrying")
+        finally:
+            executor.shutdown(wait=False)
+
     # --- one message to one domain ---
     async def _job(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
         try:
@@ -344,6 +390,7 @@ class DeliveryEngine:
             log.exception("delivery of %s to %s failed unexpectedly", message.id, domain)
         finally:
             self._in_flight -= len(claims)
+            self._held.difference_update(c.recipient_id for c in claims)
 
     async def _deliver(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
         outcome = Settlement()

@@ -1,7 +1,8 @@
 """The delivery side of the spool: claim due recipients under a lease, record what happened.
 
-A claim sets lease_owner/lease_expires_at; a worker that dies simply lets its lease run out
-and another worker claims the recipient again (at-least-once). On PostgreSQL the claim uses
+A claim sets lease_owner/lease_expires_at; a live worker renews the leases of what it is still
+working on, a worker that dies simply lets its leases run out and another worker claims the
+recipient again (at-least-once). On PostgreSQL the claim uses
 FOR UPDATE SKIP LOCKED so several delivery processes share one spool without claiming the same
 row; SQLite serialises writers with BEGIN IMMEDIATE. Outcomes are written only while the
 writer still holds the lease, so a worker that lost its lease cannot overwrite newer state.
@@ -107,6 +108,30 @@ def claim_due(
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
     return [Claim(*row) for row in rows]
+
+
+def renew_leases(
+    engine: Engine, owner: str, recipient_ids: list[int], now: datetime, lease_seconds: int
+) -> int:
+    """Extend the leases owner still holds on recipient_ids (a lease lost meanwhile stays lost).
+
+    On PostgreSQL rows locked by a settle() in progress are skipped, not waited for: they are
+    being released anyway, and waiting could deadlock with that transaction."""
+    renewed = 0
+    with engine.begin() as conn:
+        for start in range(0, len(recipient_ids), 500):
+            held = select(Recipient.id).where(
+                Recipient.id.in_(recipient_ids[start : start + 500]),
+                Recipient.lease_owner == owner,
+            )
+            if not is_sqlite(engine):
+                held = held.with_for_update(skip_locked=True)
+            renewed += conn.execute(
+                update(Recipient)
+                .where(Recipient.id.in_(held.scalar_subquery()))
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            ).rowcount
+    return renewed
 
 
 def load_messages(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:

@@ -47,6 +47,14 @@ def world_zones(extra: dict | None = None) -> dict:
     return merge_zones(zones, ptr_zones(SOURCE_IPS), extra or {})
 
 
+def mx_zones(domain: str, mx_host: str, address: str) -> dict:
+    """Extra zones for make_world: domain's MX is mx_host, which resolves to address."""
+    mx_zone = ".".join(mx_host.split(".")[-2:])
+    return merge_zones(
+        {domain: [("@", "MX", f"10 {mx_host}.")]}, {mx_zone: [(f"{mx_host}.", "A", address)]}
+    )
+
+
 @dataclass
 class DeliveryWorld:
     engine: Engine
@@ -149,9 +157,13 @@ class DeliveryWorld:
 
 
 def make_world(
-    engine: Engine, knot_factory, pools: dict[str, list[str]] | None = None
+    engine: Engine,
+    knot_factory,
+    pools: dict[str, list[str]] | None = None,
+    extra_zones: dict | None = None,
 ) -> DeliveryWorld:
-    """A tenant 'acme', pools of source IPs (default: pool 'default' = 127.0.0.10, .11)."""
+    """A tenant 'acme', pools of source IPs (default: pool 'default' = 127.0.0.10, .11);
+    extra_zones (e.g. from mx_zones) are served beside the world's own."""
     from axiom.admin import ensure_default_pool
 
     pools = pools or {"default": ["127.0.0.10", "127.0.0.11"]}
@@ -179,6 +191,6 @@ def make_world(
                 )
         s.commit()
         tenant_id = tenant.id
-    knot = knot_factory(world_zones())
+    knot = knot_factory(world_zones(extra_zones))
     clock = ManualClock(datetime(2026, 11, 26, 9, 0, tzinfo=UTC))
     return DeliveryWorld(engine, knot, free_port("127.0.0.50"), clock, tenant_id)
