@@ -230,7 +230,9 @@ class PostfixInstance:
             "myhostname": self.hostname,
             "mydomain": self.hostname,
             "myorigin": "$myhostname",
-            "inet_interfaces": self.host,
+            # Postfix accepts only addresses configured on an interface here (127.0.0.1 is the
+            # only one on lo); the smtpd listener in master.cf still binds self.host exactly.
+            "inet_interfaces": self.host if self.host == LOOPBACK else "all",
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
             "mydestination": "",
