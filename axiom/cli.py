@@ -207,9 +207,11 @@ def relay() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    from relay.keystore import KeyBox
+
     try:
-        s.load_secret_key()
-    except ConfigError as exc:
+        KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
+    except (ConfigError, ValueError) as exc:
         raise fail(str(exc), 2) from None
     from relay.service import run
 

@@ -465,7 +465,11 @@ class DeliveryEngine:
             except _ReplyOnConnect as exc:
                 last = _Reply(exc.code, exc.text)
                 continue
-            replies, reusable = await self._transaction(conn, message, claims)
+            try:
+                replies, reusable = await self._transaction(conn, message, claims, mx.domain)
+            except BaseException:
+                self.pool.release(conn, source, address, False)  # never keep the path's slot
+                raise
             gate.record_send(sum(1 for r in replies.values() if r.code and r.code < 300))
             self.pool.release(conn, source, address, reusable)
             latency = int((time.monotonic() - started) * 1000)
@@ -477,21 +481,36 @@ class DeliveryEngine:
         return [self._attempt(c, last, source, provider, last_host, latency) for c in claims]
 
     async def _transaction(
-        self, conn: _Connection, message: QueuedMessage, claims: list[Claim]
+        self, conn: _Connection, message: QueuedMessage, claims: list[Claim], ace_domain: str
     ) -> tuple[dict[int, _Reply], bool]:
-        """One MAIL/RCPT…/DATA exchange; per-recipient replies and whether to keep the session."""
+        """One MAIL/RCPT…/DATA exchange; per-recipient replies and whether to keep the session.
+        ace_domain: the recipients' domain in A-labels (punycode), as MX resolution used it."""
         smtp = conn.smtp
         replies: dict[int, _Reply] = {}
+        sender = message.mail_from
+        wire = {c.recipient_id: _wire_address(c.address, ace_domain) for c in claims}
+        options, encoding = [], "ascii"
+        if not sender.isascii() or not all(a.isascii() for a in wire.values()):
+            if smtp.supports_extension("smtputf8"):
+                options, encoding = ["SMTPUTF8"], "utf-8"
+            else:
+                for claim in claims:
+                    if not sender.isascii() or not wire[claim.recipient_id].isascii():
+                        replies[claim.recipient_id] = _Reply(553, NO_SMTPUTF8)
+                claims = [c for c in claims if c.recipient_id not in replies]
+                if not claims:
+                    return replies, True
         conn.clean = False
         try:
             try:
-                await smtp.mail(message.mail_from)
+                await smtp.mail(sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
-                return {c.recipient_id: _Reply(exc.code, exc.message) for c in claims}, True
+                replies.update({c.recipient_id: _Reply(exc.code, exc.message) for c in claims})
+                return replies, True
             accepted = []
             for claim in claims:
                 try:
-                    await smtp.rcpt(claim.address)
+                    await smtp.rcpt(wire[claim.recipient_id], encoding=encoding)
                     accepted.append(claim)
                 except aiosmtplib.SMTPResponseException as exc:
                     replies[claim.recipient_id] = _Reply(exc.code, exc.message)
@@ -625,6 +644,19 @@ class DeliveryEngine:
                     )
         if outcome.dsns:
             self.wake.set()
+
+
+NO_SMTPUTF8 = "5.6.7 Receiver does not offer SMTPUTF8, needed for a non-ASCII address (RFC 6531)"
+
+
+def _wire_address(address: str, ace_domain: str) -> str:
+    """A recipient as RCPT TO carries it. An IDN domain goes out in A-labels (punycode), which
+    mean the same and which every receiver understands; only a non-ASCII local part is left
+    that needs the receiver's SMTPUTF8."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or not ace_domain.isascii():
+        return address
+    return f"{local}@{ace_domain}"
 
 
 def _aware(moment):
