@@ -113,10 +113,16 @@ Resumer = Callable[[str, dict], Resumed]
 class PrefectResumer:
     """Resumes a paused run through the Prefect API and reports what Prefect said."""
 
-    def __init__(self, api_url: str, *, attempts: int = 4, first_delay: float = 0.5):
-        self.api_url = api_url
+    def __init__(
+        self, api_url: str | Callable[[], str], *, attempts: int = 4, first_delay: float = 0.5
+    ):
+        self._api_url = api_url  # a callable defers Prefect's import until a resume is due
         self.attempts = attempts
         self.first_delay = first_delay
+
+    @property
+    def api_url(self) -> str:
+        return self._api_url() if callable(self._api_url) else self._api_url
 
     def __call__(self, flow_run_id: str, run_input: dict) -> Resumed:
         delay, result = self.first_delay, Resumed(False, "unreachable")
@@ -180,7 +186,7 @@ class ApprovalDesk:
     def from_settings(cls, settings: Settings, engine: Engine) -> ApprovalDesk:
         return cls(
             engine,
-            resume=PrefectResumer(settings.prefect_api()),
+            resume=PrefectResumer(settings.prefect_api),
             slack=SlackNotifier.from_settings(settings),
             slack_retry_initial=settings.slack_retry_initial_seconds,
         )

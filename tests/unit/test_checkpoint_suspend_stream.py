@@ -1,0 +1,60 @@
+"""The suspend-stream runbook's action: a hold the relay's egress honours, and only that stream."""
+
+from __future__ import annotations
+
+import pytest
+from sqlmodel import select
+
+from axiom import admin
+from flows.suspend_stream import HOLD_POOL, StreamState, hold_stream, read_stream
+from models import AuditEntry
+from models.db import session_scope
+from relay.clock import SystemClock
+from relay.egress import Egress
+
+
+@pytest.fixture
+def acme(engine, db_url, monkeypatch):
+    monkeypatch.setenv("AXIOM_DATABASE_URL", db_url)
+    with session_scope(engine) as s:
+        admin.ensure_default_pool(s)
+        tenant = admin.add_tenant(s, "acme")
+        s.commit()
+        return tenant.id
+
+
+def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme):
+    state = read_stream.fn("acme", "marketing")
+    assert state == StreamState(
+        tenant="acme", stream="marketing", pool="default", fallback_pool=None, queued_recipients=0
+    )
+    hold_stream.fn(state, approval_id=7, approved_by="alice", reason="spam-trap hits")
+
+    egress = Egress(engine, SystemClock(), ttl=0)
+    held = egress.choose(acme, "marketing", "gmail")
+    assert held.source is None
+    assert f"pool {HOLD_POOL} has no IP addresses" in held.wait_reason
+    assert egress.choose(acme, "transactional", "gmail").source.address == "127.0.0.1"
+    assert read_stream.fn("acme", "marketing").held
+
+    with session_scope(engine) as s:
+        entry = s.exec(select(AuditEntry).where(AuditEntry.action == "stream.suspend")).one()
+    assert entry.subject == "stream:acme/marketing"
+    assert entry.evidence["previous_pool"] == "default"
+    assert (entry.evidence["approval_id"], entry.evidence["approved_by"]) == (7, "alice")
+    assert (entry.runbook_id, entry.runbook_version) == ("checkpoints", "1.0")
+
+
+def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme):
+    with session_scope(engine) as s:
+        admin.add_pool(s, HOLD_POOL, "shared")
+        admin.add_ip(s, "127.0.0.9", HOLD_POOL, None, 100)
+        s.commit()
+    state = read_stream.fn("acme", "marketing")
+    with pytest.raises(RuntimeError, match="pool 'hold' has addresses"):
+        hold_stream.fn(state, approval_id=1, approved_by="alice", reason="x")
+
+
+def test_an_unknown_tenant_is_a_clear_error(acme):
+    with pytest.raises(ValueError, match="tenant 'nobody' does not exist"):
+        read_stream.fn("nobody", "marketing")
