@@ -231,6 +231,8 @@ def parts(settings: Settings) -> list[Part]:
 
 
 def banner(settings: Settings, demo: dict) -> dict:
+    from notifications.slack import approval_channels  # where checkpoints can be answered
+
     sub_host, sub_port = split_host_port(settings.submission_listen)
     prefect_host, prefect_port = split_host_port(settings.prefect_listen)
     info = {
@@ -251,6 +253,7 @@ def banner(settings: Settings, demo: dict) -> dict:
             "--to someone@gmail.com"
         ),
         "pid": os.getpid(),
+        "approvals": approval_channels(settings),
     }
     return info
 
@@ -317,6 +320,7 @@ def _print_banner(console: Console, info: dict) -> None:
         f"  demo tenant  {info['tenant']}  user {info['username']}  password {info['password']}\n"
         f"  demo domain  {info['domain']} (onboarded in the sandbox)\n"
         f"  Prefect UI   {info['prefect_ui']}\n"
+        f"  {info['approvals']}\n"
         f"  health       {info['http']}/healthz   metrics {info['http']}/metrics\n"
         f"  send one:    {info['swaks']}\n"
         "  stop:        Ctrl-C",
