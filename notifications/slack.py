@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -80,12 +81,23 @@ class Posted:
 
 class SlackNotifier:
     def __init__(
-        self, client: WebClient, channel: str, *, language: str = "en", ui_url: str | None = None
+        self,
+        client: WebClient,
+        channel: str,
+        *,
+        language: str = "en",
+        ui_url: str | Callable[[], str] | None = None,
     ):
         self.client = client
         self.channel = channel
         self.language = language
-        self.ui_url = ui_url
+        self._ui_url = ui_url  # a callable is resolved at first use (it may import Prefect)
+
+    @property
+    def ui_url(self) -> str | None:
+        if callable(self._ui_url):
+            self._ui_url = self._ui_url()
+        return self._ui_url
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SlackNotifier | None:
@@ -102,7 +114,7 @@ class SlackNotifier:
             client,
             settings.slack_channel or "",
             language=settings.slack_language,
-            ui_url=settings.prefect_ui(),
+            ui_url=settings.prefect_ui,
         )
 
     # ------------------------------------------------------------ approvals
