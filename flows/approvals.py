@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
@@ -31,7 +31,7 @@ from models.audit_trail import record
 from models.base import utcnow
 from models.db import session_scope
 from notifications.slack import SlackNotifier, SlackUnavailable
-from runbooks.schema_protocol import Checkpoint
+from runbooks.schema_protocol import Checkpoint, SafeDefault
 
 log = logging.getLogger("axiom.approvals")
 
@@ -205,6 +205,10 @@ class ApprovalDesk:
         ttl: timedelta | None = None,
         safe_default: str | None = None,
     ) -> Approval:
+        if safe_default is not None and safe_default not in get_args(SafeDefault):
+            raise ValueError(f"safe default {safe_default!r} is not one of {get_args(SafeDefault)}")
+        if ttl is not None and ttl <= timedelta(0):
+            raise ValueError(f"ttl must be positive, got {ttl}")
         now = self.clock()
         approval = Approval(
             kind=checkpoint.kind,
@@ -426,6 +430,9 @@ class ApprovalDesk:
     def expire_and_wake(self, approval_id: int) -> None:
         """The expiry timer's job: expire the row, then wake the run so it reads it."""
         approval = self.expire(approval_id)
+        while approval is not None and approval.state == PENDING:  # the timer ran early
+            time.sleep(max(0.05, (as_utc(approval.expires_at) - self.clock()).total_seconds()))
+            approval = self.expire(approval_id)
         if approval is None or approval.state != EXPIRED or self.resume is None:
             return
         if approval.flow_run_id:

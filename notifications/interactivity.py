@@ -149,8 +149,8 @@ class SlackInteractivity:
                 verdict = "approve" if action["action_id"] == ACTION_APPROVE else "reject"
                 self._later(self._answer, approval_id, verdict, user, channel, "")
             return Response(status_code=200)
-        if kind == "view_submission" and payload["view"].get("callback_id") == COMMENT_VIEW:
-            view = payload["view"]
+        view = payload.get("view") or {}
+        if kind == "view_submission" and view.get("callback_id") == COMMENT_VIEW:
             meta = json.loads(view.get("private_metadata") or "{}")
             values = view.get("state", {}).get("values", {})
             verdict = (

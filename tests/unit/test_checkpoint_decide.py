@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -277,3 +278,34 @@ def test_pending_lists_only_open_requests_soonest_first(desk):
     assert [a.id for a in desk.pending()] == [second.id]
     with session_scope(desk.engine) as s:
         assert s.exec(select(Approval)).all()  # rows are kept, not deleted
+
+
+def test_a_checkpoint_never_defaults_to_approval_and_needs_time_to_be_answered(desk):
+    runbook = checkpoints()
+    common = dict(
+        checkpoint=runbook.spec.for_kind("stream.suspend"),
+        subject="stream:acme/marketing",
+        proposal={},
+        evidence={},
+        runbook_id=runbook.id,
+        runbook_version=runbook.version,
+        flow_run_id=None,
+    )
+    with pytest.raises(ValueError, match="safe default 'approve'"):
+        desk.open(**common, safe_default="approve")
+    with pytest.raises(ValueError, match="ttl must be positive"):
+        desk.open(**common, ttl=timedelta(0))
+
+
+def test_an_early_expiry_timer_waits_until_due_then_wakes_the_run(desk, clock, resumer):
+    approval = open_approval(desk)
+    clock.now += timedelta(seconds=3599.98)  # a timer firing 20 ms early
+    timer = threading.Thread(target=desk.expire_and_wake, args=(approval.id,))
+    timer.start()
+    time.sleep(0.2)
+    assert desk.get(approval.id).state == "pending" and resumer.calls == []
+    clock.now += timedelta(seconds=1)
+    timer.join(5)
+    assert not timer.is_alive()
+    assert desk.get(approval.id).state == "expired"
+    assert resumer.calls[0][0] == approval.flow_run_id

@@ -270,3 +270,10 @@ def test_unexpected_failures_get_an_error_id_shown_and_logged(world, caplog):
     error_id = reply.split("error id ")[1].split(")")[0]
     assert len(error_id) == 8
     assert any(error_id in r.getMessage() for r in caplog.records)
+
+
+def test_signed_payloads_of_other_kinds_are_acknowledged_and_ignored(world):
+    body = b"payload=" + b"%7B%22type%22%3A%20%22view_closed%22%7D"
+    response = world.post(body)
+    assert response.status_code == 200 and response.json()["ignored"] == "view_closed"
+    assert world.post(b"nopayload=1").status_code == 400
