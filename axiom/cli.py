@@ -15,6 +15,7 @@ from rich.table import Table
 from sqlmodel import col, func, select
 
 from axiom.settings import ConfigError, Settings, load_settings
+from sandbox.cli import sandbox_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -39,6 +40,7 @@ stream_app = typer.Typer(no_args_is_help=True, help="Tenant streams and their po
 app.add_typer(pool_app, name="pool")
 app.add_typer(ip_app, name="ip")
 app.add_typer(stream_app, name="stream")
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console()
 err = Console(stderr=True)

@@ -33,6 +33,13 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 
 
+def _loopback_network(value: str) -> str:
+    network = ipaddress.ip_network(value, strict=False)  # ValueError names the bad text
+    if network.version != 4 or not network.is_loopback or network.num_addresses < 16:
+        raise ValueError(f"expected a loopback IPv4 network of /28 or larger, got {value!r}")
+    return str(network)
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
@@ -123,6 +130,25 @@ class Settings(BaseSettings):
     delivery_port: int = Field(default=25, ge=1, le=65535, description="Port of receiving MXs")
     delivery_enabled: bool = Field(
         default=True, description="Run the delivery engine in `axiom relay` (off: accept only)"
+    )
+    # The simulated receiving world (sandbox/). Its MX servers all listen on AXIOM_DELIVERY_PORT
+    # when it is set, else on 2526; `axiom up` gives the relay AXIOM_DELIVERY_PORT and
+    # AXIOM_DNS_NAMESERVERS=<sandbox_dns_listen> (sandbox.world.relay_environment) so the same
+    # relay code reaches the simulated world by settings only.
+    sandbox_dns_listen: HostPort = Field(
+        default="127.0.0.1:5300",
+        description="Sandbox DNS (UDP and TCP); not 5353, where mDNS responders listen",
+    )
+    sandbox_mx_network: Annotated[str, AfterValidator(_loopback_network)] = Field(
+        default="127.0.25.0/24",
+        description="Loopback IPv4 network of the simulated MX servers, one address per provider",
+    )
+    sandbox_feedback_address: str | None = Field(
+        default=None, description="Where simulated providers send ARF reports; default fbl@HOSTNAME"
+    )
+    sandbox_feedback_smtp: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT the ARF reports are sent to; default AXIOM_SUBMISSION_LISTEN",
     )
     delivery_lease_seconds: int | None = Field(
         default=None,

@@ -1,0 +1,479 @@
+"""`axiom sandbox …`: run the simulated receiving world, inspect it and steer it."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+sandbox_app = typer.Typer(
+    no_args_is_help=True, help="The simulated receiving world (sandbox mode only)."
+)
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ZoneOption = Annotated[str, typer.Option("--zone", help="The blocklist zone.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _settings():
+    from axiom.settings import ConfigError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _state():
+    from sandbox.state import StateStore
+
+    return StateStore.for_home(_settings().home)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- run
+@sandbox_app.command("run")
+def run() -> None:
+    """Run the world in the foreground until SIGTERM or SIGINT; prints `sandbox ready`."""
+    import asyncio
+    import logging
+    import signal
+
+    from sandbox.behaviour import BehaviourError
+    from sandbox.world import SandboxWorld
+
+    settings = _settings()
+    if settings.environment != "sandbox":
+        raise _fail("AXIOM_ENVIRONMENT: the simulated world runs only in sandbox mode", 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+    async def main() -> None:
+        world = SandboxWorld(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await world.start()
+        try:
+            info = world.describe()
+            mx = ", ".join(f"{name} {v['address']}" for name, v in info["mx"].items())
+            print(f"sandbox DNS {info['dns']}, MX port {info['mx_port']}: {mx}", flush=True)
+            print("sandbox ready", flush=True)
+            await stop.wait()
+        finally:
+            await world.stop()
+
+    try:
+        asyncio.run(main())
+    except BehaviourError as exc:
+        raise _fail(str(exc), 2) from None
+    except OSError as exc:
+        raise _fail(f"cannot listen: {exc}", 2) from None
+
+
+# ---------------------------------------------------------------- listings
+@sandbox_app.command("list")
+def list_(json_output: JsonFlag = False) -> None:
+    """Blocklist entries the sandbox DNS answers for."""
+    rows = _state().listings()
+    if json_output:
+        _print_json([r.__dict__ for r in rows])
+        return
+    table = Table("zone", "listed", "code", "reason", "since")
+    for r in rows:
+        table.add_row(r.zone, r.subject, r.code, r.reason, _when(r.listed_at))
+    out.print(table)
+    out.print(f"{len(rows)} listing(s)")
+
+
+def _zone(zone: str, kind: str):
+    from sandbox.behaviour import behaviour
+
+    try:
+        found = behaviour().zone(zone)
+    except KeyError:
+        names = ", ".join(z.zone for z in behaviour().dnsbl if z.kind == kind and not z.part_of)
+        raise _fail(f"--zone: unknown zone {zone!r}; one of {names}") from None
+    if found.part_of:
+        raise _fail(f"--zone: {zone} answers part of {found.part_of}; list in {found.part_of}")
+    if found.kind != kind:
+        raise _fail(f"--zone: {zone} lists {found.kind}s, not {kind}s")
+    return found
+
+
+@sandbox_app.command("list-ip")
+def list_ip(
+    ip: str,
+    zone: ZoneOption = "zen.spamhaus.org",
+    code: Annotated[
+        str | None, typer.Option("--code", help="Return code; default: the zone's listing code.")
+    ] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (shown in status).")] = "cli",
+) -> None:
+    """List IP in a sandbox blocklist zone (e.g. Spamhaus ZEN); the world sees it at once."""
+    try:
+        address = str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise _fail(f"{ip!r} is not an IPv4 or IPv6 address") from None
+    found = _zone(zone, "ip")
+    code = code or found.default_code
+    if code not in found.codes:
+        raise _fail(f"--code: {code!r} is not a {zone} listing code ({', '.join(found.codes)})")
+    _state().list(zone, address, code, reason)
+    out.print(f"{address} listed in {zone} ({code}: {found.codes[code]})", highlight=False)
+
+
+@sandbox_app.command("unlist-ip")
+def unlist_ip(ip: str, zone: ZoneOption = "zen.spamhaus.org") -> None:
+    """Remove IP from a sandbox blocklist zone."""
+    try:
+        address = str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise _fail(f"{ip!r} is not an IPv4 or IPv6 address") from None
+    _zone(zone, "ip")
+    if not _state().unlist(zone, address):
+        raise _fail(f"{address} is not listed in {zone}")
+    out.print(f"{address} removed from {zone}", highlight=False)
+
+
+@sandbox_app.command("list-domain")
+def list_domain(
+    domain: str,
+    zone: ZoneOption = "dbl.spamhaus.org",
+    reason: Annotated[str, typer.Option("--reason", help="Why (shown in status).")] = "cli",
+) -> None:
+    """List DOMAIN in a sandbox domain blocklist (Spamhaus DBL)."""
+    found = _zone(zone, "domain")
+    assert found.default_code is not None
+    _state().list(zone, domain.lower().rstrip("."), found.default_code, reason)
+    out.print(f"{domain.lower()} listed in {zone} ({found.default_code})", highlight=False)
+
+
+@sandbox_app.command("unlist-domain")
+def unlist_domain(domain: str, zone: ZoneOption = "dbl.spamhaus.org") -> None:
+    """Remove DOMAIN from a sandbox domain blocklist."""
+    _zone(zone, "domain")
+    if not _state().unlist(zone, domain.lower().rstrip(".")):
+        raise _fail(f"{domain.lower()} is not listed in {zone}")
+    out.print(f"{domain.lower()} removed from {zone}", highlight=False)
+
+
+# ---------------------------------------------------------------- reputation
+@sandbox_app.command("reputation")
+def reputation(
+    ip: str,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="One provider; default: all of them.")
+    ] = None,
+    score: Annotated[
+        float | None, typer.Option("--score", help="Set this score (-100 cold … 100 established).")
+    ] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Forget it: back to cold.")] = False,
+) -> None:
+    """Set or reset what the simulated providers think of a source IP (the world must run)."""
+    from sandbox.behaviour import behaviour
+
+    if (score is None) == (not reset):
+        raise _fail("give exactly one of --score N or --reset")
+    try:
+        address = str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise _fail(f"{ip!r} is not an IPv4 or IPv6 address") from None
+    if provider is not None and provider not in {p.name for p in behaviour().providers}:
+        raise _fail(f"--provider: unknown provider {provider!r}")
+    state = _state()
+    if not state.world():
+        raise _fail("the sandbox world is not running: start `axiom up` or `axiom sandbox run`")
+    if reset:
+        command = state.request("reset-reputation", ip=address, provider=provider)
+    else:
+        command = state.request("set-reputation", ip=address, provider=provider, score=score)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        result = state.command_result(command)
+        if result is not None:
+            if result.startswith("error"):
+                raise _fail(result)
+            out.print(f"{address}: {result}", highlight=False)
+            return
+        time.sleep(0.1)
+    raise _fail("the sandbox world did not answer within 10 s; is it running?")
+
+
+# ---------------------------------------------------------------- status
+@sandbox_app.command("status")
+def status(json_output: JsonFlag = False) -> None:
+    """Whether the world runs, where it listens, what it thinks of each IP, what it answered."""
+    from sandbox.behaviour import behaviour
+    from sandbox.mailbox import Mailboxes
+    from sandbox.scenarios import _alive, mail_dir
+
+    settings = _settings()
+    state = _state()
+    info = state.world()
+    running = bool(info) and _alive(int(info.get("pid", 0)))
+    model = behaviour().reputation
+    now = time.time()
+    standings = [
+        {
+            **row.__dict__,
+            "tier": model.tier_for(row.score).name,
+            "blocked": row.blocked_until > now,
+        }
+        for row in state.standings()
+    ]
+    verdicts = state.verdict_counts()
+    complaints = state.complaints()
+    data = {
+        "running": running,
+        "world": info,
+        "listings": [r.__dict__ for r in state.listings()],
+        "overrides": [o.__dict__ for o in state.overrides()],
+        "knobs": state.knobs(),
+        "standings": standings,
+        "answers": [{"provider": p, "outcome": o, "count": n} for (p, o), n in verdicts.items()],
+        "mailboxes": Mailboxes(mail_dir(settings)).counts(),
+        "complaints": {
+            status: sum(1 for c in complaints if c["status"] == status)
+            for status in sorted({c["status"] for c in complaints})
+        },
+        "last_complaint_reply": complaints[-1]["reply"] if complaints else None,
+    }
+    if json_output:
+        _print_json(data)
+        return
+    if running:
+        out.print(
+            f"[green]running[/green] (pid {info['pid']}): DNS {info['dns']}, "
+            f"MX port {info['mx_port']}",
+            highlight=False,
+        )
+        table = Table("provider", "MX host", "address", "domains")
+        for name, mx in info["mx"].items():
+            table.add_row(name, mx["host"], mx["address"], ", ".join(mx["domains"]))
+        out.print(table)
+    else:
+        out.print("[yellow]not running[/yellow] (start `axiom up` or `axiom sandbox run`)")
+    if standings:
+        table = Table(
+            "ip",
+            "provider",
+            "score",
+            "tier",
+            "accepted",
+            "deferred",
+            "rejected",
+            "complaints",
+            title="What the providers think of the source IPs",
+        )
+        for s in standings:
+            tier = "[red]blocked[/red]" if s["blocked"] else s["tier"]
+            table.add_row(
+                s["ip"],
+                s["provider"],
+                f"{s['score']:.1f}",
+                tier,
+                str(s["accepted"]),
+                str(s["deferred"]),
+                str(s["rejected"]),
+                str(s["complaints"]),
+            )
+        out.print(table)
+    if verdicts:
+        table = Table("provider", "answer", "count", title="What the simulated MX servers answered")
+        for (provider, outcome), n in sorted(verdicts.items()):
+            table.add_row(provider, outcome, str(n))
+        out.print(table)
+    out.print(
+        f"listings: {len(data['listings'])}   DNS overrides: {len(data['overrides'])}   "
+        f"knobs: {json.dumps(data['knobs']) if data['knobs'] else 'none'}",
+        highlight=False,
+    )
+    out.print(
+        f"mail kept: {data['mailboxes'] or 'none'} under {mail_dir(settings)}", highlight=False
+    )
+    if complaints:
+        out.print(
+            f"complaint reports: {data['complaints']} (last reply: {data['last_complaint_reply']})",
+            highlight=False,
+        )
+
+
+# ---------------------------------------------------------------- scenarios
+@sandbox_app.command("scenario")
+def scenario(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="cold-ip-campaign, blocklisted-ip, complaint-spike or broken-dkim.",
+            show_default=False,
+        ),
+    ],
+    count: Annotated[int | None, typer.Option("--count", help="Messages to send (1-1000).")] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for delivery attempts (5-900).")
+    ] = 90.0,
+    submission: Annotated[
+        str | None, typer.Option("--submission", help="HOST:PORT; default: up.json.")
+    ] = None,
+    username: Annotated[str | None, typer.Option("--username")] = None,
+    password: Annotated[str | None, typer.Option("--password")] = None,
+    domain: Annotated[str | None, typer.Option("--domain", help="The sending domain.")] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the scenario's listings and knobs in place.")
+    ] = False,
+    complaint_share: Annotated[
+        float, typer.Option("--complaint-share", help="complaint-spike: share that complains.")
+    ] = 0.05,
+    json_output: JsonFlag = False,
+) -> None:
+    """Drive real traffic through the running relay into the world and summarise what happened."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sandbox.scenarios import SCENARIOS, Credentials, ScenarioError, ScenarioRunner
+
+    settings = _settings()
+    chosen = SCENARIOS.get(name)
+    if chosen is None:
+        raise _fail(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
+    try:
+        credentials = Credentials.resolve(
+            settings, submission=submission, username=username, password=password, domain=domain
+        )
+    except ScenarioError as exc:
+        raise _fail(str(exc)) from None
+    if not json_output:
+        out.print(f"[bold]{chosen.name}[/bold]: {chosen.title}\n{chosen.explain}", highlight=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report_progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        progress.update(tasks[phase], completed=done, total=total)
+
+    try:
+        runner = ScenarioRunner(settings, credentials, report_progress, complaint_share)
+    except ScenarioError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        with progress:
+            result = asyncio.run(runner.run(chosen, count or chosen.default_count, timeout, keep))
+    except ScenarioError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        runner.engine.dispose()
+    if json_output:
+        _print_json(result.as_dict())
+        return
+    _print_report(result)
+
+
+def _print_report(report) -> None:
+    for line in report.steering:
+        out.print(f"  steering: {line}", highlight=False)
+    if report.paths_already_suspended:
+        out.print(
+            "[yellow]paths already suspended before the run:[/yellow] "
+            + "; ".join(report.paths_already_suspended),
+            highlight=False,
+        )
+    table = Table(
+        "provider",
+        "sent",
+        "delivered",
+        "deferred",
+        "blocked",
+        "unknown",
+        "held",
+        "refused",
+        "complaints",
+        "ARF sent",
+        title=f"{report.scenario}: {report.count} messages in {report.seconds:.0f} s"
+        + ("" if report.settled else " (timed out before every attempt was made)"),
+    )
+    for p in report.providers:
+        table.add_row(
+            p.provider,
+            str(p.sent),
+            str(p.delivered),
+            str(p.deferred),
+            str(p.blocked),
+            str(p.unknown_mailbox),
+            str(p.held),
+            str(p.refused_at_submission),
+            str(p.complaints),
+            str(p.arf_reports),
+        )
+    out.print(table)
+    out.print("held: no attempt yet, the relay held it back (suspended or paced path)")
+    for p in report.providers:
+        if p.top_reply:
+            out.print(f"  {p.provider}, most common reply: {p.top_reply}", highlight=False)
+    actions = Table(
+        "ip",
+        "provider",
+        "action",
+        "limit/min",
+        "rule",
+        "until",
+        title="Protocol actions fired: suspensions",
+    )
+    for s in report.suspensions:
+        actions.add_row(
+            s["ip"],
+            s["provider"],
+            s["action"],
+            str(s["limit_per_minute"] or ""),
+            s["rule"] or "",
+            s["until"][:19],
+        )
+    out.print(actions if report.suspensions else "Protocol actions fired: no suspension")
+    if report.audit:
+        audit = Table("id", "actor", "action", "subject", title="Audit entries written")
+        for e in report.audit:
+            audit.add_row(str(e["id"]), e["actor"], e["action"], e["subject"])
+        out.print(audit)
+    else:
+        out.print("Audit entries written: none")
+    if report.recommended:
+        out.print(
+            "Actions the classification recommends (for the Protocol's runbooks): "
+            + ", ".join(f"{k} x{v}" for k, v in report.recommended.items()),
+            highlight=False,
+        )
+    if report.complaint_reports:
+        out.print(
+            f"ARF complaint reports: {report.complaint_reports}; the feedback address answered: "
+            f"{report.complaint_reply}",
+            highlight=False,
+        )
+
+
+def _when(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))

@@ -1,0 +1,327 @@
+"""The sandbox's state file (SQLite under AXIOM_HOME/sandbox/): what the CLI steers, what the world shows.
+
+The running world and `axiom sandbox …` commands are separate processes; they meet here.
+Commands write listings, DNS overrides, knobs and requests; the world polls `version()` (SQLite's
+data_version, which changes when another connection commits) and reloads, and writes back the
+standings of source IPs, what its MX servers answered and the complaint reports it sent.
+Every call opens its own short connection, so it is safe from threads and other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS listing (
+    zone TEXT NOT NULL, subject TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL,
+    listed_at REAL NOT NULL, PRIMARY KEY (zone, subject));
+CREATE TABLE IF NOT EXISTS dns_override (
+    name TEXT NOT NULL, rdtype TEXT NOT NULL, vals TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (name, rdtype));
+CREATE TABLE IF NOT EXISTS knob (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS standing (
+    provider TEXT NOT NULL, ip TEXT NOT NULL, score REAL NOT NULL, blocked_until REAL NOT NULL,
+    accepted INTEGER NOT NULL, deferred INTEGER NOT NULL, rejected INTEGER NOT NULL,
+    complaints INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (provider, ip));
+CREATE TABLE IF NOT EXISTS command (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, args TEXT NOT NULL,
+    created_at REAL NOT NULL, done_at REAL, result TEXT);
+CREATE TABLE IF NOT EXISTS verdict (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, provider TEXT NOT NULL,
+    ip TEXT NOT NULL, rcpt TEXT NOT NULL, outcome TEXT NOT NULL, reply TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS complaint (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, provider TEXT NOT NULL,
+    ip TEXT NOT NULL, recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL,
+    reply TEXT NOT NULL, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS world (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
+"""
+MAX_VERDICTS = 100_000  # older rows are dropped; the table is for status and scenarios
+
+
+@dataclass(frozen=True)
+class Listing:
+    zone: str
+    subject: str  # an IP address or a domain
+    code: str
+    reason: str
+    listed_at: float
+
+
+@dataclass(frozen=True)
+class Override:
+    name: str
+    rdtype: str
+    values: tuple[str, ...]  # empty: the name has no record of this type
+    reason: str
+
+
+@dataclass(frozen=True)
+class StandingRow:
+    provider: str
+    ip: str
+    score: float
+    blocked_until: float
+    accepted: int
+    deferred: int
+    rejected: int
+    complaints: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Command:
+    id: int
+    name: str
+    args: dict[str, Any]
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @classmethod
+    def for_home(cls, home: Path) -> StateStore:
+        return cls(home / "sandbox" / "state.db")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def generation(self) -> int:
+        """Grows with every change to listings, overrides, knobs and commands (cheap to poll)."""
+        with self._connect() as db:
+            return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+    @contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        with self._transaction() as db:
+            yield db
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    # --- listings ---
+    def list(self, zone: str, subject: str, code: str, reason: str) -> None:
+        with self._change() as db:
+            db.execute(
+                "INSERT INTO listing VALUES (?, ?, ?, ?, ?) ON CONFLICT (zone, subject) DO UPDATE"
+                " SET code = excluded.code, reason = excluded.reason,"
+                " listed_at = excluded.listed_at",
+                (zone, subject.lower(), code, reason, time.time()),
+            )
+
+    def unlist(self, zone: str, subject: str) -> bool:
+        with self._change() as db:
+            cur = db.execute(
+                "DELETE FROM listing WHERE zone = ? AND subject = ?", (zone, subject.lower())
+            )
+            return cur.rowcount > 0
+
+    def listings(self) -> list[Listing]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM listing ORDER BY zone, subject").fetchall()
+        return [Listing(*row) for row in rows]
+
+    # --- DNS overrides ---
+    def override(self, name: str, rdtype: str, values: Iterable[str], reason: str) -> None:
+        with self._change() as db:
+            db.execute(
+                "INSERT INTO dns_override VALUES (?, ?, ?, ?) ON CONFLICT (name, rdtype)"
+                " DO UPDATE SET vals = excluded.vals, reason = excluded.reason",
+                (name.lower().rstrip("."), rdtype.upper(), json.dumps(list(values)), reason),
+            )
+
+    def clear_override(self, name: str, rdtype: str) -> bool:
+        with self._change() as db:
+            cur = db.execute(
+                "DELETE FROM dns_override WHERE name = ? AND rdtype = ?",
+                (name.lower().rstrip("."), rdtype.upper()),
+            )
+            return cur.rowcount > 0
+
+    def overrides(self) -> list[Override]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM dns_override ORDER BY name, rdtype").fetchall()
+        return [Override(n, t, tuple(json.loads(v)), r) for n, t, v, r in rows]
+
+    # --- knobs (small JSON values) ---
+    def set_knob(self, name: str, value: Any) -> None:
+        with self._change() as db:
+            if value is None:
+                db.execute("DELETE FROM knob WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO knob VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                    " SET value = excluded.value",
+                    (name, json.dumps(value)),
+                )
+
+    def knobs(self) -> dict[str, Any]:
+        with self._connect() as db:
+            return {n: json.loads(v) for n, v in db.execute("SELECT name, value FROM knob")}
+
+    # --- commands for the running world ---
+    def request(self, name: str, **args: Any) -> int:
+        with self._change() as db:
+            cur = db.execute(
+                "INSERT INTO command (name, args, created_at) VALUES (?, ?, ?)",
+                (name, json.dumps(args), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def pending_commands(self) -> list[Command]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, name, args FROM command WHERE done_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [Command(i, n, json.loads(a)) for i, n, a in rows]
+
+    def finish_command(self, command_id: int, result: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE command SET done_at = ?, result = ? WHERE id = ?",
+                (time.time(), result, command_id),
+            )
+
+    def command_result(self, command_id: int) -> str | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT done_at, result FROM command WHERE id = ?", (command_id,)
+            ).fetchone()
+        return None if row is None or row[0] is None else (row[1] or "")
+
+    # --- what the world writes back ---
+    def save_standings(self, rows: Iterable[StandingRow]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO standing VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider, ip) DO UPDATE SET score = excluded.score,"
+                " blocked_until = excluded.blocked_until, accepted = excluded.accepted,"
+                " deferred = excluded.deferred, rejected = excluded.rejected,"
+                " complaints = excluded.complaints, updated_at = excluded.updated_at",
+                [
+                    (
+                        r.provider,
+                        r.ip,
+                        r.score,
+                        r.blocked_until,
+                        r.accepted,
+                        r.deferred,
+                        r.rejected,
+                        r.complaints,
+                        r.updated_at,
+                    )
+                    for r in rows
+                ],
+            )
+
+    def delete_standings(self, provider: str | None, ip: str | None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM standing WHERE (? IS NULL OR provider = ?) AND (? IS NULL OR ip = ?)",
+                (provider, provider, ip, ip),
+            )
+
+    def standings(self) -> list[StandingRow]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM standing ORDER BY ip, provider").fetchall()
+        return [StandingRow(*row) for row in rows]
+
+    def add_verdicts(self, rows: Iterable[tuple[float, str, str, str, str, str]]) -> None:
+        """(at, provider, ip, recipient, outcome, reply) for each answer the MX servers gave."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO verdict (at, provider, ip, rcpt, outcome, reply)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                list(rows),
+            )
+            db.execute(
+                "DELETE FROM verdict WHERE id <= (SELECT max(id) FROM verdict) - ?",
+                (MAX_VERDICTS,),
+            )
+
+    def verdict_counts(self, since_id: int = 0) -> dict[tuple[str, str], int]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT provider, outcome, count(*) FROM verdict WHERE id > ?"
+                " GROUP BY provider, outcome",
+                (since_id,),
+            ).fetchall()
+        return {(p, o): n for p, o, n in rows}
+
+    def last_verdict_id(self) -> int:
+        with self._connect() as db:
+            return int(db.execute("SELECT coalesce(max(id), 0) FROM verdict").fetchone()[0])
+
+    def add_complaint(
+        self, provider: str, ip: str, recipient: str, message_id: str, path: str
+    ) -> int:
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT INTO complaint (created_at, provider, ip, recipient, message_id, status,"
+                " reply, path) VALUES (?, ?, ?, ?, ?, 'pending', '', ?)",
+                (time.time(), provider, ip, recipient, message_id, path),
+            )
+            return int(cur.lastrowid or 0)
+
+    def settle_complaint(self, complaint_id: int, status: str, reply: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE complaint SET status = ?, reply = ? WHERE id = ?",
+                (status, reply[:1000], complaint_id),
+            )
+
+    def complaints(self, since_id: int = 0) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT * FROM complaint WHERE id > ? ORDER BY id", (since_id,)
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def last_complaint_id(self) -> int:
+        with self._connect() as db:
+            return int(db.execute("SELECT coalesce(max(id), 0) FROM complaint").fetchone()[0])
+
+    # --- the running world announces itself ---
+    def announce(self, info: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM world")
+            db.executemany(
+                "INSERT INTO world VALUES (?, ?)", [(k, json.dumps(v)) for k, v in info.items()]
+            )
+
+    def withdraw(self) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM world")
+
+    def world(self) -> dict[str, Any]:
+        with self._connect() as db:
+            return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM world")}

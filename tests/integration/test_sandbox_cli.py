@@ -1,0 +1,327 @@
+"""`axiom sandbox …` as operators and `axiom up` use it: the world as its own process, steered
+from another, and scenarios driving real mail through a running relay into it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from sandbox.testing import free_dns_port, private_mx_network
+from tests.conftest import VENV_BIN, RelayProcess, seed_tenant
+
+pytestmark = pytest.mark.integration
+
+
+class WorldProcess:
+    def __init__(self, home):
+        self.home = home
+        network, port = private_mx_network()
+        self.dns_port = free_dns_port()
+        self.env = home.env | {
+            "AXIOM_SANDBOX_DNS_LISTEN": f"127.0.0.1:{self.dns_port}",
+            "AXIOM_SANDBOX_MX_NETWORK": network,
+            "AXIOM_DELIVERY_PORT": str(port),
+        }
+        self.proc: subprocess.Popen | None = None
+        self.log = home.path / "sandbox.log"
+
+    def start(self, timeout: float = 30) -> WorldProcess:
+        logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "axiom"), "sandbox", "run"],
+            env=self.env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"world exited {self.proc.returncode}:\n{self.log.read_text()}"
+                )
+            if b"sandbox ready" in self.log.read_bytes():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"world not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120):
+        result = subprocess.run(
+            [str(VENV_BIN / "axiom"), "sandbox", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"axiom sandbox {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def ask(self, name: str, rdtype: str = "A"):
+        query = dns.message.make_query(name, rdtype)
+        return dns.query.udp(query, "127.0.0.1", port=self.dns_port, timeout=2)
+
+
+@pytest.fixture
+def world(axiom_home):
+    w = WorldProcess(axiom_home).start()
+    yield w
+    w.stop()
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_world_runs_in_the_foreground_and_stops_on_sigterm(world):
+    status = json.loads(world.cli("status", "--json").stdout)
+    assert status["running"] is True
+    assert status["world"]["dns"] == f"127.0.0.1:{world.dns_port}"
+    assert set(status["world"]["mx"]) == {"google", "microsoft", "yahoo", "apple", "generic"}
+    assert world.ask("gmail.com", "MX").answer
+    assert world.stop() == 0
+    status = json.loads(world.cli("status", "--json").stdout)
+    assert status["running"] is False
+    assert "not running" in world.cli("status").stdout
+
+
+def test_a_second_world_on_the_same_addresses_fails_with_the_reason(world):
+    second = subprocess.run(
+        [str(VENV_BIN / "axiom"), "sandbox", "run"],
+        env=world.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot listen: [Errno 98] DNS 127.0.0.1:{world.dns_port}")
+    assert "(AXIOM_SANDBOX_DNS_LISTEN): Address already in use" in line
+    assert "sandbox ready" not in second.stdout
+    # the running world is untouched: still announced, still answering
+    assert json.loads(world.cli("status", "--json").stdout)["running"] is True
+    assert world.ask("gmail.com", "MX").answer
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("AXIOM_SANDBOX_MX_NETWORK", "10.0.0.0/24", "expected a loopback IPv4 network"),
+        ("AXIOM_SANDBOX_DNS_LISTEN", "localhost", "expected HOST:PORT"),
+        ("AXIOM_ENVIRONMENT", "production", "runs only in sandbox mode"),
+    ],
+)
+def test_bad_settings_stop_the_world_with_one_line_naming_the_setting(
+    axiom_home, name, value, message
+):
+    env = WorldProcess(axiom_home).env | {name: value}
+    if name == "AXIOM_ENVIRONMENT":
+        env["AXIOM_SECRET_KEY"] = axiom_home.secret.decode()
+    result = subprocess.run(
+        [str(VENV_BIN / "axiom"), "sandbox", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error:") and message in line
+    if name != "AXIOM_ENVIRONMENT":
+        assert name in line
+
+
+def test_listings_made_by_another_process_are_answered_at_once(world):
+    name = "10.0.0.127.zen.spamhaus.org"
+    assert world.ask(name).rcode() == dns.rcode.NXDOMAIN
+    out = world.cli("list-ip", "127.0.0.10", "--code", "127.0.0.4", "--reason", "botnet").stdout
+    assert "127.0.0.10 listed in zen.spamhaus.org (127.0.0.4: XBL" in out
+    assert _wait_for(lambda: bool(world.ask(name).answer))
+    [rrset] = world.ask(name).answer
+    assert [r.to_text() for r in rrset] == ["127.0.0.4"]
+    assert world.ask("10.0.0.127.xbl.spamhaus.org").answer  # the component zone agrees
+    listed = json.loads(world.cli("list", "--json").stdout)
+    assert [(x["zone"], x["subject"], x["reason"]) for x in listed] == [
+        ("zen.spamhaus.org", "127.0.0.10", "botnet")
+    ]
+    world.cli("unlist-ip", "127.0.0.10")
+    assert _wait_for(lambda: world.ask(name).rcode() == dns.rcode.NXDOMAIN)
+    world.cli("list-domain", "spammy.example")
+    assert _wait_for(lambda: bool(world.ask("spammy.example.dbl.spamhaus.org").answer))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["list-ip", "nope"], "error: 'nope' is not an IPv4 or IPv6 address"),
+        (
+            ["list-ip", "127.0.0.9", "--zone", "bogus.example"],
+            "--zone: unknown zone 'bogus.example'",
+        ),
+        (["list-ip", "127.0.0.9", "--zone", "xbl.spamhaus.org"], "list in zen.spamhaus.org"),
+        (["list-ip", "127.0.0.9", "--zone", "dbl.spamhaus.org"], "lists domains, not ips"),
+        (["list-ip", "127.0.0.9", "--code", "127.0.0.99"], "--code: '127.0.0.99' is not"),
+        (["unlist-ip", "127.0.0.9"], "127.0.0.9 is not listed in zen.spamhaus.org"),
+        (["reputation", "127.0.0.9"], "give exactly one of --score N or --reset"),
+        (["reputation", "127.0.0.9", "--reset", "--provider", "aol"], "unknown provider 'aol'"),
+        (["scenario", "nope"], "unknown scenario 'nope'; one of cold-ip-campaign"),
+    ],
+)
+def test_bad_input_fails_with_one_line_naming_it(axiom_home, args, message):
+    result = WorldProcess(axiom_home).cli(*args, check=False)
+    assert result.returncode == 1
+    assert message in " ".join(result.stderr.split())
+
+
+def test_reputation_is_steered_in_the_running_world(world):
+    out = world.cli("reputation", "127.0.0.10", "--score", "80", "--provider", "yahoo").stdout
+    assert "set 1 standings to 80.0" in out
+    assert _wait_for(
+        lambda: any(
+            s["ip"] == "127.0.0.10" and s["tier"] == "established"
+            for s in json.loads(world.cli("status", "--json").stdout)["standings"]
+        )
+    )
+    assert "reset 1 standings" in world.cli("reputation", "127.0.0.10", "--reset").stdout
+
+
+def test_scenarios_need_a_running_world_and_credentials(axiom_home):
+    idle = WorldProcess(axiom_home)
+    result = idle.cli("scenario", "blocklisted-ip", "--count", "2", check=False)
+    assert result.returncode == 1
+    assert "no username, password, domain: start `axiom up`" in " ".join(result.stderr.split())
+    result = idle.cli(
+        "scenario",
+        "blocklisted-ip",
+        "--username",
+        "u",
+        "--password",
+        "p",
+        "--domain",
+        "d.example",
+        check=False,
+    )
+    assert "the sandbox world is not running" in result.stderr
+
+
+@pytest.fixture
+def stack(axiom_home, world):
+    """What `axiom up` runs: the world, a relay delivering into it, a demo tenant, up.json."""
+    relay = RelayProcess(
+        axiom_home,
+        {
+            "AXIOM_DELIVERY_PORT": world.env["AXIOM_DELIVERY_PORT"],
+            "AXIOM_DNS_NAMESERVERS": world.env["AXIOM_SANDBOX_DNS_LISTEN"],
+        },
+    ).start()
+    demo = seed_tenant(axiom_home, "demo", "demo.example")
+    (axiom_home.path / "up.json").write_text(
+        json.dumps(
+            {
+                "submission": f"127.0.0.1:{axiom_home.ports['submission']}",
+                "username": demo.username,
+                "password": demo.password,
+                "domain": demo.domain,
+            }
+        )
+    )
+    yield world
+    relay.stop()
+
+
+def test_blocklisted_ip_scenario_reports_refusals_and_the_suspensions_they_caused(stack):
+    result = stack.cli("scenario", "blocklisted-ip", "--count", "20", "--timeout", "60", "--json")
+    report = json.loads(result.stdout)
+    assert report["settled"] is True
+    by = {p["provider"]: p for p in report["providers"]}
+    assert sum(p["sent"] for p in by.values()) == 20
+    assert by["google"]["delivered"] == 4  # Gmail consults no public DNSBL
+    for provider in ("microsoft", "yahoo", "apple", "generic"):
+        assert by[provider]["delivered"] == 0, by[provider]
+        assert by[provider]["blocked"] + by[provider]["held"] == 4, by[provider]
+    assert "blocked using Spamhaus" in by["microsoft"]["top_reply"] or by["microsoft"]["held"]
+    rules = {(s["provider"], s["rule"]) for s in report["suspensions"]}
+    assert ("microsoft", "blocklisted-anywhere") in rules
+    assert any(a["action"] == "path.suspend" for a in report["audit"])
+    assert report["recommended"].get("suspend_path", 0) >= 3
+    assert any("listed 127.0.0.1 in zen.spamhaus.org" in s for s in report["steering"])
+    assert json.loads(stack.cli("list", "--json").stdout) == []  # the listing was undone
+    # the human-readable form of the same kind of run
+    human = stack.cli("scenario", "broken-dkim", "--count", "4", "--timeout", "60").stdout
+    assert "broken-dkim" in human and "google" in human, human
+    assert "5.7.30" in human or "DKIM authentication didn" in human
+    status = json.loads(stack.cli("status", "--json").stdout)
+    assert status["overrides"] == [] and "bulk_domains" not in status["knobs"]
+    outcomes = {(a["provider"], a["outcome"]) for a in status["answers"]}
+    assert ("microsoft", "blocklisted") in outcomes and ("google", "unauthenticated") in outcomes
+
+
+def test_complaint_spike_then_cold_ip_campaign(stack):
+    spike = json.loads(
+        stack.cli(
+            "scenario",
+            "complaint-spike",
+            "--count",
+            "30",
+            "--complaint-share",
+            "0.5",
+            "--timeout",
+            "60",
+            "--json",
+        ).stdout
+    )
+    assert spike["settled"] is True
+    assert "complaint share 50% at every provider" in spike["steering"]
+    by = {p["provider"]: p for p in spike["providers"]}
+    assert sum(p["complaints"] for p in by.values()) >= 1
+    assert by["google"]["arf_reports"] == 0  # Gmail's feedback loop is aggregate only
+    for provider in ("yahoo", "microsoft"):
+        assert by[provider]["arf_reports"] == by[provider]["complaints"], by[provider]
+    reports = sum(by[p]["arf_reports"] for p in ("yahoo", "microsoft"))
+    if reports:  # every report reached the feedback address and got an answer
+        assert sum(spike["complaint_reports"].get(k, 0) for k in ("sent", "refused")) == reports
+        assert spike["complaint_reply"][:1] in ("2", "5")
+    assert "complaint_share" not in json.loads(stack.cli("status", "--json").stdout)["knobs"]
+
+    report = json.loads(
+        stack.cli(
+            "scenario", "cold-ip-campaign", "--count", "40", "--timeout", "60", "--json"
+        ).stdout
+    )
+    by = {p["provider"]: p for p in report["providers"]}
+    burst = 6  # the cold tier's burst in sandbox/behaviour.yaml
+    for provider in ("google", "yahoo", "microsoft", "apple"):
+        assert by[provider]["sent"] == 10
+        assert 1 <= by[provider]["delivered"] <= burst + 1, by[provider]
+        assert by[provider]["deferred"] + by[provider]["held"] >= 10 - burst - 1, by[provider]
+    assert "4.7.28" in by["google"]["top_reply"] or by["google"]["held"]
+    rules = {(s["provider"], s["rule"]) for s in report["suspensions"]}
+    assert ("google", "google-unusual-rate") in rules
+    assert ("yahoo", "yahoo-tss04") in rules
+    assert {a["action"] for a in report["audit"]} >= {"path.suspend"}
+    status = stack.cli("status").stdout
+    assert "What the providers think of the source IPs" in status
