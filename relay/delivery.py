@@ -226,13 +226,20 @@ class ConnectionPool:
         conn.gate.available.set()
 
     async def reap(self, max_idle: float = 5.0) -> None:
+        # Out of the idle lists first, then QUIT: while a QUIT is awaited, jobs take and
+        # return sessions. A session still listed could be taken while it closes, and lists
+        # rebuilt after the awaits would list again a session a job is using (two jobs on one
+        # session: interleaved transactions, mail to the wrong recipients) and forget one a
+        # job returned (its slot never freed).
         now = time.monotonic()
-        for key, conns in list(self._idle.items()):
-            keep = [c for c in conns if now - c.idle_since < max_idle and c.smtp.is_connected]
-            for conn in conns:
-                if conn not in keep:
-                    await self._quit(conn)
-            self._idle[key] = keep
+        stale = []
+        for conns in self._idle.values():
+            for conn in list(conns):
+                if now - conn.idle_since >= max_idle or not conn.smtp.is_connected:
+                    conns.remove(conn)
+                    stale.append(conn)
+        for conn in stale:
+            await self._quit(conn)
 
     async def close_all(self) -> None:
         for conns in self._idle.values():
