@@ -39,8 +39,9 @@ PENDING, APPROVED, REJECTED, EXPIRED = "pending", "approved", "rejected", "expir
 Via = Literal["slack", "cli", "prefect-ui"]
 VERDICTS = {"approve": APPROVED, "reject": REJECTED}
 MAX_COMMENT = 2000
-# What an expired run is woken with; it reads the row (expired) and ignores this.
-EXPIRY_WAKE_INPUT = {"decision": "reject", "operator": "checkpoint-expiry", "comment": ""}
+# What the expiry timer wakes a run with; the run reads the row (no longer pending) and
+# ignores this input.
+WAKE_INPUT = {"decision": "reject", "operator": "checkpoint-expiry", "comment": ""}
 
 
 # ---------------------------------------------------------------- refusals
@@ -428,23 +429,28 @@ class ApprovalDesk:
         return approval
 
     def expire_and_wake(self, approval_id: int) -> None:
-        """The expiry timer's job: expire the row, then wake the run so it reads it."""
+        """The expiry timer's job: expire the row, then wake the run so it reads the row.
+
+        The run is woken even when an answer got there first: if that answer's own resume
+        was lost (Prefect unreachable), this is when the run learns of it. A run that is
+        already awake just refuses the resume.
+        """
         approval = self.expire(approval_id)
         while approval is not None and approval.state == PENDING:  # the timer ran early
             time.sleep(max(0.05, (as_utc(approval.expires_at) - self.clock()).total_seconds()))
             approval = self.expire(approval_id)
-        if approval is None or approval.state != EXPIRED or self.resume is None:
+        if approval is None or not approval.flow_run_id or self.resume is None:
             return
-        if approval.flow_run_id:
-            woke = self.resume(approval.flow_run_id, EXPIRY_WAKE_INPUT)
-            if not woke.accepted:
-                log.warning(
-                    "approval #%s expired but run %s not woken (%s %s)",
-                    approval_id,
-                    approval.flow_run_id,
-                    woke.status,
-                    woke.reason,
-                )
+        woke = self.resume(approval.flow_run_id, WAKE_INPUT)
+        if not woke.accepted:
+            log.info(
+                "approval #%s (%s): run %s not woken (%s %s); it was awake or is gone",
+                approval_id,
+                approval.state,
+                approval.flow_run_id,
+                woke.status,
+                woke.reason,
+            )
 
     # ------------------------------------------------------------ Slack
     def announce(self, approval_id: int, stop: threading.Event) -> None:

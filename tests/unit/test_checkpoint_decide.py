@@ -309,3 +309,14 @@ def test_an_early_expiry_timer_waits_until_due_then_wakes_the_run(desk, clock, r
     assert not timer.is_alive()
     assert desk.get(approval.id).state == "expired"
     assert resumer.calls[0][0] == approval.flow_run_id
+
+
+def test_a_decision_whose_resume_was_lost_reaches_the_run_at_expiry(desk, clock, resumer):
+    resumer.result = Resumed(False, "unreachable", "ConnectError: Prefect is down")
+    approval = open_approval(desk)
+    desk.decide(Answer(approval.id, "approve", "cli", operator="alice"))
+    resumer.result = Resumed(True, "ACCEPT")
+    clock.now += timedelta(seconds=3600)
+    desk.expire_and_wake(approval.id)
+    assert desk.get(approval.id).state == "approved"  # the answer stands; nothing expired
+    assert [run for run, _ in resumer.calls] == [approval.flow_run_id] * 2
