@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh tests/js/package.json
 	touch $(STAMP)
 
 up: install
-	$(BIN)/axiom init
-	$(BIN)/axiom relay
+	$(BIN)/axiom up
 
 lint: install
 	$(BIN)/ruff check .

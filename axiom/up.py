@@ -180,9 +180,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     env.update(
         AXIOM_HOME=str(settings.home.resolve()),
         AXIOM_DATABASE_URL=settings.db_url,
-        # The relay reaches the sandbox world by settings only.
-        AXIOM_DNS_NAMESERVERS=settings.sandbox_dns_listen,
-        AXIOM_DELIVERY_PORT=str(settings.delivery_port),
         PREFECT_API_URL=api,
         PREFECT_UI_API_URL=api,
         PREFECT_HOME=str((settings.home / "prefect").resolve()),
@@ -194,6 +191,10 @@ def child_env(settings: Settings) -> dict[str, str]:
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
     )
+    # The relay reaches the sandbox world by settings only: its DNS and its MX port.
+    from sandbox.world import relay_environment
+
+    env.update(relay_environment(settings))
     return env
 
 
