@@ -60,7 +60,14 @@ class Attempt:
 
     @property
     def reply(self) -> str:
-        parts = [str(self.reply_code or ""), self.enhanced_code or "", self.reply_text or ""]
+        text = self.reply_text or ""
+        # Most replies already carry their enhanced code in the text; say it once.
+        enhanced = (
+            ""
+            if (self.enhanced_code and text.startswith(self.enhanced_code))
+            else self.enhanced_code
+        )
+        parts = [str(self.reply_code or ""), enhanced or "", text]
         return " ".join(p for p in parts if p)[:1000]
 
 

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlmodel import Session
 
 from models import Suspension
@@ -57,7 +57,11 @@ class ReactionEngine:
     def apply(self, engine: Engine, reactions: list[Reaction], now: datetime) -> list[Suspension]:
         """Write each reaction once: an active suspension for the same rule and path is kept."""
         created = []
-        with Session(engine) as session:
+        with Session(engine, expire_on_commit=False) as session:
+            if engine.dialect.name == "postgresql":
+                # Concurrent jobs see the same reply storm; one writer at a time keeps the
+                # "already active?" check and the insert together (SQLite's write lock does this).
+                session.exec(text("SELECT pg_advisory_xact_lock(7312)"))
             for reaction in reactions:
                 rule = reaction.rule
                 active = session.exec(
