@@ -30,5 +30,8 @@ test: lint
 bench: install
 	$(BIN)/python bench/submission.py
 
+reliability: install
+	$(BIN)/python -m bench.reliability --json bench/out/reliability.json
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

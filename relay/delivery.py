@@ -25,7 +25,7 @@ import aiosmtplib
 from sqlalchemy import Engine
 
 from models import RecipientState
-from relay.classify import Classification, ConnectionFailure, classify, provider_for_mx
+from relay.classify import Classification, ConnectionFailure, classify, provider_for_mx, rules
 from relay.clock import Clock
 from relay.dns import MxResult, Resolver
 from relay.dsn import FailedRecipient, build_dsn, dsn_entry
@@ -427,7 +427,7 @@ class DeliveryEngine:
         source = choice.source
         delivered = 0
         try:
-            gate = self.shaper.gate(source.address, provider)
+            gate = self.shaper.gate(source.address, provider, _site(mx, provider))
             delay = gate.delay_for_next(self.egress.throttle_for(source.address, provider))
             if delay > MAX_PACING_WAIT:
                 outcome.postponed = [
@@ -664,6 +664,14 @@ def _wire_address(address: str, ace_domain: str) -> str:
     if not at or domain.isascii() or not ace_domain.isascii():
         return address
     return f"{local}@{ace_domain}"
+
+
+def _site(mx: MxResult, provider: str) -> str | None:
+    """The receiving site (its MX host names) of a receiver no provider entry claims; None for
+    a provider's MX, whose limits hold across all its hosts (see relay/shaping.py)."""
+    if provider != rules().fallback_provider:
+        return None
+    return ",".join(sorted({target.host for target in mx.targets}))
 
 
 def _aware(moment):

@@ -1,8 +1,11 @@
 """Pacing per (source IP, provider) path: connection slots and message rates.
 
 Each path has its own gate, so a slow or throttled receiver holds only its own slots and
-never delays mail to anyone else. Limits come from runbooks/shaping.yaml; an active throttle
-(a protective reaction) lowers the per-minute rate while it lasts.
+never delays mail to anyone else. A provider's limits hold across all of its MX hosts; the
+receivers no provider entry claims (the fallback provider) are each a path of their own, keyed
+by their site (their MX host names), or one tarpit would take the slots of every one of them.
+Limits come from runbooks/shaping.yaml; an active throttle (a protective reaction) lowers the
+per-minute rate while it lasts.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ class PathGate:
 class Shaper:
     def __init__(self, limits_for: Callable[[str], PathLimits]):
         self._limits_for = limits_for
-        self._gates: dict[tuple[str, str], PathGate] = {}
+        self._gates: dict[tuple[str, str, str | None], PathGate] = {}
 
-    def gate(self, source_ip: str, provider: str) -> PathGate:
-        key = (source_ip, provider)
+    def gate(self, source_ip: str, provider: str, site: str | None = None) -> PathGate:
+        """site: the receiving site, for the fallback provider's receivers; else None."""
+        key = (source_ip, provider, site)
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = PathGate(self._limits_for(provider))

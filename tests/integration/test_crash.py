@@ -15,15 +15,22 @@ import smtplib
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 from sqlalchemy import func, select
 
-from axiom import admin
 from models import Message, Recipient
 from models.db import make_engine, session_scope
-from tests.conftest import AxiomHome, RelayProcess, Tenant, seed_tenant
+from tests.conftest import AxiomHome, RelayProcess
+from tests.peers.submitters import (
+    QUEUED,
+    Attempt,
+    Ledger,
+    compose,
+    seed_clients,
+    start_clients,
+    wait_for_acks,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,175 +40,6 @@ ROUND_MIN_ACKS = 15  # acknowledged messages in a round before the kill may fall
 ROUND_MAX_SECONDS = 12.0  # bound on one round's traffic phase
 TEST_BUDGET_SECONDS = 60.0  # hard bound on the whole load phase
 BOUND_SOURCE = "127.0.0.2"  # network-bound tenant submits from here, without TLS or AUTH
-QUEUED = re.compile(rb"queued as ([0-9A-Z]{26})")
-
-
-@dataclass
-class Attempt:
-    """One message whose DATA was sent; outcome filled in when the reply (or failure) arrived."""
-
-    seq: str
-    tenant: str
-    mail_from: str
-    recipients: list[str]
-    message_id: str
-    body: bytes
-    raw: bytes
-    outcome: str = "pending"  # queued | refused | unknown
-    queue_id: str | None = None
-    reply: bytes = b""
-
-
-@dataclass
-class Ledger:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    attempts: list[Attempt] = field(default_factory=list)
-    round: int = 0
-    acks_by_round: dict[int, int] = field(default_factory=dict)
-    # sessions that were established (EHLO done) and then died: the kill hit live traffic
-    broken_sessions_by_round: dict[int, int] = field(default_factory=dict)
-    refused_connects: int = 0
-    rejected_replies: list[bytes] = field(default_factory=list)
-    client_errors: list[str] = field(default_factory=list)
-
-    def add(self, attempt: Attempt) -> None:
-        with self.lock:
-            self.attempts.append(attempt)
-
-    def ack(self) -> None:
-        with self.lock:
-            self.acks_by_round[self.round] = self.acks_by_round.get(self.round, 0) + 1
-
-    def broken(self) -> None:
-        with self.lock:
-            self.broken_sessions_by_round[self.round] = (
-                self.broken_sessions_by_round.get(self.round, 0) + 1
-            )
-
-
-def _compose(
-    tenant: Tenant, seq: str, rng: random.Random
-) -> tuple[str, list[str], str, bytes, bytes]:
-    sender = f"sender@{tenant.domain}"
-    recipients = [f"user{rng.randrange(10**6)}@rcpt{k}.example" for k in range(rng.randint(1, 3))]
-    message_id = f"<{seq}.{rng.getrandbits(64):016x}@{tenant.domain}>"
-    lines = [f"crash-test body for {seq}".encode()]
-    for n in range(rng.randint(1, 400)):
-        # leading dots exercise dot-stuffing; line lengths vary up to a few hundred octets
-        prefix = b"." if n % 17 == 0 else b""
-        lines.append(prefix + f"{seq} line {n} ".encode() + b"x" * rng.randint(0, 300))
-    body = b"\r\n".join(lines) + b"\r\n"
-    head = (
-        f"From: Crash Test <{sender}>\r\n"
-        f"To: {', '.join(recipients)}\r\n"
-        f"Subject: crash {seq}\r\n"
-        f"Message-ID: {message_id}\r\n"
-        f"X-Test-Seq: {seq}\r\n"
-    ).encode()
-    return sender, recipients, message_id, body, head + b"\r\n" + body
-
-
-def _client(
-    idx: int,
-    kind: str,
-    tenant: Tenant,
-    relay: RelayProcess,
-    tls: ssl.SSLContext,
-    ledger: Ledger,
-    stop: threading.Event,
-    deadline: float,
-) -> None:
-    rng = random.Random(idx * 7919 + int(time.time()))
-    seq_no = 0
-    host, port = relay.submission
-    source = (BOUND_SOURCE, 0) if kind == "bound" else None
-    while not stop.is_set() and time.monotonic() < deadline:
-        smtp: smtplib.SMTP | None = None
-        established = False
-        attempt: Attempt | None = None
-        try:
-            smtp = smtplib.SMTP(host, port, timeout=10, source_address=source)
-            smtp.ehlo("crash-client.example")
-            if kind == "auth":
-                smtp.starttls(context=tls)
-                smtp.ehlo("crash-client.example")
-                smtp.login(tenant.username, tenant.password)
-            established = True
-            for _ in range(rng.randint(1, 5)):
-                if stop.is_set():
-                    break
-                seq_no += 1
-                seq = f"c{idx:02d}-{seq_no:05d}"
-                sender, rcpts, msgid, body, raw = _compose(tenant, seq, rng)
-                code, reply = smtp.mail(sender)
-                if code != 250:
-                    ledger.rejected_replies.append(reply)
-                    smtp.rset()
-                    continue
-                refused = False
-                for rcpt in rcpts:
-                    code, reply = smtp.rcpt(rcpt)
-                    if code != 250:
-                        ledger.rejected_replies.append(reply)
-                        refused = True
-                        break
-                if refused:
-                    smtp.rset()
-                    continue
-                attempt = Attempt(seq, tenant.name, sender, rcpts, msgid, body, raw)
-                ledger.add(attempt)
-                code, reply = smtp.data(raw)
-                attempt.reply = reply
-                if code == 250:
-                    match = QUEUED.search(reply)
-                    assert match, f"250 without a queue id: {reply!r}"
-                    attempt.queue_id = match.group(1).decode()
-                    attempt.outcome = "queued"
-                    ledger.ack()
-                else:
-                    attempt.outcome = "refused"
-                    ledger.rejected_replies.append(reply)
-                attempt = None
-            smtp.quit()
-        except (smtplib.SMTPException, OSError) as exc:
-            if attempt is not None:
-                attempt.outcome = "unknown"  # DATA sent, no reply: may or may not be stored
-            if established:
-                ledger.broken()
-            elif isinstance(exc, ConnectionRefusedError):
-                with ledger.lock:
-                    ledger.refused_connects += 1
-            else:
-                ledger.broken()  # the kill fell during the greeting, TLS or AUTH
-            time.sleep(0.02 + rng.random() * 0.05)
-        except Exception as exc:  # an assertion or a bug in this client: report it
-            ledger.client_errors.append(f"{kind}-{idx}: {exc!r}")
-            return
-        finally:
-            if smtp is not None:
-                smtp.close()
-
-
-def _seed(home: AxiomHome) -> tuple[Tenant, Tenant]:
-    authed = seed_tenant(home, "crashauth", "crash-auth.example")
-    bound = seed_tenant(home, "crashnet", "crash-net.example")
-    engine = make_engine(home.db_url)
-    try:
-        with session_scope(engine) as s:
-            admin.add_network(s, "crashnet", f"{BOUND_SOURCE}/32")
-            s.commit()
-    finally:
-        engine.dispose()
-    return authed, bound
-
-
-def _wait_for_acks(ledger: Ledger, round_no: int, minimum: int, timeout: float) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if ledger.acks_by_round.get(round_no, 0) >= minimum:
-            break
-        time.sleep(0.02)
-    return ledger.acks_by_round.get(round_no, 0)
 
 
 def _assert_spool_consistent(engine, ledger: Ledger) -> dict[str, int]:
@@ -265,7 +103,7 @@ def _assert_spool_consistent(engine, ledger: Ledger) -> dict[str, int]:
 
 def test_acknowledged_mail_survives_kill9(axiom_home: AxiomHome) -> None:
     started = time.monotonic()
-    authed, bound = _seed(axiom_home)
+    authed, bound = seed_clients(axiom_home, "crash", BOUND_SOURCE)
     # Delivery stays off: the spool must hold exactly what the submission side accepted.
     relay = RelayProcess(axiom_home, {"AXIOM_DELIVERY_ENABLED": "false"})
     tls = ssl.create_default_context(cafile=str(axiom_home.path / "tls" / "cert.pem"))
@@ -277,25 +115,26 @@ def test_acknowledged_mail_survives_kill9(axiom_home: AxiomHome) -> None:
     relay.start()
     ledger.round = 1
     kinds = [("auth", authed), ("bound", bound)]  # half STARTTLS + AUTH, half network-bound
-    threads = [
-        threading.Thread(
-            target=_client,
-            args=(i, *kinds[i % 2], relay, tls, ledger, stop, deadline),
-            name=f"crash-client-{i}",
-            daemon=True,
-        )
-        for i in range(CLIENTS)
-    ]
+    threads: list[threading.Thread] = []
     try:
-        for t in threads:
-            t.start()
+        threads = start_clients(
+            CLIENTS,
+            kinds,
+            relay.submission,
+            tls,
+            ledger,
+            stop,
+            deadline,
+            bound_source=BOUND_SOURCE,
+            prefix="c",
+        )
         for round_no in range(1, ROUNDS + 1):
             if round_no > 1:
                 time.sleep(rng.uniform(0.1, 0.5))  # clients meet a dead port for a while
                 with ledger.lock:
                     ledger.round = round_no
                 relay.start()
-            acks = _wait_for_acks(ledger, round_no, ROUND_MIN_ACKS, ROUND_MAX_SECONDS)
+            acks = wait_for_acks(ledger, round_no, ROUND_MIN_ACKS, ROUND_MAX_SECONDS)
             assert acks >= ROUND_MIN_ACKS, (
                 f"round {round_no}: only {acks} messages acknowledged after restart;"
                 f" client errors {ledger.client_errors[:3]}; rejected {ledger.rejected_replies[:3]}"
@@ -315,7 +154,7 @@ def test_acknowledged_mail_survives_kill9(axiom_home: AxiomHome) -> None:
     relay.start()
     try:
         final_rng = random.Random()
-        sender, rcpts, msgid, body, raw = _compose(bound, "final-00001", final_rng)
+        sender, rcpts, msgid, body, raw = compose(bound, "final-00001", final_rng)
         final = Attempt("final-00001", bound.name, sender, rcpts, msgid, body, raw)
         ledger.add(final)
         with smtplib.SMTP(*relay.submission, timeout=10, source_address=(BOUND_SOURCE, 0)) as s:
