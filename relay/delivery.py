@@ -440,15 +440,14 @@ class DeliveryEngine:
                 await asyncio.sleep(delay)
             attempts = await self._transmit(message, claims, mx, source, provider, gate)
             delivered = sum(1 for a in attempts if a.category == "delivered")
-            if delivered and choice.warmup_day_id is not None:
-                outcome.warmup_sent.append((choice.warmup_day_id, delivered))
             self._conclude(
                 message, attempts, outcome, mx_host=attempts[0].mx_host if attempts else None
             )
             await self._settle(outcome, attempts)
         finally:
-            # The warm-up pick is in WarmupDay.sent now (or came to nothing): stop holding it.
-            self.egress.release(choice.warmup_day_id, delivered)
+            # choose() counted a warm-up pick in WarmupDay.sent; now make it what was delivered.
+            if choice.warmup_day_id is not None:
+                await asyncio.to_thread(self.egress.release, choice.warmup_day_id, delivered)
 
     async def _transmit(
         self,

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, case, select, update
 
 from models import IpAddress, IpPool, IpState, Stream, Suspension, WarmupDay, WarmupPlan
 from relay.clock import Clock
@@ -74,9 +74,6 @@ class Egress:
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
-        # Warm-up day id → picks whose outcome is not yet in WarmupDay.sent. Kept across
-        # snapshot reloads: a reload sees only settled sends, never the ones in flight.
-        self._pending: dict[int, int] = defaultdict(int)
 
     def invalidate(self) -> None:
         with self._lock:
@@ -87,16 +84,40 @@ class Egress:
         return snap.throttles.get((ip, provider)) or snap.throttles.get((ip, ALL_PROVIDERS))
 
     def release(self, warmup_day_id: int | None, delivered: int) -> None:
-        """A pick choose() made is settled: `delivered` more are counted in WarmupDay.sent."""
-        if warmup_day_id is None:
+        """A warm-up pick is over. choose() counted it as one in WarmupDay.sent; make that what
+        was delivered (0 gives the unit back; a message to several recipients counts each).
+        Blocking (a database write): call it from a thread."""
+        if warmup_day_id is None or delivered == 1:
             return
-        with self._lock:
-            self._pending[warmup_day_id] = max(0, self._pending[warmup_day_id] - 1)
-            snap = self._snapshot
-            if snap is not None and delivered:  # until the next reload reads the new count
-                for key, (day_id, cap, sent) in snap.caps.items():
-                    if day_id == warmup_day_id:
-                        snap.caps[key] = (day_id, cap, sent + delivered)
+        change = delivered - 1
+        sent = WarmupDay.sent + change
+        if change < 0:
+            sent = case((WarmupDay.sent + change < 0, 0), else_=WarmupDay.sent + change)
+        with self._engine.begin() as conn:
+            conn.execute(update(WarmupDay).where(WarmupDay.id == warmup_day_id).values(sent=sent))
+        with self._lock:  # until the next reload reads the new count
+            self._set_sent(self._snapshot, warmup_day_id, lambda cap, old: max(0, old + change))
+
+    def _reserve(self, snap: _Snapshot, day_id: int) -> bool:
+        """One unit of today's cap, taken in the database where every node sees it at once:
+        the row decides, not this node's snapshot, or each relay node would fill the cap."""
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                update(WarmupDay)
+                .where(WarmupDay.id == day_id, WarmupDay.sent < WarmupDay.cap)
+                .values(sent=WarmupDay.sent + 1)
+                .returning(WarmupDay.sent)
+            ).first()
+        self._set_sent(snap, day_id, lambda cap, old: cap if row is None else row.sent)
+        return row is not None
+
+    @staticmethod
+    def _set_sent(snap: _Snapshot | None, day_id: int, new) -> None:
+        if snap is None:
+            return
+        for key, (day, cap, sent) in snap.caps.items():
+            if day == day_id:
+                snap.caps[key] = (day, cap, new(cap, sent))
 
     def choose(self, tenant_id: int, stream: str, provider: str) -> EgressChoice:
         with self._lock:  # check and count a warm-up pick together (choose runs in threads)
@@ -150,7 +171,7 @@ class Egress:
             cap = snap.caps.get((ip.id, provider)) or snap.caps.get((ip.id, ALL_PROVIDERS))
             if cap is not None:
                 day_id, limit, sent = cap
-                if sent + self._pending[day_id] >= limit:
+                if sent >= limit:
                     reasons.append(
                         f"{ip.address} reached its warm-up cap of {limit} for {provider} today"
                     )
@@ -162,10 +183,14 @@ class Egress:
             if not snap.ips.get(pool_id):
                 reasons.append(f"pool {pool} has no IP addresses")
             return None
-        ip, day_id = self._rng.choices(candidates, weights=[c[0].weight for c in candidates])[0]
-        if day_id is not None:
-            self._pending[day_id] += 1
-        return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), warmup_day_id=day_id)
+        while candidates:
+            pick = self._rng.choices(candidates, weights=[c[0].weight for c in candidates])[0]
+            ip, day_id = pick
+            if day_id is None or self._reserve(snap, day_id):
+                return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), warmup_day_id=day_id)
+            candidates.remove(pick)  # other nodes used the rest of today's cap
+            reasons.append(f"{ip.address} reached its warm-up cap for {provider} today")
+        return None
 
     def _current(self) -> _Snapshot:
         with self._lock:
