@@ -29,8 +29,9 @@ from relay.clock import SystemClock
 from relay.delivery import DeliveryEngine
 from relay.dns import Resolver
 from relay.http import build_app
+from relay.inbound import InboundContext, InboundHandler, Mailbox
 from relay.keystore import KeyBox
-from relay.metrics import build_metrics
+from relay.metrics import build_inbound_metrics, build_metrics
 from relay.policy import PolicyStore
 from relay.server import (
     ConnectionCounter,
@@ -88,6 +89,17 @@ def build_context(settings: Settings, engine) -> RelayContext:
     )
 
 
+def build_inbound_context(settings: Settings, engine) -> InboundContext:
+    return InboundContext(
+        engine=engine,
+        feedback=Mailbox.of(settings.feedback_mailbox),
+        bounces=Mailbox.of(settings.bounce_mailbox),
+        metrics=build_inbound_metrics(),
+        max_header_fields=settings.max_header_fields,
+        max_header_field_bytes=settings.max_header_field_bytes,
+    )
+
+
 async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool = False) -> None:
     engine = make_engine(settings.db_url)
     ctx = build_context(settings, engine)
@@ -120,6 +132,23 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
             )
         )
         log.info("listening on %s (%s)", listen, "implicit TLS" if implicit else "STARTTLS")
+    if settings.inbound_listen:  # bounces and complaint reports for our own mailboxes
+        host, port = split_host_port(settings.inbound_listen)
+        factory = make_protocol_factory(
+            InboundHandler(build_inbound_context(settings, engine)),
+            hostname=settings.hostname,
+            data_size_limit=settings.inbound_max_message_size,
+            starttls_context=tls,
+            implicit_tls=False,
+            limits=limits,
+            idle_timeout=settings.session_idle_timeout_seconds,
+            commands_per_session=settings.max_commands_per_session,
+            offer_auth=False,
+        )
+        servers.append(await loop.create_server(factory, host, port, reuse_port=reuse_port or None))
+        log.info(
+            "listening on %s (inbound: bounces and complaint reports)", settings.inbound_listen
+        )
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +177,13 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
         http_server = uvicorn.Server(config)
         http_server.install_signal_handlers = lambda: None  # we own the signals
         http_task = asyncio.create_task(http_server.serve())
+        # "ready" means every listener answers: wait for the HTTP endpoint too.
+        while not http_server.started:
+            if http_task.done():
+                raise OSError(
+                    f"AXIOM_HTTP_LISTEN {settings.http_listen}: the HTTP endpoint did not start"
+                )
+            await asyncio.sleep(0.01)
 
     delivery_task = None
     if with_http and settings.delivery_enabled:
