@@ -14,6 +14,7 @@ AXIOM_SCALE_OUT_MESSAGES sets the size of the volume run (default 20,000).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -299,6 +300,39 @@ def _source(captured: bytes) -> str:
     raise AssertionError(captured[:300])
 
 
+# ---------------------------------------------------------------------- CPU accounting
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_component(nodes: list[Node], sinks: dict[str, SmtpSink]) -> dict[str, float]:
+    """CPU seconds so far (user + system, reaped children included) of each part of the run:
+    the relay nodes' process groups, PostgreSQL (the whole shared server), the receivers,
+    this process (the load generator), and the machine as a whole."""
+    groups = {node.proc.pid: node.name for node in nodes if node.proc is not None}
+    groups |= {sink._proc.pid: "receivers" for sink in sinks.values() if sink._proc is not None}
+    totals: Counter[str] = Counter()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rpartition(")")[2].split()
+        jiffies = sum(int(v) for v in fields[11:15])
+        if int(fields[2]) in groups:
+            totals[groups[int(fields[2])]] += jiffies / CLK_TCK
+        elif comm.startswith("postgres"):
+            totals["postgresql"] += jiffies / CLK_TCK
+    times = os.times()
+    totals["load generator"] = times.user + times.system
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    totals["machine busy"] = (sum(values) - values[3] - values[4]) / CLK_TCK
+    return dict(totals)
+
+
 # ---------------------------------------------------------------------- the tests
 def test_two_nodes_accept_and_deliver_without_loss_or_duplicates(cluster):
     node_a, node_b = cluster.nodes
@@ -323,6 +357,7 @@ def test_two_nodes_accept_and_deliver_without_loss_or_duplicates(cluster):
 
     watcher = threading.Thread(target=watch_leases, daemon=True)
     watcher.start()
+    cpu_before = _cpu_by_component(cluster.nodes, cluster.sinks)
     started = time.monotonic()
     load = submit([node_a, node_b], MESSAGES)
     accepted_at = time.monotonic()
@@ -334,6 +369,7 @@ def test_two_nodes_accept_and_deliver_without_loss_or_duplicates(cluster):
             break
         time.sleep(1)
     delivered_at = time.monotonic()
+    cpu_after = _cpu_by_component(cluster.nodes, cluster.sinks)
     done.set()
     watcher.join()
     time.sleep(1)  # a duplicate, if any, would land right behind its original
@@ -363,6 +399,15 @@ def test_two_nodes_accept_and_deliver_without_loss_or_duplicates(cluster):
             .where(Recipient.state != "delivered")
             .group_by(Recipient.state, Recipient.last_reply)
         ).all()
+    wall = delivered_at - started
+    print(
+        "CPU per message (ms), accept + deliver: "
+        + ", ".join(
+            f"{part} {1000 * (cpu_after[part] - cpu_before.get(part, 0)) / MESSAGES:.2f}"
+            for part in cpu_after
+        )
+        + f"; {os.cpu_count()} cores {100 * (cpu_after['machine busy'] - cpu_before['machine busy']) / (wall * (os.cpu_count() or 1)):.0f}% busy"
+    )
     if trouble:
         print("not delivered (state, last reply, count):", trouble)
     assert load.refused == []
@@ -564,3 +609,54 @@ def test_warmup_cap_holds_with_both_nodes_delivering(cluster):
 def _leased(cluster: Cluster) -> int:
     with Session(cluster.engine) as s:
         return s.exec(select(func.count()).where(Recipient.lease_owner.is_not(None))).scalar_one()
+
+
+def test_the_idle_session_reaper_never_lists_a_session_in_use():
+    """Found by the volume run: the reaper awaited each stale session's QUIT with the session
+    still listed, then rebuilt the idle list from before the awaits. A job could take the
+    closing session, and a session a job took meanwhile was listed again, so two jobs ran
+    transactions on one SMTP session (503 bounces of good recipients, recipients in another
+    job's transaction). In-process, with sessions whose QUIT waits until released."""
+    from relay.delivery import ConnectionPool, _Connection
+    from relay.egress import SourceIp
+    from relay.shaping import PathGate
+    from runbooks import loader
+    from runbooks.schema_delivery import PathLimits
+
+    class Session_:
+        def __init__(self, quit_allowed: asyncio.Event):
+            self.is_connected, self._quit_allowed = True, quit_allowed
+
+        async def quit(self) -> None:
+            await self._quit_allowed.wait()
+            self.is_connected = False
+
+        def close(self) -> None:
+            self.is_connected = False
+
+    async def scenario() -> None:
+        quit_allowed = asyncio.Event()
+        pool = ConnectionPool("relay.test", 25, loader.delivery().spec)
+        gate = PathGate(PathLimits(max_connections=2, messages_per_connection=100))
+        source, mx = SourceIp("127.0.0.10", None, "default"), "127.0.0.50"
+        stale, fresh = (_Connection(Session_(quit_allowed), gate) for _ in range(2))
+        for _ in range(2):
+            await gate.connections.acquire()  # each open session holds a slot of its path
+        stale.idle_since -= 60
+        pool._idle[(source.address, mx)] = [stale, fresh]
+        reaper = asyncio.create_task(pool.reap())
+        await asyncio.sleep(0.01)  # the reaper now waits for the stale session's QUIT
+        assert await pool.acquire(source, "mx.test", mx, gate) is fresh
+        second = asyncio.create_task(pool.acquire(source, "mx.test", mx, gate))
+        await asyncio.sleep(0.01)
+        assert not second.done(), "a job was handed the session being closed"
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        quit_allowed.set()
+        await reaper
+        assert pool._idle[(source.address, mx)] == [], "the session in use was listed again"
+        pool.release(fresh, source, mx, True)
+        assert pool._idle[(source.address, mx)] == [fresh]
+
+    asyncio.run(scenario())
