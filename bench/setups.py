@@ -196,6 +196,7 @@ class AxiomRelay:
             AXIOM_SUBMISSION_LISTEN=f"127.0.0.1:{self.port}",
             AXIOM_SUBMISSION_TLS_LISTEN=f"127.0.0.1:{self.tls_port}",
             AXIOM_HTTP_LISTEN=f"127.0.0.1:{self.http_port}",
+            AXIOM_INBOUND_LISTEN="off",  # bounces and ARF reports: not measured here
             AXIOM_RELAY_PROCESSES=str(self.processes),
             # Accept only: this measures submission. (With delivery on and no DNS here, the
             # first attempt would bounce and suppress the benchmark's recipient.)
