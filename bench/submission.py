@@ -224,8 +224,9 @@ def main() -> int:
         postfix = postfix_to_sink("bench-postfix", sink, capture).start()
         stack.callback(postfix.stop)
 
-        opendkim = OpenDkim(DOMAIN).start()
-        stack.callback(opendkim.stop)
+        opendkim = OpenDkim(DOMAIN)
+        stack.callback(opendkim.stop)  # registered first: a failed start cleans up too
+        opendkim.start()
         postfix_dkim = postfix_to_sink(
             "bench-opendkim",
             sink,
@@ -242,8 +243,8 @@ def main() -> int:
             relay = AxiomRelay(processes, domain=DOMAIN)
             stack.callback(relay.remove)
             relay.provision()
-            relay.start()
             stack.callback(relay.stop)
+            relay.start()
             relays[processes] = relay
 
         say("checking every setup before timing it")
