@@ -33,6 +33,25 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 
 
+def _off_is_none(value: object) -> object:
+    """An empty value (or "off") turns an optional listener off."""
+    if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+        return None
+    return value
+
+
+def _mailbox(value: str | None) -> str | None:
+    if value is None:
+        return None
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or "." not in domain or any(c in value for c in " <>,;"):
+        raise ValueError(f"expected one address local@domain, got {value!r}")
+    return value.strip()
+
+
+Mailbox = Annotated[str | None, AfterValidator(_mailbox)]
+
+
 def _loopback_network(value: str) -> str:
     network = ipaddress.ip_network(value, strict=False)  # ValueError names the bad text
     if network.version != 4 or not network.is_loopback or network.num_addresses < 16:
@@ -97,6 +116,25 @@ class Settings(BaseSettings):
     submission_listen: HostPort = "127.0.0.1:2525"
     submission_tls_listen: HostPort = "127.0.0.1:2465"
     http_listen: HostPort = "127.0.0.1:8025"
+    # Bounces and ARF complaint reports addressed to the relay's own domain (relay/inbound.py);
+    # production: the return-path domain's MX on port 25. Empty or "off": no inbound listener.
+    inbound_listen: Annotated[HostPort | None, BeforeValidator(_off_is_none)] = Field(
+        default="127.0.0.1:2527",
+        description="HOST:PORT receiving bounces and complaint reports; empty or off: none",
+    )
+    feedback_address: Mailbox = Field(
+        default=None, description="Where feedback loops send ARF reports; default fbl@HOSTNAME"
+    )
+    bounce_address: Mailbox = Field(
+        default=None,
+        description="Where asynchronous bounces (DSNs) are accepted, also as "
+        "local+tag@domain; default bounces@HOSTNAME",
+    )
+    inbound_max_message_size: int = Field(
+        default=26 * 1024 * 1024,
+        ge=1024,
+        description="Largest bounce or report accepted: room for a returned 25 MiB message",
+    )
     prefect_listen: HostPort = Field(
         default="127.0.0.1:4200", description="The Prefect server `axiom up` runs (UI and API)"
     )
@@ -144,11 +182,13 @@ class Settings(BaseSettings):
         description="Loopback IPv4 network of the simulated MX servers, one address per provider",
     )
     sandbox_feedback_address: str | None = Field(
-        default=None, description="Where simulated providers send ARF reports; default fbl@HOSTNAME"
+        default=None,
+        description="Where simulated providers send ARF reports; default AXIOM_FEEDBACK_ADDRESS",
     )
     sandbox_feedback_smtp: HostPort | None = Field(
         default=None,
-        description="HOST:PORT the ARF reports are sent to; default AXIOM_SUBMISSION_LISTEN",
+        description="HOST:PORT the ARF reports are sent to; default AXIOM_INBOUND_LISTEN "
+        "(AXIOM_SUBMISSION_LISTEN when the inbound listener is off)",
     )
     delivery_lease_seconds: int | None = Field(
         default=None,
@@ -217,6 +257,14 @@ class Settings(BaseSettings):
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'axiom.db').resolve()}"
+
+    @property
+    def feedback_mailbox(self) -> str:
+        return self.feedback_address or f"fbl@{self.hostname}"
+
+    @property
+    def bounce_mailbox(self) -> str:
+        return self.bounce_address or f"bounces@{self.hostname}"
 
     @property
     def cert_path(self) -> Path:

@@ -195,6 +195,11 @@ def child_env(settings: Settings) -> dict[str, str]:
     from sandbox.world import relay_environment
 
     env.update(relay_environment(settings))
+    if settings.inbound_listen:  # the simulated feedback loops report to the relay's inbound
+        env.update(
+            AXIOM_SANDBOX_FEEDBACK_SMTP=settings.inbound_listen,
+            AXIOM_SANDBOX_FEEDBACK_ADDRESS=settings.feedback_mailbox,
+        )
     return env
 
 
@@ -239,6 +244,8 @@ def banner(settings: Settings, demo: dict) -> dict:
     info = {
         "submission": settings.submission_listen,
         "submission_tls": settings.submission_tls_listen,
+        "inbound": settings.inbound_listen,  # bounces and complaint reports; None: off
+        "feedback_address": settings.feedback_mailbox,
         "http": f"http://{settings.http_listen}",
         "prefect_ui": f"http://{prefect_host}:{prefect_port}",
         "prefect_api": f"http://{prefect_host}:{prefect_port}/api",
@@ -318,7 +325,12 @@ def _print_banner(console: Console, info: dict) -> None:
     )
     console.print(
         f"  submission   {info['submission']} (STARTTLS), {info['submission_tls']} (implicit TLS)\n"
-        f"  demo tenant  {info['tenant']}  user {info['username']}  password {info['password']}\n"
+        + (
+            f"  inbound      {info['inbound']} (bounces, ARF reports to {info['feedback_address']})\n"
+            if info["inbound"]
+            else ""
+        )
+        + f"  demo tenant  {info['tenant']}  user {info['username']}  password {info['password']}\n"
         f"  demo domain  {info['domain']} (onboarded in the sandbox)\n"
         f"  Prefect UI   {info['prefect_ui']}\n"
         f"  {info['approvals']}\n"

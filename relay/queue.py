@@ -160,6 +160,43 @@ def _held(claim: Claim, owner: str):
     return and_(Recipient.id == claim.recipient_id, Recipient.lease_owner == owner)
 
 
+def add_suppression(
+    session,
+    *,
+    tenant_id: int,
+    address: str,
+    reason: str,
+    source: str,
+    actor: str,
+    at: datetime,
+    evidence: dict | None = None,
+) -> bool:
+    """Put address on the tenant's suppression list unless it is there already; an address
+    added is audited (suppression.add) in the caller's transaction. True when added."""
+    values = {
+        "tenant_id": tenant_id,
+        "address": address.lower(),
+        "reason": reason[:255],
+        "source": source,
+        "created_at": at,
+    }
+    dialect_insert = sqlite_insert if is_sqlite(session.get_bind()) else pg_insert
+    # RETURNING tells whether a row went in: SQLAlchemy adds RETURNING to this insert on
+    # PostgreSQL by itself, and rowcount is then -1 (true) even when the row was there.
+    stmt = dialect_insert(Suppression).values(**values).on_conflict_do_nothing()
+    inserted = session.connection().execute(stmt.returning(Suppression.id)).first() is not None
+    if inserted:
+        record(
+            session,
+            actor=actor,
+            action="suppression.add",
+            subject=f"recipient:{address.lower()}",
+            evidence={"tenant_id": tenant_id, "reason": reason} | (evidence or {}),
+            at=at,
+        )
+    return inserted
+
+
 def settle(engine: Engine, owner: str, now: datetime, outcome: Settlement) -> None:
     """Write one job's outcome; recipients whose lease was lost are left untouched."""
     from sqlmodel import Session
@@ -244,26 +281,15 @@ def settle(engine: Engine, owner: str, now: datetime, outcome: Settlement) -> No
                 ],
             )
         for tenant_id, address, reason in outcome.suppress:
-            values = {
-                "tenant_id": tenant_id,
-                "address": address.lower(),
-                "reason": reason[:255],
-                "source": "bounce",
-                "created_at": now,
-            }
-            dialect_insert = sqlite_insert if is_sqlite(engine) else pg_insert
-            inserted = conn.execute(
-                dialect_insert(Suppression).values(**values).on_conflict_do_nothing()
-            ).rowcount
-            if inserted:
-                record(
-                    session,
-                    actor="relay:bounce",
-                    action="suppression.add",
-                    subject=f"recipient:{address.lower()}",
-                    evidence={"tenant_id": tenant_id, "reason": reason},
-                    at=now,
-                )
+            add_suppression(
+                session,
+                tenant_id=tenant_id,
+                address=address,
+                reason=reason,
+                source="bounce",
+                actor="relay:bounce",
+                at=now,
+            )
         if outcome.dsns:
             messages, recipients = spool_rows(outcome.dsns)
             conn.execute(insert(Message), messages)

@@ -47,6 +47,17 @@ NO_SIGNING_KEY = "451 4.7.5 No active DKIM key for {domain}; try again later"
 TOO_MANY_HEADERS = "552 5.3.4 Too many header fields (limit {limit})"
 HEADER_TOO_LARGE = "552 5.3.4 A header field is too large (limit {limit} octets)"
 
+# --- inbound: bounces and complaint reports (relay/inbound.py) ---
+INBOUND_RELAY_DENIED = "550 5.7.1 Relay access denied"
+INBOUND_NO_MAILBOX = "550 5.1.1 <{address}>: no such mailbox here"
+INBOUND_NOT_A_REPORT = (
+    "550 5.7.1 Not a report: only delivery status notifications (RFC 3464) and feedback"
+    " reports (RFC 5965) are accepted here"
+)
+INBOUND_RECORDED = "250 2.0.0 Ok: {kind} recorded, {suppressed} recipient(s) suppressed"
+INBOUND_UNMATCHED = "250 2.0.0 Ok: {kind} recorded; it matches no message sent through us"
+INBOUND_NOT_RECORDED = "451 4.3.0 Report not recorded; try again later"
+
 # --- session limits ---
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; try again later"
 SESSION_TOO_LONG = "421 4.4.2 Session time limit reached; closing connection"

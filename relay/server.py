@@ -50,6 +50,7 @@ MAX_DOMAIN = 253  # Recipient.domain; also the longest domain name DNS allows
 DEFAULT_STREAM = "transactional"
 STREAM_HEADER = "x-axiom-stream"
 _STREAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+_BUILTIN_AUTH = ("CRAM-MD5", "LOGIN", "PLAIN")  # aiosmtpd's own auth_* mechanisms
 
 
 @dataclass
@@ -311,18 +312,9 @@ class SubmissionHandler:
         if principal is None:  # unreachable through aiosmtpd's ordering; kept as a guard
             return self._reject("relay_denied", replies.RELAY_DENIED)
         raw: bytes = envelope.original_content or b""
-        if _BARE_CR_OR_LF.search(raw):
-            return self._reject("bare_cr_lf", replies.BARE_CR_OR_LF)
-        headers = MessageHeaders.parse(raw)
-        if len(headers.fields) > self.ctx.max_header_fields:
-            return self._reject(
-                "header_limit", replies.TOO_MANY_HEADERS.format(limit=self.ctx.max_header_fields)
-            )
-        if any(len(f) > self.ctx.max_header_field_bytes for f in headers.fields):
-            return self._reject(
-                "header_limit",
-                replies.HEADER_TOO_LARGE.format(limit=self.ctx.max_header_field_bytes),
-            )
+        headers = screen_data(raw, self.ctx.max_header_fields, self.ctx.max_header_field_bytes)
+        if isinstance(headers, Refusal):
+            return self._reject(headers.reason, headers.reply)
 
         from_values = headers.values("from")
         addresses = getaddresses(from_values) if len(from_values) == 1 else []
@@ -379,16 +371,7 @@ class SubmissionHandler:
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, TLSSetupException):
-            # The client failed its STARTTLS handshake (a prober, a broken client): no internal
-            # error of ours, and aiosmtpd closes the connection without sending a reply.
-            log.info("STARTTLS handshake failed: %s", error.__cause__)
-            self.ctx.metrics.rejected.labels(reason="tls_handshake").inc()
-            return replies.TLS_HANDSHAKE_FAILED
-        ref = secrets.token_hex(4)
-        log.exception("internal error ref=%s", ref, exc_info=error)
-        self.ctx.metrics.rejected.labels(reason="internal_error").inc()
-        return replies.INTERNAL_ERROR.format(ref=ref)
+        return exception_reply(error, self.ctx.metrics.rejected)
 
     # --- helpers ---
     async def _principal(self, session: Session) -> Principal | None:
@@ -426,6 +409,38 @@ class SubmissionHandler:
         return reply
 
 
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # the metric label
+    reply: str
+
+
+def screen_data(raw: bytes, max_fields: int, max_field_bytes: int) -> MessageHeaders | Refusal:
+    """The checks every listener makes of DATA before reading it: line ends, header limits."""
+    if _BARE_CR_OR_LF.search(raw):
+        return Refusal("bare_cr_lf", replies.BARE_CR_OR_LF)
+    headers = MessageHeaders.parse(raw)
+    if len(headers.fields) > max_fields:
+        return Refusal("header_limit", replies.TOO_MANY_HEADERS.format(limit=max_fields))
+    if any(len(f) > max_field_bytes for f in headers.fields):
+        return Refusal("header_limit", replies.HEADER_TOO_LARGE.format(limit=max_field_bytes))
+    return headers
+
+
+def exception_reply(error: Exception, rejected) -> str:
+    """A handler's answer to an exception; rejected: a Counter labelled by reason."""
+    if isinstance(error, TLSSetupException):
+        # The client failed its STARTTLS handshake (a prober, a broken client): no internal
+        # error of ours, and aiosmtpd closes the connection without sending a reply.
+        log.info("STARTTLS handshake failed: %s", error.__cause__)
+        rejected.labels(reason="tls_handshake").inc()
+        return replies.TLS_HANDSHAKE_FAILED
+    ref = secrets.token_hex(4)
+    log.exception("internal error ref=%s", ref, exc_info=error)
+    rejected.labels(reason="internal_error").inc()
+    return replies.INTERNAL_ERROR.format(ref=ref)
+
+
 def _now():
     from datetime import UTC, datetime
 
@@ -442,9 +457,11 @@ def make_protocol_factory(
     limits: SessionLimits,
     idle_timeout: float = 300,
     commands_per_session: int = 1000,
+    offer_auth: bool = True,
 ):
     """One SMTP protocol per connection. On the implicit-TLS listener the transport is already
-    encrypted, so AUTH needs no STARTTLS there."""
+    encrypted, so AUTH needs no STARTTLS there. offer_auth=False (the inbound listener): no
+    mechanism is offered; the handler drops the empty AUTH line from its EHLO answer."""
 
     def factory() -> SubmissionSMTP:
         protocol = SubmissionSMTP(
@@ -455,8 +472,8 @@ def make_protocol_factory(
             enable_SMTPUTF8=True,
             tls_context=None if implicit_tls else starttls_context,
             require_starttls=False,  # bound-network tenants may submit in plaintext
-            auth_require_tls=not implicit_tls,
-            auth_exclude_mechanism=["CRAM-MD5"],
+            auth_require_tls=offer_auth and not implicit_tls,
+            auth_exclude_mechanism=["CRAM-MD5"] if offer_auth else list(_BUILTIN_AUTH),
             timeout=idle_timeout,
             # aiosmtpd counts each verb separately and answers 421 4.7.0 past the limit.
             command_call_limit=commands_per_session,

@@ -121,9 +121,11 @@ class SandboxWorld:
             )
             self.dns_port = self._dns.port
             lookup = SandboxLookup(self.dns_host, self.dns_port)
-            feedback_to = self.settings.sandbox_feedback_address or f"fbl@{self.settings.hostname}"
+            feedback_to = self.settings.sandbox_feedback_address or self.settings.feedback_mailbox
             target = split_host_port(
-                self.settings.sandbox_feedback_smtp or self.settings.submission_listen
+                self.settings.sandbox_feedback_smtp
+                or self.settings.inbound_listen
+                or self.settings.submission_listen
             )
             self._feedback = FeedbackSender(self.state, self.home / "feedback", target, feedback_to)
             self.context = ReceiverContext(

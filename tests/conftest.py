@@ -86,6 +86,14 @@ class AxiomHome:
     ports: dict[str, int] = field(default_factory=dict)
 
     @property
+    def inbound_listen(self) -> str:
+        """Each home's relay its own inbound listener (relay/inbound.py), so relays run side
+        by side; allocated on first use for homes built with the three submission ports."""
+        if "inbound" not in self.ports:
+            self.ports["inbound"] = free_port()
+        return f"127.0.0.1:{self.ports['inbound']}"
+
+    @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AXIOM_")}
         env.update(
@@ -94,6 +102,7 @@ class AxiomHome:
             AXIOM_SUBMISSION_LISTEN=f"127.0.0.1:{self.ports['submission']}",
             AXIOM_SUBMISSION_TLS_LISTEN=f"127.0.0.1:{self.ports['submission_tls']}",
             AXIOM_HTTP_LISTEN=f"127.0.0.1:{self.ports['http']}",
+            AXIOM_INBOUND_LISTEN=self.inbound_listen,
             AXIOM_CONFIG=str(self.path / "axiom.toml"),
             PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
         )
@@ -193,6 +202,11 @@ class RelayProcess:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.home.ports['http']}"
+
+    @property
+    def inbound(self) -> tuple[str, int]:
+        host, _, port = self.home.inbound_listen.rpartition(":")
+        return host, int(port)
 
     def start(self, timeout: float = 30) -> RelayProcess:
         logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)

@@ -32,6 +32,7 @@ def _env(home: Path, db_url: str) -> dict[str, str]:
         AXIOM_SUBMISSION_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SUBMISSION_TLS_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_HTTP_LISTEN=f"127.0.0.1:{free_port()}",
+        AXIOM_INBOUND_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_PREFECT_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SANDBOX_DNS_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SANDBOX_MX_NETWORK=net,

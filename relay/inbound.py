@@ -1,0 +1,139 @@
+"""The inbound listener: bounces and complaint reports addressed to the relay's own mailboxes.
+
+One handle_<VERB> per verb, each check an early return; replies come from relay/replies.py.
+The protocol, its session limits and the DATA screening are the submission server's
+(relay/server.py), without AUTH. Mail from anyone (the null sender included), to the feedback
+and bounce addresses only: this is no relay. DATA must be a DSN (RFC 3464) or an ARF report
+(RFC 5965); anything else is refused, so nothing is acknowledged that is not recorded. A
+report is answered 250 only after what it changed is committed (relay/intake.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay import replies
+from relay.intake import Arrival, record_report
+from relay.metrics import InboundMetrics
+from relay.reports import parse_report
+from relay.server import MAX_DOMAIN, Refusal, _client_ip, _well_formed, exception_reply, screen_data
+
+log = logging.getLogger("axiom.relay.inbound")
+NULL_SENDER = "<>"
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    local: str  # lower-cased
+    domain: str  # lower-cased
+
+    @classmethod
+    def of(cls, address: str) -> Mailbox:
+        local, _, domain = address.rpartition("@")
+        return cls(local.lower(), domain.lower().rstrip("."))
+
+
+@dataclass
+class InboundContext:
+    engine: Engine
+    feedback: Mailbox  # where feedback loops send ARF reports
+    bounces: Mailbox  # where DSNs come back; bounces+TAG@ too
+    metrics: InboundMetrics
+    max_recipients: int = 10
+    max_header_fields: int = 1000
+    max_header_field_bytes: int = 102_400
+
+    @property
+    def domains(self) -> set[str]:
+        return {self.feedback.domain, self.bounces.domain}
+
+    def tag_of(self, address: str) -> str | None:
+        """'' for the feedback or bounce mailbox, the tag of bounces+TAG@, None otherwise."""
+        box = Mailbox.of(address)
+        if box == self.feedback or box == self.bounces:
+            return ""
+        base, plus, tag = box.local.partition("+")
+        if plus and tag and Mailbox(base, box.domain) == self.bounces:
+            return tag
+        return None
+
+
+class InboundHandler:
+    def __init__(self, ctx: InboundContext):
+        self.ctx = ctx
+
+    # --- EHLO: no AUTH here (make_protocol_factory offers no mechanism) ---
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a 5-argument EHLO hook
+        return [r for r in responses if not r.startswith("250-AUTH")]
+
+    # --- MAIL: anyone, the null sender included (RFC 5321 4.5.5: DSNs come from <>) ---
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options
+    ) -> str:
+        if address != NULL_SENDER:
+            local, at, domain = address.rpartition("@")
+            if not at or not local or not domain or not _well_formed(address):
+                return self._reject("bad_sender", replies.BAD_SENDER_ADDRESS)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    # --- RCPT: our feedback and bounce mailboxes only ---
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options
+    ) -> str:
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or not _well_formed(address):
+            return self._reject("bad_recipient", replies.BAD_ADDRESS)
+        if len(domain) > MAX_DOMAIN or domain.lower().rstrip(".") not in self.ctx.domains:
+            return self._reject("relay_denied", replies.INBOUND_RELAY_DENIED)
+        if self.ctx.tag_of(address) is None:
+            return self._reject("no_mailbox", replies.INBOUND_NO_MAILBOX.format(address=address))
+        if len(envelope.rcpt_tos) >= self.ctx.max_recipients:
+            return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RECIPIENT_OK
+
+    # --- DATA: a report, recorded before the 250 ---
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw: bytes = envelope.original_content or b""
+        screened = screen_data(raw, self.ctx.max_header_fields, self.ctx.max_header_field_bytes)
+        if isinstance(screened, Refusal):
+            return self._reject(screened.reason, screened.reply)
+        report = await asyncio.to_thread(parse_report, raw)
+        if report is None:
+            return self._reject("not_a_report", replies.INBOUND_NOT_A_REPORT)
+        tags = tuple(t for t in (self.ctx.tag_of(r) for r in envelope.rcpt_tos) if t)
+        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        arrival = Arrival(mail_from=sender, client_ip=_client_ip(session), tags=tags)
+        try:
+            outcome = await asyncio.to_thread(
+                record_report, self.ctx.engine, report, arrival, datetime.now(UTC)
+            )
+        except SQLAlchemyError as exc:
+            log.error("%s not recorded: %s", report.kind, exc)
+            return self._reject("not_recorded", replies.INBOUND_NOT_RECORDED)
+        self.ctx.metrics.reports.labels(kind=outcome.kind, matched=str(outcome.matched)).inc()
+        if not outcome.matched:
+            return replies.INBOUND_UNMATCHED.format(kind=outcome.kind)
+        return replies.INBOUND_RECORDED.format(
+            kind=outcome.kind, suppressed=len(outcome.suppressed)
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        return exception_reply(error, self.ctx.metrics.rejected)
+
+    def _reject(self, reason: str, reply: str) -> str:
+        self.ctx.metrics.rejected.labels(reason=reason).inc()
+        return reply
