@@ -76,6 +76,10 @@ class Receivers:
         self.sinks[domain] = sink
         return sink
 
+    def address_of(self, domain: str) -> tuple[str, int]:
+        """Where domain's receiver listens."""
+        return self.receivers[domain][1], self.port
+
     @property
     def env(self) -> dict[str, str]:
         return {
