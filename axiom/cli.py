@@ -485,6 +485,51 @@ def audit(
     out.print(table)
 
 
+@app.command()
+def complaints(json_output: JsonFlag = False, limit: int = 50) -> None:
+    """Complaint reports (ARF) the inbound listener recorded, newest last."""
+    from models import AuditEntry
+    from models.db import session_scope
+
+    actions = ("complaint.received", "feedback.received")
+    with session_scope(engine()) as session:
+        entries = session.exec(
+            select(AuditEntry)
+            .where(col(AuditEntry.action).in_(actions))
+            .order_by(col(AuditEntry.id).desc())
+            .limit(limit)
+        ).all()
+    items = [
+        {
+            "at": e.at,
+            "provider": e.evidence.get("provider"),
+            "feedback_type": e.evidence.get("feedback_type"),
+            "recipients": e.evidence.get("recipients", []),
+            "suppressed": e.evidence.get("suppressed", []),
+            "queue_id": e.evidence.get("queue_id"),
+            "tenant_id": e.evidence.get("tenant_id"),
+            "user_agent": e.evidence.get("user_agent"),
+        }
+        for e in reversed(entries)
+    ]
+    if json_output:
+        _print_json(items)
+        return
+    table = Table("at", "provider", "type", "recipient", "queue id", "suppressed", "user agent")
+    for i in items:
+        table.add_row(
+            f"{i['at']:%Y-%m-%d %H:%M:%S}",
+            i["provider"] or "",
+            i["feedback_type"] or "",
+            ", ".join(i["recipients"]),
+            i["queue_id"] or "(no message of ours)",
+            "yes" if i["suppressed"] else "no",
+            (i["user_agent"] or "")[:40],
+        )
+    out.print(table)
+    out.print(f"{len(items)} shown")
+
+
 # ---------------------------------------------------------------- runbooks
 @runbooks_app.command("validate")
 def runbooks_validate(

@@ -164,6 +164,12 @@ def test_a_complaint_report_suppresses_the_recipient_and_later_mail_to_it_is_ref
         "2.0.0 Ok: complaint recorded; it matches no message sent through us",
     )
     assert len(rows(axiom_home, Suppression)) == 1
+    listed = json.loads(axiom_home.cli("complaints", "--json").stdout)
+    assert [(c["provider"], c["recipients"], c["suppressed"], c["queue_id"]) for c in listed] == [
+        ("yahoo", ["ann@yahoo.com"], ["ann@yahoo.com"], queue_id),
+        ("yahoo", [], [], None),
+    ]
+    assert "2 shown" in axiom_home.cli("complaints").stdout
 
 
 # ------------------------------------------------------------------ bounces
