@@ -81,6 +81,7 @@ class Node:
             "AXIOM_SUBMISSION_LISTEN": f"{host}:{self.home.ports['submission']}",
             "AXIOM_SUBMISSION_TLS_LISTEN": f"{host}:{self.home.ports['submission_tls']}",
             "AXIOM_HTTP_LISTEN": f"{host}:{self.home.ports['http']}",
+            "AXIOM_INBOUND_LISTEN": f"{host}:{free_port(host)}",
             "AXIOM_HOSTNAME": f"{name}.axiom.test",
             "AXIOM_MAX_CONNECTIONS_PER_CLIENT": "200",
             **env,
