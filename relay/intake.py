@@ -2,8 +2,10 @@
 
 The message is found by the queue id in the Received header we added (or the tag of a
 bounces+QUEUEID@ address), else by its Message-ID, else by one of its recipients and its
-sending domain. A recipient is suppressed only when it is a recipient of the message found,
-so a report about mail that did not go through us (or a forged one) changes no list: it is
+sending domain. Only mail our tenants sent counts, not the DSNs we sent from the null sender
+(suppressing a customer's own address because someone marked a bounce as spam would be
+wrong). A recipient is suppressed only when it is a recipient of the message found, so a
+report about mail that did not go through us (or a forged one) changes no list: it is
 acknowledged and audited as unmatched. Complaints (abuse, fraud, virus) suppress the
 complaining recipient for the message's tenant; bounces suppress a recipient when the
 Diagnostic-Code classifies (relay.classify) as a permanent hard bounce, as at delivery time.
@@ -33,6 +35,7 @@ COMPLAINT_TYPES = {"abuse", "fraud", "virus"}
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _QUEUE_ID = re.compile(r"[0-9A-Z]{26}")
 MESSAGE_ID_CANDIDATES = 20
+_SUBMITTED = Message.mail_from != ""  # a tenant's mail, not one of our DSNs
 
 
 @dataclass(frozen=True)
@@ -213,14 +216,14 @@ def _find(
             if not _QUEUE_ID.fullmatch(queue_id):
                 continue
             row = session.exec(
-                select(Message.id, Message.tenant_id).where(Message.id == queue_id)
+                select(Message.id, Message.tenant_id).where(Message.id == queue_id, _SUBMITTED)
             ).first()
             if row is not None:
                 return _sent(session, row, source)
     if original.message_id:
         rows = session.exec(
             select(Message.id, Message.tenant_id)
-            .where(Message.message_id_header == original.message_id)
+            .where(Message.message_id_header == original.message_id, _SUBMITTED)
             .order_by(Message.created_at.desc())
             .limit(MESSAGE_ID_CANDIDATES)
         ).all()
@@ -240,6 +243,7 @@ def _find(
                 Recipient.domain == address.rpartition("@")[2],
                 func.lower(Recipient.address) == address,
                 Message.header_from_domain.in_(sorted(domains)),
+                _SUBMITTED,
             )
             .order_by(Message.created_at.desc())
             .limit(1)

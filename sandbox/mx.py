@@ -209,7 +209,8 @@ class ProviderHandler:
             self.ctx.reputation.delivered(p.name, ip)
             reply = self._reply("accepted", ip, rcpt=rcpt, ref=reference)
             self.ctx.record(p.name, ip, rcpt, "accepted", reply)
-            if envelope.mail_from and self._complains(message_id, rcpt):
+            # Nobody's complaints about bounces: aiosmtpd keeps the null sender as "<>".
+            if envelope.mail_from not in ("", "<>") and self._complains(message_id, rcpt):
                 self._complaint(ip, envelope.mail_from, rcpt, message_id, data, header)
         self._count_volume(auth, envelope.mail_from or "", len(envelope.rcpt_tos))
         return self._reply("accepted", ip, ref=reference)

@@ -275,6 +275,32 @@ def test_reports_about_mail_we_did_not_send_change_no_list(engine, acme):
     assert entries[1].subject == "provider:yahoo"
 
 
+def test_a_complaint_about_one_of_our_bounces_suppresses_nobody(engine, acme):
+    from relay.dsn import dsn_entry
+
+    _, data = acme(["pat@example.net"])
+    failure = FailedRecipient("pat@example.net", "5.1.1", "550 5.1.1 unknown", "mx.example.net")
+    notice = build_dsn(  # the DSN the relay itself sent to the customer
+        reporting_mta=HOST,
+        from_local_part="MAILER-DAEMON",
+        original_sender="shop@acme.example",
+        original=data,
+        arrival=NOW,
+        failures=[failure],
+        now=NOW,
+    )
+    entry = dsn_entry(acme.tenant_ids[0], "shop@acme.example", notice, NOW, HOST)
+    messages, recipients = spool_rows([entry])
+    with engine.begin() as conn:
+        conn.execute(insert(Message), messages)
+        conn.execute(insert(Recipient), recipients)
+    # the customer's mailbox provider reports our DSN as spam
+    report = parse_report(arf(notice, "shop@acme.example"))
+    outcome = record_report(engine, report, YAHOO, NOW)
+    assert (outcome.matched, outcome.suppressed) == (False, ())
+    assert rows(engine, Suppression) == []
+
+
 def test_feedback_that_is_no_complaint_is_recorded_without_suppressing(engine, acme):
     _, data = acme(["jo@yahoo.com"])
     report = parse_report(arf(data, "jo@yahoo.com", feedback_type="not-spam"))
