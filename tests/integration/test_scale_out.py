@@ -335,6 +335,7 @@ def _cpu_by_component(nodes: list[Node], sinks: dict[str, SmtpSink]) -> dict[str
 
 
 # ---------------------------------------------------------------------- the tests
+@pytest.mark.timeout(1200)  # 20,000 messages: ~3 min on an idle 2-core machine, more when busy
 def test_two_nodes_accept_and_deliver_without_loss_or_duplicates(cluster):
     node_a, node_b = cluster.nodes
     cluster.start(node_a, node_b)
@@ -496,7 +497,7 @@ def test_suspension_and_warmup_cap_set_through_one_node_bind_the_other(cluster):
             )
             s.commit()
         written_at = time.time()
-        time.sleep(EGRESS_TTL + 4)
+        time.sleep(EGRESS_TTL + 12)
         stop.set()
         sender.join()
         listed = node_a.cli("suspensions", "--json")
@@ -519,8 +520,9 @@ def test_suspension_and_warmup_cap_set_through_one_node_bind_the_other(cluster):
             f"{suspended_ip} came {max(late, default=0):.2f}s later; "
             f"{sum(1 for _, s in after if s == other_ip)} from {other_ip} after it"
         )
-        assert max(late, default=0) <= EGRESS_TTL + 1.0  # the snapshot TTL, plus one job in flight
-        assert sum(1 for dt, s in after if s == other_ip and dt > EGRESS_TTL + 1.0) >= 20
+        # The snapshot TTL plus jobs already in flight (generous: a busy machine slows them).
+        assert max(late, default=0) <= EGRESS_TTL + 6.0
+        assert sum(1 for dt, s in after if s == other_ip and dt > EGRESS_TTL + 6.0) >= 20
         # The suspension is per provider: Yahoo mail still leaves from the suspended address.
         submit([node_a], 30, start=1000, domains=("yahoo.com",))
         _wait(lambda: len(cluster.sinks["yahoo.com"].messages()) == 30, 60, "30 Yahoo")
