@@ -443,6 +443,8 @@ def _captures_with_times(sink: SmtpSink) -> list[tuple[float, str, list[str]]]:
     for path in sink.dump_dir.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
+            if b"X-Client-Addr:" not in data:
+                continue  # smtp-sink is still writing this transaction; the next look sees it
             found.append((path.stat().st_mtime, _source(data), _rcpts(data)))
     return sorted(found)
 
@@ -606,7 +608,14 @@ def test_warmup_cap_holds_with_both_nodes_delivering(cluster):
     print(f"\ncap 5 per address, two delivering nodes: sent {dict(sources)}, {waiting} waiting")
     assert sources == {"127.0.0.10": 5, "127.0.0.11": 5}
     assert sent == [5, 5]
-    assert cluster.states() == {"delivered": 10, "queued": 110} and waiting == 110
+    assert cluster.states() == {"delivered": 10, "queued": 110}
+    # They wait without an attempt spent; almost all say why (a few may still carry the reason
+    # of a pass that found the path busy on a loaded machine).
+    with Session(cluster.engine) as s:
+        attempted = s.exec(
+            select(func.count()).where(Recipient.state == "queued", Recipient.attempts > 0)
+        ).scalar_one()
+    assert attempted == 0 and waiting >= 100
 
 
 def _leased(cluster: Cluster) -> int:
