@@ -28,7 +28,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/python bench/submission.py
+	$(BIN)/python -m bench  # submission, end_to_end, memory, soak (10 min): bench/__main__.py
 
 reliability: install
 	$(BIN)/python -m bench.reliability --json bench/out/reliability.json
