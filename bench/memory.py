@@ -186,7 +186,7 @@ def measure_backend(backend: str, args, stack: ExitStack) -> dict:
             "peak": peak.total_mb,
             "final": samples[-1].total_mb,
             "peak_largest_process": max(s.largest_mb for s in samples),
-            "slope_per_minute": slope_per_minute(
+            "slope_mb_per_minute": slope_per_minute(
                 [(s.at, s.total_mb) for s in samples[len(samples) // 3 :]]
             ),
         },
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rss['at_ready']:.0f}",
             f"{rss['peak']:.0f}",
             f"{rss['final']:.0f}",
-            f"{rss['slope_per_minute']:+.1f}",
+            f"{rss['slope_mb_per_minute']:+.1f}",
             f"{r['delivery_attempts']:,}",
             f"{100 * r['load']['others']:.0f}%",
             "[green]yes[/green]" if r["under_limit"] else "[red]NO[/red]",
