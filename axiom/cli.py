@@ -226,14 +226,13 @@ def relay() -> None:
 @app.command()
 def deliver() -> None:
     """Run only the delivery engine (no listeners): more delivery processes on one spool."""
-    import asyncio
     import logging
 
     s = settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from relay.service import deliver_only
+    from relay.service import deliver_only, run_event_loop
 
-    asyncio.run(deliver_only(s))
+    run_event_loop(s, deliver_only(s))
 
 
 @app.command()

@@ -173,8 +173,10 @@ class AxiomRelay:
         tenant: str = "bench",
         domain: str = "bench.test",
         command: list[str] | None = None,
+        event_loop: str = "uvloop",
     ):
         self.processes = processes
+        self.event_loop = event_loop  # AXIOM_EVENT_LOOP
         self.command = command or [str(VENV_BIN / "axiom"), "relay"]  # another: profiling
         self.tenant = tenant
         self.domain = domain
@@ -198,6 +200,7 @@ class AxiomRelay:
             AXIOM_HTTP_LISTEN=f"127.0.0.1:{self.http_port}",
             AXIOM_INBOUND_LISTEN="off",  # bounces and ARF reports: not measured here
             AXIOM_RELAY_PROCESSES=str(self.processes),
+            AXIOM_EVENT_LOOP=self.event_loop,
             # Accept only: this measures submission. (With delivery on and no DNS here, the
             # first attempt would bounce and suppress the benchmark's recipient.)
             AXIOM_DELIVERY_ENABLED="false",

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import aiosmtplib
 from sqlalchemy import Engine
@@ -30,6 +30,7 @@ from relay.clock import Clock
 from relay.dns import MxResult, Resolver
 from relay.dsn import FailedRecipient, build_dsn, dsn_entry
 from relay.egress import Egress, SourceIp
+from relay.group_commit import GroupCommitter
 from relay.queue import (
     Attempt,
     Claim,
@@ -38,7 +39,7 @@ from relay.queue import (
     claim_due,
     load_messages,
     renew_leases,
-    settle,
+    settle_many,
 )
 from relay.reactions import ReactionEngine
 from relay.retry import has_expired, next_attempt_at
@@ -285,6 +286,13 @@ class DeliveryEngine:
         self._in_flight = 0
         self._held: set[int] = set()  # recipient ids claimed and not yet settled
         self._tasks: set[asyncio.Task] = set()
+        # Outcomes are group-committed: one transaction for what many jobs finished meanwhile,
+        # instead of one transaction (and one thread hop) per message.
+        self.outcomes: GroupCommitter[tuple[datetime, Settlement]] = GroupCommitter(
+            lambda batch: settle_many(self.engine, self.node_id, batch),
+            batch_max=256,
+            name="delivery-outcomes",
+        )
 
     # --- the loop ---
     async def run(self, stop: asyncio.Event, idle_poll: float = 1.0) -> None:
@@ -318,6 +326,7 @@ class DeliveryEngine:
             await self.drain()
             renewer.cancel()
             await self.pool.close_all()
+            self.outcomes.stop()
 
     async def run_once(self) -> int:
         room = self.spec.max_in_flight - self._in_flight
@@ -420,14 +429,16 @@ class DeliveryEngine:
             await self._settle(outcome, attempts)
             return
         provider = provider_for_mx(mx.targets[0].host)
-        choice = await asyncio.to_thread(
-            self.egress.choose, message.tenant_id, message.stream, provider
-        )
+        choice = self.egress.choose_cached(message.tenant_id, message.stream, provider)
+        if choice is None:
+            choice = await asyncio.to_thread(
+                self.egress.choose, message.tenant_id, message.stream, provider
+            )
         now = self.clock.now()
         if choice.source is None:
             until = choice.wait_until or now + timedelta(seconds=self.spec.capped_wait_seconds)
             outcome.postponed = [(c, until, f"waiting: {choice.wait_reason}") for c in claims]
-            await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+            await self.outcomes.submit((now, outcome))
             return
         source = choice.source
         delivered = 0
@@ -439,7 +450,7 @@ class DeliveryEngine:
                     (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
                     for c in claims
                 ]
-                await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+                await self.outcomes.submit((now, outcome))
                 return
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -629,7 +640,7 @@ class DeliveryEngine:
 
     async def _settle(self, outcome: Settlement, attempts: list[Attempt]) -> None:
         now = self.clock.now()
-        await asyncio.to_thread(settle, self.engine, self.node_id, now, outcome)
+        await self.outcomes.submit((now, outcome))
         fired = []
         for attempt in attempts:
             if attempt.source_ip and attempt.provider and attempt.category != "delivered":

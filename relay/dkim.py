@@ -9,13 +9,17 @@ else — header selection, canonicalisation, tag folding — because that is whe
 from __future__ import annotations
 
 import base64
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Literal
 
 import dkim
 import dkim.crypto
+import nacl.encoding
+import nacl.signing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -45,6 +49,27 @@ def _rsa_sign(digest, key):
 # dkimpy looks both names up in its module namespace when signing.
 dkim.parse_pem_private_key = _parse_private_key
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
+
+
+@lru_cache(maxsize=1024)
+def _ed25519_signing_key(seed: bytes, encoder) -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey(seed, encoder=encoder)
+
+
+class _Nacl(types.ModuleType):
+    """pynacl as dkimpy sees it, with SigningKey remembered per key: dkimpy builds one from
+    the seed for every signature, and deriving the key pair cost as much as signing."""
+
+    signing = types.SimpleNamespace(
+        SigningKey=lambda seed, encoder=None: _ed25519_signing_key(seed, encoder),
+        VerifyKey=nacl.signing.VerifyKey,
+    )
+
+    def __getattr__(self, name):
+        return getattr(nacl, name)
+
+
+dkim.nacl = _Nacl("nacl")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ class _Snapshot:
     )  # day, cap, sent
 
 
+class _NeedsDatabase(Exception):
+    """choose_cached() reached a step that needs the database."""
+
+
 class Egress:
     def __init__(
         self, engine: Engine, clock: Clock, ttl: float = 2.0, rng: random.Random | None = None
@@ -74,6 +78,7 @@ class Egress:
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
+        self._inline = False  # inside choose_cached(): no database access allowed
 
     def invalidate(self) -> None:
         with self._lock:
@@ -101,6 +106,8 @@ class Egress:
     def _reserve(self, snap: _Snapshot, day_id: int) -> bool:
         """One unit of today's cap, taken in the database where every node sees it at once:
         the row decides, not this node's snapshot, or each relay node would fill the cap."""
+        if self._inline:
+            raise _NeedsDatabase
         with self._engine.begin() as conn:
             row = conn.execute(
                 update(WarmupDay)
@@ -122,6 +129,22 @@ class Egress:
     def choose(self, tenant_id: int, stream: str, provider: str) -> EgressChoice:
         with self._lock:  # check and count a warm-up pick together (choose runs in threads)
             return self._choose(tenant_id, stream, provider)
+
+    def choose_cached(self, tenant_id: int, stream: str, provider: str) -> EgressChoice | None:
+        """choose() when it needs no database: the snapshot is fresh and the pick reserves no
+        warm-up cap. Else None, and the caller runs choose() in a thread. Microseconds, so
+        the delivery engine asks here first instead of paying a thread hop per message."""
+        with self._lock:
+            snap = self._snapshot
+            if snap is None or time.monotonic() - snap.loaded_at >= self._ttl:
+                return None
+            self._inline = True
+            try:
+                return self._choose(tenant_id, stream, provider)
+            except _NeedsDatabase:
+                return None
+            finally:
+                self._inline = False
 
     def _choose(self, tenant_id: int, stream: str, provider: str) -> EgressChoice:
         snap = self._current()

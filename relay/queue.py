@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy import Engine, bindparam, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -156,10 +156,6 @@ def load_messages(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:
         return {row[0]: QueuedMessage(*row) for row in conn.execute(stmt)}
 
 
-def _held(claim: Claim, owner: str):
-    return and_(Recipient.id == claim.recipient_id, Recipient.lease_owner == owner)
-
-
 def add_suppression(
     session,
     *,
@@ -197,105 +193,139 @@ def add_suppression(
     return inserted
 
 
+# One statement each, executed with many parameter sets: a batch of outcomes costs one
+# statement compilation and one round of executemany, not one ORM update per recipient.
+_FINISH = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
+    .values(
+        state=bindparam("b_state"),
+        attempts=bindparam("b_attempts"),
+        last_reply=bindparam("b_reply"),
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_DEFER = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
+    .values(
+        attempts=bindparam("b_attempts"),
+        next_attempt_at=bindparam("b_when"),
+        last_reply=bindparam("b_reply"),
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_POSTPONE = (
+    update(Recipient)
+    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
+    .values(
+        next_attempt_at=bindparam("b_when"),
+        last_reply=bindparam("b_reply"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+
+
+def _event_row(now: datetime, a: Attempt) -> dict:
+    return {
+        "at": now,
+        "message_id": a.claim.message_id,
+        "recipient_id": a.claim.recipient_id,
+        "recipient": a.claim.address,
+        "source_ip": a.source_ip,
+        "provider": a.provider,
+        "mx_host": a.mx_host,
+        "reply_code": a.reply_code,
+        "enhanced_code": a.enhanced_code,
+        "reply_text": (a.reply_text or "")[:2000] or None,
+        "category": a.category,
+        "permanent": a.permanent,
+        "action": a.action,
+        "latency_ms": a.latency_ms,
+    }
+
+
 def settle(engine: Engine, owner: str, now: datetime, outcome: Settlement) -> None:
     """Write one job's outcome; recipients whose lease was lost are left untouched."""
+    settle_many(engine, owner, [(now, outcome)])
+
+
+def settle_many(engine: Engine, owner: str, batch: list[tuple[datetime, Settlement]]) -> None:
+    """Write several jobs' outcomes in one transaction (relay/settler.py groups them)."""
     from sqlmodel import Session
 
-    events = []
+    finish, defer, postpone, events = [], [], [], []
+    for now, outcome in batch:
+        for attempt in outcome.delivered:
+            finish.append(_finished(owner, now, attempt, RecipientState.delivered, 1))
+            events.append(_event_row(now, attempt))
+        for attempt, state in outcome.failed:
+            bounced = state == RecipientState.bounced
+            finish.append(_finished(owner, now, attempt, state, int(bounced)))
+            events.append(_event_row(now, attempt))
+        for attempt, when in outcome.deferred:
+            defer.append(
+                {
+                    "b_id": attempt.claim.recipient_id,
+                    "b_owner": owner,
+                    "b_attempts": attempt.claim.attempts + 1,
+                    "b_when": when,
+                    "b_reply": attempt.reply,
+                    "b_now": now,
+                }
+            )
+            events.append(_event_row(now, attempt))
+        for claim, when, reason in outcome.postponed:
+            postpone.append(
+                {
+                    "b_id": claim.recipient_id,
+                    "b_owner": owner,
+                    "b_when": when,
+                    "b_reply": reason[:1000],
+                }
+            )
     with Session(engine) as session:
         conn = session.connection()
-        for attempt in outcome.delivered:
-            conn.execute(
-                update(Recipient)
-                .where(_held(attempt.claim, owner))
-                .values(
-                    state=RecipientState.delivered,
-                    attempts=attempt.claim.attempts + 1,
-                    last_reply=attempt.reply,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            events.append(attempt)
-        for attempt, when in outcome.deferred:
-            conn.execute(
-                update(Recipient)
-                .where(_held(attempt.claim, owner))
-                .values(
-                    attempts=attempt.claim.attempts + 1,
-                    next_attempt_at=when,
-                    last_reply=attempt.reply,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            events.append(attempt)
-        for attempt, state in outcome.failed:
-            conn.execute(
-                update(Recipient)
-                .where(_held(attempt.claim, owner))
-                .values(
-                    state=state,
-                    attempts=attempt.claim.attempts + (state == RecipientState.bounced),
-                    last_reply=attempt.reply,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            events.append(attempt)
-        for claim, when, reason in outcome.postponed:
-            conn.execute(
-                update(Recipient)
-                .where(_held(claim, owner))
-                .values(
-                    next_attempt_at=when,
-                    last_reply=reason[:1000],
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
+        for statement, rows in ((_FINISH, finish), (_DEFER, defer), (_POSTPONE, postpone)):
+            if rows:
+                conn.execute(statement, rows)
         if events:
-            conn.execute(
-                insert(DeliveryEvent),
-                [
-                    {
-                        "at": now,
-                        "message_id": a.claim.message_id,
-                        "recipient_id": a.claim.recipient_id,
-                        "recipient": a.claim.address,
-                        "source_ip": a.source_ip,
-                        "provider": a.provider,
-                        "mx_host": a.mx_host,
-                        "reply_code": a.reply_code,
-                        "enhanced_code": a.enhanced_code,
-                        "reply_text": (a.reply_text or "")[:2000] or None,
-                        "category": a.category,
-                        "permanent": a.permanent,
-                        "action": a.action,
-                        "latency_ms": a.latency_ms,
-                    }
-                    for a in events
-                ],
-            )
-        for tenant_id, address, reason in outcome.suppress:
-            add_suppression(
-                session,
-                tenant_id=tenant_id,
-                address=address,
-                reason=reason,
-                source="bounce",
-                actor="relay:bounce",
-                at=now,
-            )
-        if outcome.dsns:
-            messages, recipients = spool_rows(outcome.dsns)
-            conn.execute(insert(Message), messages)
-            conn.execute(insert(Recipient), recipients)
-        for day_id, count in outcome.warmup_sent:
-            conn.execute(
-                update(WarmupDay).where(WarmupDay.id == day_id).values(sent=WarmupDay.sent + count)
-            )
+            conn.execute(insert(DeliveryEvent), events)
+        for now, outcome in batch:
+            for tenant_id, address, reason in outcome.suppress:
+                add_suppression(
+                    session,
+                    tenant_id=tenant_id,
+                    address=address,
+                    reason=reason,
+                    source="bounce",
+                    actor="relay:bounce",
+                    at=now,
+                )
+            if outcome.dsns:
+                messages, recipients = spool_rows(outcome.dsns)
+                conn.execute(insert(Message), messages)
+                conn.execute(insert(Recipient), recipients)
+            for day_id, count in outcome.warmup_sent:
+                conn.execute(
+                    update(WarmupDay)
+                    .where(WarmupDay.id == day_id)
+                    .values(sent=WarmupDay.sent + count)
+                )
         session.commit()
+
+
+def _finished(owner: str, now: datetime, attempt: Attempt, state, counted: int) -> dict:
+    return {
+        "b_id": attempt.claim.recipient_id,
+        "b_owner": owner,
+        "b_state": state,
+        "b_attempts": attempt.claim.attempts + counted,
+        "b_reply": attempt.reply,
+        "b_now": now,
+    }

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
-from relay import replies
+from relay import replies, smtp_tables
 from relay.auth import LockoutTracker, Principal
 from relay.dkim import sign
 from relay.message import MessageHeaders
@@ -32,6 +32,7 @@ from relay.spool import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
 from runbooks.schema import DkimSigningSpec
 
 log = logging.getLogger("axiom.relay")
+smtp_tables.install()  # aiosmtpd's method tables once per class, not per connection
 
 # RFC 5321 2.3.8: CR and LF occur in DATA only as CRLF. A bare one next to a dot is how SMTP
 # smuggling hides a second end-of-data from a receiver that accepts other line ends (SEC
@@ -117,6 +118,22 @@ class SubmissionSMTP(SMTP):
         if self._session_deadline is not None:
             self._session_deadline.cancel()
         super().connection_lost(error)
+
+    def eof_received(self):
+        keep_open = super().eof_received()
+        # aiosmtpd cancels its handler task here and leaves closing the transport to that
+        # task's CancelledError handler. Under uvloop a client that closes at once can have
+        # its EOF read in the same loop iteration as connection_made: the task is cancelled
+        # before its first step, that handler never runs, and the half-open connection
+        # stayed forever with its slot of max_connections_per_client (found when the relay
+        # moved to uvloop: three such clients locked their address out). The client has
+        # stopped sending and the handler is gone, so close (buffered replies still go out).
+        self.loop.call_soon(self._close_after_eof)
+        return keep_open
+
+    def _close_after_eof(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     async def _handle_client(self):
         if self._refusal is not None:

@@ -247,6 +247,18 @@ def _ping(engine) -> None:
         conn.execute(text("SELECT 1"))
 
 
+def run_event_loop(settings: Settings, main) -> None:
+    """Run main (a coroutine) on the event loop AXIOM_EVENT_LOOP names. uvloop (libuv) costs
+    the relay markedly less CPU per SMTP session than the standard library's selector loop;
+    aiosmtpd (STARTTLS through transport.set_protocol) and aiosmtplib both support it."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def run(settings: Settings) -> None:
     """Entry point of `axiom relay`."""
     extra = settings.relay_processes - 1
@@ -259,7 +271,7 @@ def run(settings: Settings) -> None:
             )
         )
     try:
-        asyncio.run(serve(settings, with_http=True, reuse_port=extra > 0))
+        run_event_loop(settings, serve(settings, with_http=True, reuse_port=extra > 0))
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -279,4 +291,5 @@ if __name__ == "__main__":  # the extra listener processes
     from axiom.settings import load_settings
 
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(load_settings(), with_http=False, reuse_port=True))
+    listener_settings = load_settings()
+    run_event_loop(listener_settings, serve(listener_settings, with_http=False, reuse_port=True))

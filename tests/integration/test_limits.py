@@ -73,7 +73,8 @@ def _send(client: Client, message: bytes) -> str:
 def test_connections_per_client_address(limited):
     time.sleep(0.5)  # the readiness probe's connection must have been closed on the server side
     clients = [Client(limited) for _ in range(3)]
-    assert all(c.reply().startswith("220") for c in clients)
+    greetings = [c.reply() for c in clients]
+    assert all(g.startswith("220") for g in greetings), greetings
     extra = Client(limited)
     assert extra.reply() == "421 4.7.0 Too many connections from your address; try again later"
     clients[0].close()
@@ -81,6 +82,22 @@ def test_connections_per_client_address(limited):
     again = Client(limited)
     assert again.reply().startswith("220")
     for c in (*clients[1:], again, extra):
+        c.close()
+
+
+def test_clients_that_close_at_once_give_their_slots_back(limited):
+    # Connect and close without a word, before and after the greeting, more times than the
+    # per-address limit (3): each closed connection must give its slot back, or the address
+    # is locked out (aiosmtpd under uvloop left such connections half-open).
+    for _ in range(4):
+        socket.create_connection(limited.submission, timeout=5).close()
+        greeted = Client(limited)
+        assert greeted.reply().startswith("220")
+        greeted.close()
+    time.sleep(0.5)
+    clients = [Client(limited) for _ in range(3)]
+    assert [c.reply()[:3] for c in clients] == ["220", "220", "220"]
+    for c in clients:
         c.close()
 
 

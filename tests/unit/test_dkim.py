@@ -395,3 +395,20 @@ def test_relaxed_canonicalisation_survives_transit_changes(transit):
     changed = transit(signatures + message)
     assert changed != signatures + message
     assert verify_all(changed) == [True, True]
+
+
+def test_ed25519_key_is_derived_once_and_signs_like_dkimpy_alone():
+    # dkimpy builds a nacl SigningKey from the seed for every signature; relay/dkim.py hands
+    # it a remembered one. Ed25519 is deterministic: the signature must not change.
+    import nacl
+
+    message = MESSAGES["typical"]
+    relay_dkim._ed25519_signing_key.cache_clear()
+    with mock.patch("dkim.time.time", return_value=PINNED_TIME):
+        cached = [sign(message, [ed_key()], SPEC) for _ in range(3)]
+        with mock.patch.object(dkim, "nacl", nacl):  # dkimpy as shipped
+            plain = sign(message, [ed_key()], SPEC)
+    assert cached[0] == cached[1] == cached[2] == plain
+    info = relay_dkim._ed25519_signing_key.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    assert verify_all(plain + message) == [True]

@@ -52,3 +52,22 @@ def test_batch_with_one_bad_entry_commits_the_others(engine):
     with Session(engine) as s:
         assert s.exec(select(func.count()).select_from(Message)).one() == 10
         assert s.exec(select(func.count()).select_from(Recipient)).one() == 10
+
+
+def test_queue_ids_are_unique_time_sorted_and_differ_in_a_forked_child():
+    import os
+
+    ids = [new_queue_id(1_800_000_000.0) for _ in range(50_000)]
+    assert len(set(ids)) == len(ids)  # same millisecond: the 80 random bits alone
+    assert all(len(i) == 26 for i in ids)
+    assert new_queue_id(1_800_000_000.0) < new_queue_id(1_800_000_000.002)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes its next id; the parent's PRNG state must not repeat
+        os.write(write, new_queue_id(1_800_000_000.0).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read), os.close(write)
+    assert child != new_queue_id(1_800_000_000.0)
+    assert len(child) == 26
