@@ -1,8 +1,11 @@
 """Wires the relay together and runs it: listeners, spool writer, HTTP endpoint, signals.
 
-With AXIOM_RELAY_PROCESSES=N the parent starts N-1 extra listener processes sharing the
-ports through SO_REUSEPORT (the kernel spreads connections), because one Python process
-tops out at one core. Children die with the parent (PR_SET_PDEATHSIG).
+With AXIOM_RELAY_PROCESSES=N > 1 the parent starts N listener processes sharing the ports
+through SO_REUSEPORT (the kernel spreads connections evenly), because one Python process tops
+out at one core, and itself runs the delivery engine and the HTTP endpoint without
+listening: a parent that listened too got an equal share of the connections on top of all
+the delivery work and was the bottleneck end to end. Children die with the parent
+(PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ctypes
 import gc
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -100,7 +104,18 @@ def build_inbound_context(settings: Settings, engine) -> InboundContext:
     )
 
 
-async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool = False) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    with_http: bool = True,
+    reuse_port: bool = False,
+    listen: bool = True,
+    wake_from: tuple[int, ...] = (),
+    wake_parent: bool = False,
+) -> None:
+    """wake_from: pipes from listener processes, one byte per committed spool batch, which
+    wake this process's delivery engine; wake_parent: this listener process writes those
+    bytes to its stdout."""
     engine = make_engine(settings.db_url)
     ctx = build_context(settings, engine)
     ctx.spool.start()
@@ -111,11 +126,12 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
     )
     loop = asyncio.get_running_loop()
     servers = []
-    for listen, implicit in (
+    submission = [
         (settings.submission_listen, False),
         (settings.submission_tls_listen, True),
-    ):
-        host, port = split_host_port(listen)
+    ]
+    for address, implicit in submission if listen else []:
+        host, port = split_host_port(address)
         factory = make_protocol_factory(
             handler,
             hostname=settings.hostname,
@@ -131,8 +147,8 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
                 factory, host, port, ssl=tls if implicit else None, reuse_port=reuse_port or None
             )
         )
-        log.info("listening on %s (%s)", listen, "implicit TLS" if implicit else "STARTTLS")
-    if settings.inbound_listen:  # bounces and complaint reports for our own mailboxes
+        log.info("listening on %s (%s)", address, "implicit TLS" if implicit else "STARTTLS")
+    if settings.inbound_listen and listen:  # bounces and complaint reports for our own mailboxes
         host, port = split_host_port(settings.inbound_listen)
         factory = make_protocol_factory(
             InboundHandler(build_inbound_context(settings, engine)),
@@ -189,6 +205,9 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
     if with_http and settings.delivery_enabled:
         delivery = build_delivery_engine(settings, engine)
         ctx.spool.on_commit = delivery.wake.set  # new mail starts out at once, not at the next poll
+        for fd in wake_from:  # and so does mail the listener processes spooled
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, _woken, loop, fd, delivery.wake)
         delivery_task = asyncio.create_task(delivery.run(stop))
 
     # Everything allocated so far (settings, engine, runbooks, imported modules: hundreds of
@@ -197,6 +216,9 @@ async def serve(settings: Settings, *, with_http: bool = True, reuse_port: bool 
     # event loop's time at a few hundred messages per second.
     gc.freeze()
     print(f"axiom relay ready pid={os.getpid()}", flush=True)
+    if wake_parent:
+        os.set_blocking(sys.stdout.fileno(), False)
+        ctx.spool.on_commit = _wake_parent
     await stop.wait()
     log.info("stopping")
     if delivery_task is not None:
@@ -261,17 +283,24 @@ def run_event_loop(settings: Settings, main) -> None:
 
 def run(settings: Settings) -> None:
     """Entry point of `axiom relay`."""
-    extra = settings.relay_processes - 1
+    listeners = settings.relay_processes if settings.relay_processes > 1 else 0
     children: list[subprocess.Popen] = []
-    for _ in range(extra):
+    for _ in range(listeners):
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "relay.service", "--listener-only"],
+                stdout=subprocess.PIPE,
+                text=True,
                 preexec_fn=_die_with_parent,
             )
         )
     try:
-        run_event_loop(settings, serve(settings, with_http=True, reuse_port=extra > 0))
+        for child in children:
+            _wait_until_listening(child)
+        pipes = tuple(child.stdout.fileno() for child in children if child.stdout is not None)
+        run_event_loop(
+            settings, serve(settings, with_http=True, listen=not children, wake_from=pipes)
+        )
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -279,6 +308,34 @@ def run(settings: Settings) -> None:
         for child in children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=10)
+
+
+def _wake_parent() -> None:
+    with contextlib.suppress(BlockingIOError):  # a full pipe: the parent is awake already
+        os.write(1, b"w")
+
+
+def _woken(loop, fd: int, wake: asyncio.Event) -> None:
+    try:
+        data = os.read(fd, 4096)
+    except BlockingIOError:
+        return
+    if not data:  # the listener process is gone
+        loop.remove_reader(fd)
+    wake.set()
+
+
+def _wait_until_listening(child: subprocess.Popen, timeout: float = 60) -> None:
+    """The parent says ready only once every listener process listens."""
+    assert child.stdout is not None
+    ready, _, _ = select.select([child.stdout], [], [], timeout)
+    line = child.stdout.readline() if ready else ""
+    if not line.startswith("axiom relay ready"):
+        child.kill()
+        raise OSError(
+            f"a listener process did not start listening (exit status {child.wait()}); "
+            "its error is above"
+        )
 
 
 def _die_with_parent() -> None:
@@ -292,4 +349,7 @@ if __name__ == "__main__":  # the extra listener processes
 
     logging.basicConfig(level=logging.WARNING)
     listener_settings = load_settings()
-    run_event_loop(listener_settings, serve(listener_settings, with_http=False, reuse_port=True))
+    run_event_loop(
+        listener_settings,
+        serve(listener_settings, with_http=False, reuse_port=True, wake_parent=True),
+    )

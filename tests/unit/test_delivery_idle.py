@@ -25,6 +25,7 @@ def _idle_engine(cls=DeliveryEngine):
     engine.spec = SimpleNamespace(lease_seconds=3600)
     engine.pool = _IdlePool()
     engine._held, engine._tasks = set(), set()
+    engine.outcomes = SimpleNamespace(stop=lambda: None)  # nothing to settle
 
     async def run_once() -> int:
         return 0
