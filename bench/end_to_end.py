@@ -3,7 +3,8 @@ has accepted them, 2 KB messages, smtp-source with 20 concurrent sessions and a 
 connection per message, side by side in the same run:
 
   1. Axiom (`axiom relay`, fresh AXIOM_HOME, network-bound tenant, delivery on,
-     AXIOM_RELAY_PROCESSES=1 and =2): policy checks, RSA-2048 + Ed25519 DKIM signatures, a
+     AXIOM_RELAY_PROCESSES=1, and =3: two listener processes and a main process that
+     delivers): policy checks, RSA-2048 + Ed25519 DKIM signatures, a
      durable spool commit before every 250, then MX lookup through Knot (AXIOM_DNS_NAMESERVERS)
      and SMTP delivery to the sink on AXIOM_DELIVERY_PORT;
   2. Postfix relaying everything to the same sink (relayhost).
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="target length of a run")
     parser.add_argument("--warmup", type=int, default=300, help="messages before timing")
     parser.add_argument("--max-messages", type=int, default=20000)
-    parser.add_argument("--processes", default="1,2", help="AXIOM_RELAY_PROCESSES values")
+    parser.add_argument("--processes", default="1,3", help="AXIOM_RELAY_PROCESSES values")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="messages/s (default: half the peak)")
     parser.add_argument("--peak-rate", type=float, help="peak msg/s measured elsewhere")
     parser.add_argument("--peak-source", default="given on the command line")
-    parser.add_argument("--processes", type=int, default=2, help="AXIOM_RELAY_PROCESSES")
+    parser.add_argument("--processes", type=int, default=3, help="AXIOM_RELAY_PROCESSES")
     parser.add_argument("--drain-seconds", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)

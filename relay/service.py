@@ -1,11 +1,11 @@
 """Wires the relay together and runs it: listeners, spool writer, HTTP endpoint, signals.
 
-With AXIOM_RELAY_PROCESSES=N > 1 the parent starts N listener processes sharing the ports
-through SO_REUSEPORT (the kernel spreads connections evenly), because one Python process tops
-out at one core, and itself runs the delivery engine and the HTTP endpoint without
-listening: a parent that listened too got an equal share of the connections on top of all
-the delivery work and was the bottleneck end to end. Children die with the parent
-(PR_SET_PDEATHSIG).
+AXIOM_RELAY_PROCESSES=N is the number of processes in all. N=1: one process listens and
+delivers. N>1: the parent starts N-1 listener processes sharing the ports through
+SO_REUSEPORT (the kernel spreads connections evenly), because one Python process tops out at
+one core, and itself runs the delivery engine and the HTTP endpoint without listening: a
+parent that listened too got an equal share of the connections on top of all the delivery
+work and was the bottleneck end to end. Children die with the parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 
-import uvicorn
 from sqlalchemy import text
 
 from axiom.settings import Settings, split_host_port
@@ -30,9 +29,6 @@ from models.audit_trail import record
 from models.db import make_engine, session_scope
 from relay.auth import CredentialCache, LockoutTracker
 from relay.clock import SystemClock
-from relay.delivery import DeliveryEngine
-from relay.dns import Resolver
-from relay.http import build_app
 from relay.inbound import InboundContext, InboundHandler, Mailbox
 from relay.keystore import KeyBox
 from relay.metrics import build_inbound_metrics, build_metrics
@@ -45,8 +41,12 @@ from relay.server import (
     make_protocol_factory,
 )
 from relay.spool import Spool
-from runbooks import loader as runbooks
 from runbooks.loader import dkim_signing
+
+# The delivery engine (aiosmtplib, dnspython, classification rules) and the HTTP endpoint
+# (uvicorn, starlette) are imported where they are used: listener processes
+# (AXIOM_RELAY_PROCESSES > 1) never use them, and each of those processes is ~30 MB smaller
+# for it.
 
 log = logging.getLogger("axiom.relay")
 
@@ -172,6 +172,10 @@ async def serve(
 
     http_task = None
     if with_http:
+        import uvicorn
+
+        from relay.http import build_app
+
         http_host, http_port = split_host_port(settings.http_listen)
 
         async def health():
@@ -234,7 +238,11 @@ async def serve(
     engine.dispose()
 
 
-def build_delivery_engine(settings: Settings, engine) -> DeliveryEngine:
+def build_delivery_engine(settings: Settings, engine):
+    from relay.delivery import DeliveryEngine
+    from relay.dns import Resolver
+    from runbooks import loader as runbooks
+
     shaping = runbooks.shaping()
     delivery = runbooks.delivery().spec
     if settings.delivery_lease_seconds is not None:
@@ -283,7 +291,7 @@ def run_event_loop(settings: Settings, main) -> None:
 
 def run(settings: Settings) -> None:
     """Entry point of `axiom relay`."""
-    listeners = settings.relay_processes if settings.relay_processes > 1 else 0
+    listeners = settings.relay_processes - 1
     children: list[subprocess.Popen] = []
     for _ in range(listeners):
         children.append(
