@@ -527,6 +527,10 @@ def relay_to(
     )
 
 
+def _finished_capture(data: bytes) -> bool:
+    return b"X-Rcpt-Args:" in data and data.endswith(b"\n\n")
+
+
 class SmtpSink:
     """Postfix's smtp-sink on a free loopback port. `options` are smtp-sink's own, e.g.
     ["-r", "RCPT"] (450 to RCPT), ["-f", "DATA"] (5xx to DATA), ["-Q", "MAIL"] (421 and
@@ -631,13 +635,19 @@ class SmtpSink:
             return ""
 
     def messages(self) -> list[bytes]:
-        """Captured transactions (capture=True), oldest first."""
+        """Completed captured transactions (capture=True), oldest first.
+
+        smtp-sink opens a transaction's file when the transaction starts and writes it as it
+        goes; a finished one holds its envelope records and ends with an empty line (smtp-sink
+        (1), DUMP FILE FORMAT). Files still being written are left out, so a test that counts
+        messages never reads half of one."""
         if self.dump_dir is None:
             raise PostfixError("SmtpSink(capture=True) is needed to read messages")
         files = sorted(
             (p for p in self.dump_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime
         )
-        return [p.read_bytes() for p in files]
+        captured = (p.read_bytes() for p in files)
+        return [data for data in captured if _finished_capture(data)]
 
     def __enter__(self) -> SmtpSink:
         return self.start()
