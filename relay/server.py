@@ -40,6 +40,7 @@ smtp_tables.install()  # aiosmtpd's method tables once per class, not per connec
 # dot of "\r\n.\n" is gone; refusing every bare CR or LF closes all published variants.
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ROUTED_LOCAL_PART = re.compile(r"[%!]")
+_MALFORMED = "553 5.1.3 Error: malformed address"  # aiosmtpd's reply when _getaddr fails
 # Client text reaches the database and, echoed, the wire. aiosmtpd decodes invalid UTF-8 to lone
 # surrogates, which no driver encodes; PostgreSQL refuses NUL; VARCHAR columns refuse overlong
 # values. Any of these in a spool row fails its whole group commit, so they are refused or
@@ -77,8 +78,19 @@ class SubmissionSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return  # aiosmtpd goes on with lines it had buffered when it closed the connection
         if isinstance(status, str):
+            if self._in_mail and status.startswith(_MALFORMED):
+                status = replies.BAD_SENDER_ADDRESS  # aiosmtpd says the same for MAIL and RCPT
             status = _clean_text(replies.translate(status), _REPLY_UNSAFE)
         await super().push(status)
+
+    _in_mail = False
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._in_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._in_mail = False
 
     async def handle_exception(self, error: Exception) -> str:
         if self.transport is None or self.transport.is_closing():

@@ -364,8 +364,8 @@ MATRIX = [
         "shop@other.example.",
         "bob@example.org",
         None,
-        501,  # aiosmtpd's parser refuses it before policy; the reply text says "recipient"
-        "5.1.3 Bad recipient address syntax",
+        501,  # aiosmtpd's parser refuses it before policy
+        "5.1.7 Bad sender address syntax",
     ),
     (
         "envelope as a subdomain of B",
@@ -381,7 +381,7 @@ MATRIX = [
         "bob@example.org",
         None,
         501,
-        "5.1.3",
+        "5.1.7",  # a bad sender address (RFC 3463 X.1.7)
     ),
     (
         "header From B",

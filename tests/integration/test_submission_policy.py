@@ -168,6 +168,9 @@ def test_policy_matrix_exact_replies_and_nothing_spooled(world):
         ("shop@acme.example", ["evil!bob@example.org"], None, 501, "5.1.3 Percent-hack"),
         ("shop@acme.example", ["@relay.example:bob@example.org"], None, 501, "5.1.3 Bad recipient"),
         ("shop@acme.example", ["not-an-address"], None, 501, "5.1.3 Bad recipient"),
+        # A malformed or source-routed sender is a sender error (X.1.7), not a recipient one.
+        ("shop@@acme.example", ["bob@example.org"], None, 501, "5.1.7 Bad sender address"),
+        ("@relay.example:shop@acme.example", ["bob@example.org"], None, 501, "5.1.7 Bad sender"),
         # Header From of another tenant's domain: refused at DATA.
         (
             "shop@acme.example",
