@@ -127,9 +127,17 @@ def headers_to_sign(message_headers: Sequence[bytes], spec: DkimSigningSpec) -> 
     return chosen + [h.lower().encode() for h in spec.oversign]
 
 
+class MalformedMessage(ValueError):
+    """The message's header cannot be parsed (e.g. a header line that is no field)."""
+
+
 def sign(data: bytes, keys: Sequence[SigningKey], spec: DkimSigningSpec) -> bytes:
-    """The DKIM-Signature header fields (CRLF-terminated) to prepend to data, one per key."""
-    signer = dkim.DKIM(data, linesep=b"\r\n")
+    """The DKIM-Signature header fields (CRLF-terminated) to prepend to data, one per key.
+    Raises MalformedMessage when dkimpy cannot parse the header."""
+    try:
+        signer = dkim.DKIM(data, linesep=b"\r\n")
+    except dkim.MessageFormatError as exc:
+        raise MalformedMessage(str(exc)) from None
     include = headers_to_sign([name for name, _ in signer.headers], spec)
     header_canon, body_canon = (c.encode() for c in spec.canonicalization.split("/"))
     out = []

@@ -39,6 +39,7 @@ HEADER_FROM_NOT_ALLOWED = (
     "550 5.7.1 Header From domain {domain} is not an active domain of your account"
 )
 HEADER_FROM_MISSING = "550 5.6.0 Message must have exactly one From header with one address"
+MALFORMED_HEADER = "550 5.6.0 Malformed message header (RFC 5322 2.2): {detail}"
 BARE_CR_OR_LF = "550 5.6.0 Bare CR or LF in message data; lines must end with CRLF (RFC 5321 2.3.8)"
 LINE_TOO_LONG = "500 5.5.2 Line too long: RFC 5321 4.5.3.1.6 allows 998 octets"
 MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"

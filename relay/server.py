@@ -24,7 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from relay import replies, smtp_tables
 from relay.auth import LockoutTracker, Principal
-from relay.dkim import sign
+from relay.dkim import MalformedMessage, sign
 from relay.message import MessageHeaders
 from relay.metrics import Metrics
 from relay.policy import NOT_CACHED, PolicyStore
@@ -374,9 +374,14 @@ class SubmissionHandler:
         if not keys:
             return self._reject("no_key", replies.NO_SIGNING_KEY.format(domain=from_domain))
         unsigned = headers.to_bytes()
-        signatures = await asyncio.get_running_loop().run_in_executor(
-            None, sign, unsigned, keys, self.ctx.signing
-        )
+        try:
+            signatures = await asyncio.get_running_loop().run_in_executor(
+                None, sign, unsigned, keys, self.ctx.signing
+            )
+        except MalformedMessage as exc:  # found by the fuzzer: a 451 here was retried forever
+            return self._reject(
+                "malformed_header", replies.MALFORMED_HEADER.format(detail=str(exc)[:200])
+            )
         entry = SpoolEntry(
             queue_id=queue_id,
             tenant_id=principal.tenant_id,

@@ -171,6 +171,14 @@ def test_policy_matrix_exact_replies_and_nothing_spooled(world):
         # A malformed or source-routed sender is a sender error (X.1.7), not a recipient one.
         ("shop@@acme.example", ["bob@example.org"], None, 501, "5.1.7 Bad sender address"),
         ("@relay.example:shop@acme.example", ["bob@example.org"], None, 501, "5.1.7 Bad sender"),
+        # A header line that is no field (an SMTP command sent as data): refused, not a 451.
+        (
+            "shop@acme.example",
+            ["bob@example.org"],
+            b"RCPT TO: <r0@dest.example>\r\nFrom: <shop@acme.example>\r\n\r\nbody\r\n",
+            550,
+            "5.6.0 Malformed message header",
+        ),
         # Header From of another tenant's domain: refused at DATA.
         (
             "shop@acme.example",

@@ -412,3 +412,10 @@ def test_ed25519_key_is_derived_once_and_signs_like_dkimpy_alone():
     info = relay_dkim._ed25519_signing_key.cache_info()
     assert (info.misses, info.hits) == (1, 2)
     assert verify_all(plain + message) == [True]
+
+
+def test_a_header_line_that_is_no_field_is_a_malformed_message():
+    # Found by the SMTP fuzzer: dkimpy raised MessageFormatError, which became a 451.
+    message = b"RCPT TO: <r0@dest.example>\r\nFrom: <a@example.com>\r\n\r\nbody\r\n"
+    with pytest.raises(relay_dkim.MalformedMessage, match="Unexpected characters"):
+        sign(message, [openssl_rsa_key(), ed_key()], SPEC)
