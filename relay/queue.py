@@ -193,42 +193,31 @@ def add_suppression(
     return inserted
 
 
+def _release_held(**columns):
+    """UPDATE of a recipient whose lease the writer still holds, giving the lease back; the
+    values come as bind parameters (b_id, b_owner and those named in columns)."""
+    return (
+        update(Recipient)
+        .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
+        .values(lease_owner=None, lease_expires_at=None, **columns)
+    )
+
+
 # One statement each, executed with many parameter sets: a batch of outcomes costs one
 # statement compilation and one round of executemany, not one ORM update per recipient.
-_FINISH = (
-    update(Recipient)
-    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
-    .values(
-        state=bindparam("b_state"),
-        attempts=bindparam("b_attempts"),
-        last_reply=bindparam("b_reply"),
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=bindparam("b_now"),
-    )
+_FINISH = _release_held(
+    state=bindparam("b_state"),
+    attempts=bindparam("b_attempts"),
+    last_reply=bindparam("b_reply"),
+    updated_at=bindparam("b_now"),
 )
-_DEFER = (
-    update(Recipient)
-    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
-    .values(
-        attempts=bindparam("b_attempts"),
-        next_attempt_at=bindparam("b_when"),
-        last_reply=bindparam("b_reply"),
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=bindparam("b_now"),
-    )
+_DEFER = _release_held(
+    attempts=bindparam("b_attempts"),
+    next_attempt_at=bindparam("b_when"),
+    last_reply=bindparam("b_reply"),
+    updated_at=bindparam("b_now"),
 )
-_POSTPONE = (
-    update(Recipient)
-    .where(Recipient.id == bindparam("b_id"), Recipient.lease_owner == bindparam("b_owner"))
-    .values(
-        next_attempt_at=bindparam("b_when"),
-        last_reply=bindparam("b_reply"),
-        lease_owner=None,
-        lease_expires_at=None,
-    )
-)
+_POSTPONE = _release_held(next_attempt_at=bindparam("b_when"), last_reply=bindparam("b_reply"))
 
 
 def _event_row(now: datetime, a: Attempt) -> dict:
