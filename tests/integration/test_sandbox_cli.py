@@ -259,7 +259,11 @@ def test_blocklisted_ip_scenario_reports_refusals_and_the_suspensions_they_cause
     assert report["settled"] is True
     by = {p["provider"]: p for p in report["providers"]}
     assert sum(p["sent"] for p in by.values()) == 20
-    assert by["google"]["delivered"] == 4  # Gmail consults no public DNSBL
+    # Gmail consults no public DNSBL: it never refuses these. Its mail goes out, unless the
+    # blocklisted-anywhere reaction to Microsoft's refusals suspended the IP for every
+    # provider first (a race of milliseconds): then it is held, not refused.
+    assert by["google"]["blocked"] == 0, by["google"]
+    assert by["google"]["delivered"] + by["google"]["held"] == 4, by["google"]
     for provider in ("microsoft", "yahoo", "apple", "generic"):
         assert by[provider]["delivered"] == 0, by[provider]
         assert by[provider]["blocked"] + by[provider]["held"] == 4, by[provider]
