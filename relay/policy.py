@@ -3,8 +3,14 @@
 These are blocking database reads; the SMTP handler calls them through a thread. Small,
 short-TTL caches keep the hot path (one message per connection) off the database without
 letting a change — a domain activated, a key rotated, a credential disabled — wait long.
-A cached answer costs microseconds, less than the hop to a thread and back, so the cached
-lookups also answer `cached_only=True`: the answer, or NOT_CACHED instead of a database read.
+Every lookup also answers `at_once=True`: the answer if it can be had without waiting, else
+WOULD_WAIT, and the caller asks again from a thread. A cached answer costs microseconds, less
+than the hop to a thread and back (which, with the event loop holding the GIL, also waits for
+the GIL twice). The suppression check is not cached (a hard bounce must stop the next message
+at once); on a SQLite file it is an indexed point read that in WAL mode takes no lock, so it
+too answers at once, from a connection that never waits (busy_timeout 0: if SQLite is ever
+busy, e.g. recovering the WAL index, the read goes to a thread). On PostgreSQL every read is
+a network round trip and always goes to a thread.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from models import (
@@ -35,7 +42,7 @@ from relay.keystore import KeyBox
 
 K = TypeVar("K")
 V = TypeVar("V")
-NOT_CACHED: Any = object()  # a cached_only=True lookup that would have to read the database
+WOULD_WAIT: Any = object()  # an at_once=True lookup that would have to wait for the database
 
 
 class TtlCache(Generic[K, V]):
@@ -45,7 +52,7 @@ class TtlCache(Generic[K, V]):
         self._lock = threading.Lock()
 
     def peek(self, key: K) -> V:
-        """The live cached value, or NOT_CACHED; never loads."""
+        """The live cached value, or WOULD_WAIT; never loads."""
         return self._peek(key, self._clock())
 
     def _peek(self, key: K, now: float) -> V:
@@ -53,12 +60,12 @@ class TtlCache(Generic[K, V]):
             hit = self._data.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        return NOT_CACHED
+        return WOULD_WAIT
 
     def get_or_load(self, key: K, load: Callable[[], V]) -> V:
         now = self._clock()
         value = self._peek(key, now)
-        if value is not NOT_CACHED:
+        if value is not WOULD_WAIT:
             return value
         value = load()
         with self._lock:
@@ -78,6 +85,7 @@ class PolicyStore:
         self, engine: Engine, keybox: KeyBox, credentials: CredentialCache, ttl: float = 5.0
     ):
         self._engine = _reader(engine)
+        self._instant = _instant_reader(engine)  # None: every suppression read takes a thread
         self._keybox = keybox
         self._credentials = credentials
         self._domains: TtlCache[str, SendingDomain | None] = TtlCache(ttl)
@@ -109,16 +117,16 @@ class PolicyStore:
         self._credentials.put(username, password, principal)
         return principal
 
-    def principal_for_network(self, client_ip: str, *, cached_only: bool = False):
+    def principal_for_network(self, client_ip: str, *, at_once: bool = False):
         """The Principal bound to the client's network, or None."""
         try:
             addr = ipaddress.ip_address(client_ip)
         except ValueError:
             return None
-        if cached_only:
+        if at_once:
             networks = self._networks.peek("all")
-            if networks is NOT_CACHED:
-                return NOT_CACHED
+            if networks is WOULD_WAIT:
+                return WOULD_WAIT
         else:
             networks = self._networks.get_or_load("all", self._load_networks)
         for network, principal in networks:
@@ -137,10 +145,10 @@ class PolicyStore:
         ]
 
     # --- which domains ---
-    def sending_domain(self, name: str, *, cached_only: bool = False):
-        """The SendingDomain, or None when unknown (or NOT_CACHED, see cached_only)."""
+    def sending_domain(self, name: str, *, at_once: bool = False):
+        """The SendingDomain, or None when unknown (or WOULD_WAIT, see at_once)."""
         name = name.lower().rstrip(".")
-        if cached_only:
+        if at_once:
             return self._domains.peek(name)
         return self._domains.get_or_load(name, lambda: self._load_domain(name))
 
@@ -151,28 +159,36 @@ class PolicyStore:
             return None
         return SendingDomain(domain.tenant_id, domain.name, domain.state == DomainState.active)
 
-    def may_send_as(self, principal: Principal, domain_name: str, *, cached_only: bool = False):
-        """Whether principal may send as domain_name (or NOT_CACHED, see cached_only)."""
-        domain = self.sending_domain(domain_name, cached_only=cached_only)
-        if domain is NOT_CACHED:
-            return NOT_CACHED
+    def may_send_as(self, principal: Principal, domain_name: str, *, at_once: bool = False):
+        """Whether principal may send as domain_name (or WOULD_WAIT, see at_once)."""
+        domain = self.sending_domain(domain_name, at_once=at_once)
+        if domain is WOULD_WAIT:
+            return WOULD_WAIT
         return domain is not None and domain.active and domain.tenant_id == principal.tenant_id
 
     # --- whom not to mail ---
-    def suppression_reason(self, tenant_id: int, address: str) -> str | None:
-        # Once per recipient, uncached: a plain Core read (an ORM Session costs more than it).
+    def suppression_reason(self, tenant_id: int, address: str, *, at_once: bool = False):
+        """Why the tenant must not mail address, or None (or WOULD_WAIT, see at_once).
+        Once per recipient, uncached: a plain Core read (an ORM Session costs more than it)."""
+        query = select(Suppression.reason).where(
+            Suppression.tenant_id == tenant_id, Suppression.address == address.lower()
+        )
+        if at_once:
+            if self._instant is None:
+                return WOULD_WAIT
+            try:
+                with self._instant.connect() as conn:
+                    return conn.execute(query).scalar()
+            except OperationalError:  # SQLite busy ("database is locked"): ask from a thread
+                return WOULD_WAIT
         with self._engine.connect() as conn:
-            return conn.execute(
-                select(Suppression.reason).where(
-                    Suppression.tenant_id == tenant_id, Suppression.address == address.lower()
-                )
-            ).scalar()
+            return conn.execute(query).scalar()
 
     # --- how to sign ---
-    def signing_keys(self, domain_name: str, *, cached_only: bool = False):
-        """The domain's active keys, RSA first (or NOT_CACHED, see cached_only)."""
+    def signing_keys(self, domain_name: str, *, at_once: bool = False):
+        """The domain's active keys, RSA first (or WOULD_WAIT, see at_once)."""
         name = domain_name.lower()
-        if cached_only:
+        if at_once:
             return self._keys.peek(name)
         return self._keys.get_or_load(name, lambda: self._load_keys(name))
 
@@ -208,9 +224,25 @@ def _reader(engine: Engine) -> Engine:
     return reader
 
 
-def _read_only_pragmas(dbapi_conn, _record) -> None:
+def _instant_reader(engine: Engine) -> Engine | None:
+    """On a SQLite file, an engine like _reader's whose reads never wait (busy_timeout 0), for
+    reads on the event loop; None elsewhere."""
+    url = engine.url
+    database = url.database or ""
+    if engine.dialect.name != "sqlite" or database in ("", ":memory:") or "mode=memory" in database:
+        return None
+    reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 0})
+    event.listen(reader, "connect", _never_waiting_read_only_pragmas)
+    return reader
+
+
+def _read_only_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000) -> None:
     dbapi_conn.isolation_level = None  # no implicit BEGIN: every statement its own snapshot
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
     cur.execute("PRAGMA query_only=ON")
     cur.close()
+
+
+def _never_waiting_read_only_pragmas(dbapi_conn, record) -> None:
+    _read_only_pragmas(dbapi_conn, record, busy_timeout_ms=0)

@@ -152,3 +152,23 @@ def test_spooled_message_passes_rsa_and_ed25519_in_mailauth(relay, axiom_home, t
     assert (
         outcomes(body_changed, records, tmp_path) == [("neutral", "body hash did not verify")] * 2
     )
+
+
+def test_a_message_over_the_inline_signing_size_verifies_too(relay, axiom_home, tmp_path):
+    from relay.server import INLINE_SIGNING_MAX
+
+    tenant = seed_tenant(axiom_home, "rossi", DOMAIN)
+    line = b"Riga di un allegato lungo, ripetuta per superare la soglia.  \r\n"
+    body = line * (INLINE_SIGNING_MAX // len(line) * 3)
+    message = (
+        f"From: Negozio Rossi <ordini@{DOMAIN}>\r\n"
+        "To: Cliente <cliente@destinatario.example>\r\n"
+        "Subject: Catalogo\r\n"
+        "\r\n"
+    ).encode() + body
+    assert len(message) > 2 * INLINE_SIGNING_MAX
+    queue_id = submit(relay, tenant, message)
+    spooled = spooled_bytes(axiom_home.db_url, queue_id)
+    signatures = node_verify(spooled, dkim_records(axiom_home, DOMAIN), tmp_path)["signatures"]
+    assert sorted(s["algorithm"] for s in signatures) == ["ed25519-sha256", "rsa-sha256"]
+    assert [s["result"] for s in signatures] == ["pass", "pass"], signatures
