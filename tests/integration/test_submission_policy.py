@@ -214,6 +214,19 @@ def test_policy_matrix_exact_replies_and_nothing_spooled(world):
     assert spool_counts(world["home"].db_url) == (0, 0)
 
 
+def test_addresses_the_stdlib_parser_trips_over_get_501_not_451(world):
+    # email._header_value_parser raises AttributeError (not HeaderParseError) on "<0@[0>";
+    # sent raw, since smtplib would rewrite the address. Before: 451 4.3.0, retried forever.
+    relay, acme = world["relay"], world["acme"]
+    with login(relay, acme) as client:
+        code, text = client.docmd("MAIL", "FROM:<0@[0>")
+        assert (code, text.decode()[:24]) == (501, "5.1.7 Bad sender address")
+        assert client.mail("shop@acme.example")[0] == 250
+        code, text = client.docmd("RCPT", "TO:<0@[0>")
+        assert (code, text.decode()[:19]) == (501, "5.1.3 Bad recipient")
+    assert spool_counts(world["home"].db_url) == (0, 0)
+
+
 def _first_refusal(client: smtplib.SMTP, sender: str, rcpt: str):
     code, text = client.mail(sender)
     if code != 250:

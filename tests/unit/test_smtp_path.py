@@ -1,0 +1,73 @@
+"""MAIL FROM / RCPT TO path parsing: the fast path for plain <local@domain> must give exactly
+the stdlib parser's answer, for every input."""
+
+from __future__ import annotations
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from relay.server import _SIMPLE_PATH, parse_path, stdlib_path
+
+
+def reference(arg: str, local_part_limit: int = 0):
+    """parse_path without the fast path: what the relay answered before it existed."""
+    if arg.lstrip().startswith("<@"):
+        return None, None
+    if not arg:
+        return "", ""
+    addr, rest = stdlib_path(arg)
+    if addr is None:
+        return None, None
+    if local_part_limit and len(addr.rpartition("@")[0]) > local_part_limit:
+        return None, None
+    return addr, rest
+
+
+ATOM = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=6)
+LABEL = st.text("abcXYZ019-", min_size=1, max_size=6)
+NOISE = st.text('aZ9.@<>"()[] \t:\\,;é%!-=', max_size=6)
+
+
+@st.composite
+def paths(draw):
+    local = ".".join(draw(st.lists(ATOM, min_size=1, max_size=3)))
+    domain = ".".join(draw(st.lists(LABEL, min_size=1, max_size=3)))
+    core = f"{draw(NOISE)}{local}{draw(NOISE)}@{draw(NOISE)}{domain}{draw(NOISE)}"
+    params = draw(
+        st.sampled_from(
+            ["", " SIZE=2048", " BODY=8BITMIME SMTPUTF8", "x", " ", " (c) SIZE=1", "\t(", "  \t X"]
+        )
+    )
+    return (
+        draw(st.sampled_from(["<", "", " <", "<<"]))
+        + core
+        + draw(st.sampled_from([">", "", ">>", "> "]))
+        + params
+    )
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(paths(), st.text(max_size=40)), st.sampled_from([0, 3, 64]))
+@example("<a.b@c.d> SIZE=10", 0)
+@example("<a..b@c.d>", 0)
+@example("<.a@c.d>", 0)
+@example("<a@-c.d>", 0)
+@example("<a@c.d.>", 0)
+@example("<abcd@c.d>", 3)
+@example("<@relay.example:a@c.d>", 0)
+@example("<0@[0>", 0)  # the stdlib parser raises AttributeError here
+def test_fast_path_answers_exactly_as_the_stdlib_parser(arg, limit):
+    assert parse_path(arg, limit) == reference(arg, limit)
+
+
+def test_the_common_case_takes_the_fast_path():
+    assert _SIMPLE_PATH.match("<order-confirm+1042@shop.example>")
+    assert parse_path("<order-confirm+1042@shop.example> SIZE=2048") == (
+        "order-confirm+1042@shop.example",
+        "SIZE=2048",
+    )
+    # quoted local parts and address literals are left to the stdlib parser
+    assert not _SIMPLE_PATH.match('<"a b"@shop.example>')
+    assert parse_path('<"a b"@shop.example>') == ('"a b"@shop.example', "")
+    assert not _SIMPLE_PATH.match("<a@[127.0.0.1]>")
+    assert parse_path("<@relay.example:a@shop.example>") == (None, None)
