@@ -44,10 +44,14 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
 
 def _begin_immediate(conn) -> None:
-    dbapi_conn = conn.connection.dbapi_connection
+    wait_for_write_turn(conn.connection.dbapi_connection)
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def wait_for_write_turn(dbapi_conn) -> None:
+    """Queue for the write lock (see _QueuedWriter); a no-op for other connections."""
     if isinstance(dbapi_conn, _QueuedWriter):
         dbapi_conn.wait_for_turn()
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class _QueuedWriter(sqlite3.Connection):

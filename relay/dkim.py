@@ -9,6 +9,7 @@ else — header selection, canonicalisation, tag folding — because that is whe
 from __future__ import annotations
 
 import base64
+import threading
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from functools import lru_cache
 from typing import Literal
 
 import dkim
+import dkim.canonicalization
 import dkim.crypto
 import nacl.encoding
 import nacl.signing
@@ -70,6 +72,41 @@ class _Nacl(types.ModuleType):
 
 
 dkim.nacl = _Nacl("nacl")
+
+
+class _RememberingPolicy(dkim.canonicalization.CanonicalizationPolicy):
+    """dkimpy canonicalises the body and the header fields anew for every signature, so a
+    message signed with RSA and Ed25519 paid for both twice (~4 % of a listener's CPU). This
+    policy remembers, per thread, its last input and result. The body is bytes: the same object
+    means the same input. The header list could change between calls, so it must also still
+    equal a copy taken when it was remembered."""
+
+    _last = threading.local()
+
+    def canonicalize_body(self, body):
+        last = getattr(self._last, "body", None)
+        if last is not None and last[0] is self.body_algorithm and last[1] is body:
+            return last[2]
+        result = super().canonicalize_body(body)
+        self._last.body = (self.body_algorithm, body, result)
+        return result
+
+    def canonicalize_headers(self, headers):
+        last = getattr(self._last, "headers", None)
+        if (
+            last is not None
+            and last[0] is self.header_algorithm
+            and last[1] is headers
+            and last[2] == headers
+        ):
+            return list(last[3])
+        result = super().canonicalize_headers(headers)
+        self._last.headers = (self.header_algorithm, headers, list(headers), list(result))
+        return result
+
+
+# dkimpy looks the name up in its module namespace for signing and verifying alike.
+dkim.CanonicalizationPolicy = _RememberingPolicy
 
 
 @dataclass(frozen=True)

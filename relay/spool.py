@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, insert
 
 from models import Message, Recipient, RecipientState
+from models.bulk import FixedInsert, sqlite_write
+from models.db import is_sqlite
 from relay.group_commit import GroupCommitter
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -57,6 +59,12 @@ class SpoolUnavailable(Exception):
 class Spool:
     def __init__(self, engine: Engine, batch_max: int = 256):
         self._engine = engine
+        # On SQLite the batch goes through fixed sqlite3 statements (models/bulk.py).
+        self._fixed = (
+            (FixedInsert(engine, Message.__table__), FixedInsert(engine, Recipient.__table__))
+            if is_sqlite(engine)
+            else None
+        )
         self._writer: GroupCommitter[SpoolEntry] = GroupCommitter(
             self._commit, batch_max=batch_max, name="spool-writer"
         )
@@ -86,6 +94,12 @@ class Spool:
 
     def _commit(self, entries: list[SpoolEntry]) -> None:
         messages, recipients = spool_rows(entries)
+        if self._fixed is not None:
+            insert_messages, insert_recipients = self._fixed
+            with sqlite_write(self._engine) as conn:
+                conn.executemany(insert_messages.sql, insert_messages.rows(messages))
+                conn.executemany(insert_recipients.sql, insert_recipients.rows(recipients))
+            return
         with self._engine.begin() as conn:
             conn.execute(insert(Message), messages)
             conn.execute(insert(Recipient), recipients)
