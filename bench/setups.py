@@ -174,10 +174,15 @@ class AxiomRelay:
         domain: str = "bench.test",
         command: list[str] | None = None,
         event_loop: str = "uvloop",
+        code: Path | None = None,
     ):
         self.processes = processes
         self.event_loop = event_loop  # AXIOM_EVENT_LOOP
         self.command = command or [str(VENV_BIN / "axiom"), "relay"]  # another: profiling
+        # Another checkout of the code to run (bench/instructions.py --against): it goes first
+        # on PYTHONPATH and is the working directory, so the listener children (python -m
+        # relay.service) import it too, not the editable install.
+        self.code = code
         self.tenant = tenant
         self.domain = domain
         self.home = Path(tempfile.mkdtemp(prefix=f"axiom-bench-relay{processes}-"))
@@ -210,6 +215,8 @@ class AxiomRelay:
             AXIOM_MAX_CONNECTIONS_PER_CLIENT="1000",
             PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
         )
+        if self.code is not None:
+            env["PYTHONPATH"] = str(self.code)
         return env
 
     def cli(self, *args: str) -> str:
@@ -246,6 +253,7 @@ class AxiomRelay:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its listener children share the group
+                cwd=self.code,
             )
         finally:
             logf.close()
