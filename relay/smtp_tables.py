@@ -11,11 +11,16 @@ tables aiosmtpd builds from them are the same (tests/unit/test_smtp_tables.py co
 
 Only the name lists are cached, never bound methods: each connection still gets methods
 bound to its own protocol and handler objects.
+
+The same goes for aiosmtpd's sanitized_log, called twice for every command line: it ran its
+AUTH-masking regex before handing the line to a logger that (at our default level) discards
+it. Ours asks the logger first, and masks only what will be written.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from functools import lru_cache
 
@@ -59,6 +64,29 @@ def _signature(callable_) -> inspect.Signature:
     return found
 
 
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_aiosmtpd_sanitized_log = _aiosmtpd_smtp.sanitized_log
+
+
+def _sanitized_log(func, msg, *args, **kwargs) -> None:
+    """aiosmtpd's sanitized_log, skipped when func's logger would discard the record."""
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    discarded = (
+        isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level)
+    )
+    if discarded:
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
 class _Inspect(types.ModuleType):
     """The inspect module, with the two functions aiosmtpd calls per connection replaced."""
 
@@ -75,3 +103,4 @@ def install() -> None:
     shim.signature = _signature
     _aiosmtpd_smtp.inspect = shim
     _aiosmtpd_smtp.dir = _dir  # module global: shadows the builtin inside aiosmtpd.smtp only
+    _aiosmtpd_smtp.sanitized_log = _sanitized_log

@@ -109,3 +109,21 @@ def test_an_instance_attribute_is_seen_like_dir_sees_it():
     finally:
         loop.close()
     assert protocol._handle_hooks["NOOP"] is handle_NOOP
+
+
+def test_command_logging_is_skipped_when_discarded_and_still_masks_auth_when_written(caplog):
+    import logging
+
+    log = logging.getLogger("mail.log")
+    line = b"AUTH PLAIN dXNlcgB1c2VyAHNlY3JldA==\r\n"
+    with mock.patch.object(aiosmtpd_smtp, "sanitize", wraps=aiosmtpd_smtp.sanitize) as spy:
+        with caplog.at_level(logging.WARNING, logger="mail.log"):
+            aiosmtpd_smtp.sanitized_log(log.info, "%r >> %r", "peer", line)
+        assert spy.call_count == 0  # discarded: not even sanitised
+        assert caplog.records == []
+        with caplog.at_level(logging.INFO, logger="mail.log"):
+            aiosmtpd_smtp.sanitized_log(log.info, "%r >> %r", "peer", line)
+        assert spy.call_count == 1
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "********" in text and "dXNlcgB1c2VyAHNlY3JldA" not in text
