@@ -19,6 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models import DeliveryEvent, Message, Recipient, RecipientState, Suppression, WarmupDay
 from models.audit_trail import record
+from models.bulk import FixedStatement, sqlite_write
 from models.db import is_sqlite
 from relay.spool import SpoolEntry, spool_rows
 
@@ -86,8 +87,28 @@ class Settlement:
 
 
 def claim_due(
-    engine: Engine, owner: str, now: datetime, lease_seconds: int, limit: int
+    engine: Engine,
+    owner: str,
+    now: datetime,
+    lease_seconds: int,
+    limit: int,
+    *,
+    fixed_statements: bool = True,
 ) -> list[Claim]:
+    """Lease up to limit due recipients to owner. On SQLite through one fixed statement
+    (models/bulk.py); fixed_statements=False sends SQLAlchemy's own (tests compare them)."""
+    if fixed_statements and is_sqlite(engine):
+        claim = _fixed(engine, "claim", _claim_statement)
+        params = {
+            "b_state": RecipientState.queued,
+            "b_now": now,
+            "b_limit": limit,
+            "b_owner": owner,
+            "b_until": now + timedelta(seconds=lease_seconds),
+        }
+        with sqlite_write(engine) as conn:
+            rows = conn.execute(claim.sql, claim.row(params)).fetchall()
+        return [Claim(*row) for row in rows]
     due = (
         select(Recipient.id)
         .where(
@@ -115,6 +136,45 @@ def claim_due(
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
     return [Claim(*row) for row in rows]
+
+
+def _claim_statement():
+    due = (
+        select(Recipient.id)
+        .where(
+            Recipient.state == bindparam("b_state"),
+            Recipient.next_attempt_at <= bindparam("b_now"),
+            or_(
+                Recipient.lease_expires_at.is_(None),
+                Recipient.lease_expires_at < bindparam("b_now"),
+            ),
+        )
+        .order_by(Recipient.next_attempt_at)
+        .limit(bindparam("b_limit"))
+    )
+    return (
+        update(Recipient)
+        .where(Recipient.id.in_(due.scalar_subquery()))
+        .values(lease_owner=bindparam("b_owner"), lease_expires_at=bindparam("b_until"))
+        .returning(
+            Recipient.id,
+            Recipient.message_id,
+            Recipient.address,
+            Recipient.domain,
+            Recipient.attempts,
+        )
+    )
+
+
+_fixed_statements: dict[tuple[str, str], FixedStatement] = {}
+
+
+def _fixed(engine: Engine, name: str, build) -> FixedStatement:
+    key = (name, engine.dialect.name)
+    fixed = _fixed_statements.get(key)
+    if fixed is None:
+        fixed = _fixed_statements[key] = FixedStatement(engine, build())
+    return fixed
 
 
 def renew_leases(
@@ -218,6 +278,7 @@ _DEFER = _release_held(
     updated_at=bindparam("b_now"),
 )
 _POSTPONE = _release_held(next_attempt_at=bindparam("b_when"), last_reply=bindparam("b_reply"))
+_INSERT_EVENT = insert(DeliveryEvent)
 
 
 def _event_row(now: datetime, a: Attempt) -> dict:
@@ -244,8 +305,15 @@ def settle(engine: Engine, owner: str, now: datetime, outcome: Settlement) -> No
     settle_many(engine, owner, [(now, outcome)])
 
 
-def settle_many(engine: Engine, owner: str, batch: list[tuple[datetime, Settlement]]) -> None:
-    """Write several jobs' outcomes in one transaction (relay/settler.py groups them)."""
+def settle_many(
+    engine: Engine,
+    owner: str,
+    batch: list[tuple[datetime, Settlement]],
+    *,
+    fixed_statements: bool = True,
+) -> None:
+    """Write several jobs' outcomes in one transaction (relay/settler.py groups them).
+    fixed_statements=False: SQLAlchemy's statements on SQLite too (tests compare them)."""
     from sqlmodel import Session
 
     finish, defer, postpone, events = [], [], [], []
@@ -278,6 +346,21 @@ def settle_many(engine: Engine, owner: str, batch: list[tuple[datetime, Settleme
                     "b_reply": reason[:1000],
                 }
             )
+    common = not any(o.suppress or o.dsns or o.warmup_sent for _, o in batch)
+    if fixed_statements and common and is_sqlite(engine):
+        # The common batch (deliveries, deferrals, postponements): fixed statements
+        # (models/bulk.py) on the sqlite3 connection, the same rows SQLAlchemy would write.
+        with sqlite_write(engine) as conn:
+            for name, statement, rows in (
+                ("finish", _FINISH, finish),
+                ("defer", _DEFER, defer),
+                ("postpone", _POSTPONE, postpone),
+                ("event", _INSERT_EVENT, events),
+            ):
+                if rows:
+                    fixed = _fixed(engine, name, lambda statement=statement: statement)
+                    conn.executemany(fixed.sql, fixed.rows(rows))
+        return
     with Session(engine) as session:
         conn = session.connection()
         for statement, rows in ((_FINISH, finish), (_DEFER, defer), (_POSTPONE, postpone)):

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, insert
 
 from models import Message, Recipient, RecipientState
-from models.bulk import FixedInsert, sqlite_write
+from models.bulk import fixed_insert, sqlite_write
 from models.db import is_sqlite
 from relay.group_commit import GroupCommitter
 
@@ -61,7 +61,7 @@ class Spool:
         self._engine = engine
         # On SQLite the batch goes through fixed sqlite3 statements (models/bulk.py).
         self._fixed = (
-            (FixedInsert(engine, Message.__table__), FixedInsert(engine, Recipient.__table__))
+            (fixed_insert(engine, Message.__table__), fixed_insert(engine, Recipient.__table__))
             if is_sqlite(engine)
             else None
         )
