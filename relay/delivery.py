@@ -44,7 +44,10 @@ from relay.queue import (
 from relay.reactions import ReactionEngine
 from relay.retry import has_expired, next_attempt_at
 from relay.shaping import PathGate, Shaper
+from relay.smtp_client import install as _install_smtp_client_shims
 from runbooks.schema_delivery import DeliverySpec, ShapingSpec
+
+_install_smtp_client_shims()
 
 log = logging.getLogger("axiom.delivery")
 
