@@ -483,9 +483,17 @@ class Refusal:
     reply: str
 
 
+def has_bare_cr_or_lf(raw: bytes) -> bool:
+    """Whether raw holds a CR not followed by LF or an LF not preceded by CR. Counted in C
+    (three scans) instead of the regex _BARE_CR_OR_LF, which tested every byte in Python's
+    regex engine: when there are as many CRs and LFs as CRLFs, every one is part of a CRLF."""
+    crlf = raw.count(b"\r\n")
+    return not (raw.count(b"\r") == crlf == raw.count(b"\n"))
+
+
 def screen_data(raw: bytes, max_fields: int, max_field_bytes: int) -> MessageHeaders | Refusal:
     """The checks every listener makes of DATA before reading it: line ends, header limits."""
-    if _BARE_CR_OR_LF.search(raw):
+    if has_bare_cr_or_lf(raw):
         return Refusal("bare_cr_lf", replies.BARE_CR_OR_LF)
     headers = MessageHeaders.parse(raw)
     if len(headers.fields) > max_fields:

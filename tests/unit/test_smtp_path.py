@@ -1,5 +1,6 @@
-"""MAIL FROM / RCPT TO path parsing: the fast path for plain <local@domain> must give exactly
-the stdlib parser's answer, for every input."""
+"""Fast paths of the submission handler, each equal to what it replaces for every input: MAIL
+FROM / RCPT TO parsing of plain <local@domain> (the stdlib parser's answer), and the bare CR or
+LF check of DATA (the regex's answer)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,17 @@ def test_the_common_case_takes_the_fast_path():
     assert parse_path('<"a b"@shop.example>') == ('"a b"@shop.example', "")
     assert not _SIMPLE_PATH.match("<a@[127.0.0.1]>")
     assert parse_path("<@relay.example:a@shop.example>") == (None, None)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=40) | st.text("ab.\r\n", max_size=40).map(str.encode))
+@example(b"a\r\nb\r\n")
+@example(b"a\rb")
+@example(b"a\nb")
+@example(b"\r\r\n")
+@example(b"\r\n\n")
+@example(b"\n\r")
+def test_bare_line_end_check_equals_the_regex(raw):
+    from relay.server import _BARE_CR_OR_LF, has_bare_cr_or_lf
+
+    assert has_bare_cr_or_lf(raw) == bool(_BARE_CR_OR_LF.search(raw))
