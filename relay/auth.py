@@ -24,7 +24,13 @@ def hash_password(password: str) -> str:
 
 
 def generate_password() -> str:
-    return secrets.token_urlsafe(18)
+    """24 URL-safe characters (144 random bits), never starting with '-': a customer pastes it
+    into command lines and config files, and tools read a leading '-' as an option (swaks did,
+    in a fresh-clone test run: 'Unknown option')."""
+    while True:
+        password = secrets.token_urlsafe(18)
+        if not password.startswith("-"):
+            return password
 
 
 def verify_password(stored_hash: str | None, password: str) -> bool:

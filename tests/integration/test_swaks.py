@@ -39,10 +39,9 @@ def submit(relay: RelayProcess, tenant: Tenant, *how: str, password: str | None 
         host,
         port,
         *how,
-        "--auth-user",
-        tenant.username,
-        "--auth-password",
-        password if password is not None else tenant.password,
+        f"--auth-user={tenant.username}",
+        # one argument: a password may begin with '-' (a test's own wrong ones can)
+        f"--auth-password={password if password is not None else tenant.password}",
         "--from",
         f"billing@{tenant.domain}",
         "--to",
