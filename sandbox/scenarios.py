@@ -29,6 +29,7 @@ import aiosmtplib
 from axiom.settings import Settings, split_host_port
 from sandbox.behaviour import behaviour
 from sandbox.lookup import SandboxLookup
+from sandbox.mailbox import mailbox_exists
 from sandbox.state import StateStore
 
 MAX_COUNT = 1000
@@ -355,7 +356,7 @@ class ScenarioRunner:
                 if time.monotonic() > deadline:
                     break
                 domain = scenario.recipient_domains[n % len(scenario.recipient_domains)]
-                rcpt = f"s{run}-{n}@{domain}"
+                rcpt = _existing_recipient(run, n, domain)
                 if client is None or not client.is_connected:
                     client = await self._connect()
                 data = _message(sender, rcpt, scenario, run, n)
@@ -561,6 +562,23 @@ class ScenarioRunner:
             complaint_reply=answers.most_common(1)[0][0] if answers else "",
             paths_already_suspended=baseline["active"],
         )
+
+
+def _existing_recipient(run: str, n: int, domain: str) -> str:
+    """An address with a mailbox at every simulated provider.
+
+    The world refuses a stable 2 % of addresses as unknown (sandbox/behaviour.yaml) and counts
+    each against the sending IP. A scenario measures the one signal it steers, so its
+    recipients are addresses the world knows: s<run>-<n>@domain, or the first of
+    s<run>-<n>.1, .2, … that exists. Existence is "hash ≥ share", so an address that exists at
+    the highest share exists at every provider.
+    """
+    share = max(p.unknown_mailbox_share for p in behaviour().providers)
+    for k in range(256):  # at a 2 % share, 256 misses in a row would take odds of 0.02**256
+        rcpt = f"s{run}-{n}@{domain}" if k == 0 else f"s{run}-{n}.{k}@{domain}"
+        if mailbox_exists(rcpt, share):
+            return rcpt
+    raise ScenarioError(f"no existing mailbox found for message {n} at {domain}")
 
 
 def _message(sender: str, rcpt: str, scenario: Scenario, run: str, n: int) -> bytes:

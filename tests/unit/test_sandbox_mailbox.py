@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sandbox.mailbox import Mailboxes, mailbox_exists, share_of, trace_headers
 
 
@@ -45,3 +47,21 @@ def test_stored_mail_keeps_the_trace_and_the_bytes(tmp_path):
     assert "with ESMTPS" in stored.headers["Received"]
     assert stored.data.endswith(b"Subject: hi\r\n\r\nbody\r\n")
     assert boxes.counts() == {"google": 1}
+
+
+def test_scenario_recipients_exist_at_every_provider():
+    """A scenario measures the signal it steers, never the world's 2 % of unknown mailboxes."""
+    from sandbox.behaviour import behaviour
+    from sandbox.scenarios import _existing_recipient
+
+    providers = behaviour().providers
+    picked = [_existing_recipient("abc123", n, "gmail.com") for n in range(2000)]
+    assert len(set(picked)) == 2000
+    for rcpt in picked:
+        assert all(mailbox_exists(rcpt, p.unknown_mailbox_share) for p in providers), rcpt
+    # the plain s<run>-<n> address of about the highest share of messages is unknown somewhere:
+    # those took a suffix
+    share = max(p.unknown_mailbox_share for p in providers)
+    moved = [r for n, r in enumerate(picked) if r != f"sabc123-{n}@gmail.com"]
+    assert 0.5 * share * 2000 <= len(moved) <= 2 * share * 2000
+    assert all(re.fullmatch(r"sabc123-\d+\.[1-3]@gmail\.com", r) for r in moved), moved
