@@ -419,3 +419,34 @@ def test_a_header_line_that_is_no_field_is_a_malformed_message():
     message = b"RCPT TO: <r0@dest.example>\r\nFrom: <a@example.com>\r\n\r\nbody\r\n"
     with pytest.raises(relay_dkim.MalformedMessage, match="Unexpected characters"):
         sign(message, [openssl_rsa_key(), ed_key()], SPEC)
+
+
+# --- dkimpy's canonicalisation helpers with their no-op shortcut == dkimpy's own ---
+
+_wire_bytes = st.binary(max_size=200) | st.lists(
+    st.sampled_from([b" ", b"  ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"\xff", b"."]), max_size=60
+).map(b"".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(content=_wire_bytes)
+def test_canonicalisation_shortcuts_equal_dkimpys_regexes(content):
+    assert relay_dkim._compress_whitespace(content) == relay_dkim._pure_compress_whitespace(content)
+    assert relay_dkim._strip_trailing_whitespace(
+        content
+    ) == relay_dkim._pure_strip_trailing_whitespace(content)
+    assert relay_dkim._unfold_header_value(content) == relay_dkim._pure_unfold_header_value(content)
+
+
+def test_dkimpy_canonicalises_through_the_shortcuts():
+    import dkim.canonicalization as canon
+
+    assert canon.compress_whitespace is relay_dkim._compress_whitespace
+    assert canon.strip_trailing_whitespace is relay_dkim._strip_trailing_whitespace
+    assert canon.unfold_header_value is relay_dkim._unfold_header_value
+    # the originals are dkimpy's regex versions (what the property above compares against)
+    assert relay_dkim._pure_unfold_header_value(b"a\r\r\n\nb") == b"a\rb"
+    assert canon.Relaxed.canonicalize_body(b"a  b \t\r\nc\t\r\n\r\n") == b"a b\r\nc\r\n"
+    assert canon.Relaxed.canonicalize_headers([(b"Subject ", b" x \r\n\t y\r\n")]) == [
+        (b"subject", b"x y\r\n")
+    ]
