@@ -31,6 +31,8 @@ from relay.dns import MxResult, Resolver
 from relay.dsn import FailedRecipient, build_dsn, dsn_entry
 from relay.egress import Egress, SourceIp
 from relay.group_commit import GroupCommitter
+from relay.pipelining import PipeliningProtocol, check_sequence
+from relay.pipelining import install as _install_pipelining
 from relay.queue import (
     Attempt,
     Claim,
@@ -48,6 +50,8 @@ from relay.smtp_client import install as _install_smtp_client_shims
 from runbooks.schema_delivery import DeliverySpec, ShapingSpec
 
 _install_smtp_client_shims()
+_install_pipelining()
+_quote_address = aiosmtplib.smtp.quote_address  # remembered per address (relay/smtp_client.py)
 
 log = logging.getLogger("axiom.delivery")
 
@@ -84,6 +88,7 @@ class _Unreachable(Exception):
 class _Connection:
     smtp: aiosmtplib.SMTP
     gate: PathGate
+    pipelining: bool = False  # RFC 2920 groups: advertised, and not remembered as broken
     sent: int = 0
     clean: bool = True  # False: an unfinished transaction needs RSET before reuse
     idle_since: float = field(default_factory=time.monotonic)
@@ -98,6 +103,7 @@ class ConnectionPool:
         self._spec = spec
         self._idle: dict[tuple[str, str], list[_Connection]] = defaultdict(list)
         self._tls_broken_until: dict[str, float] = {}
+        self._pipelining_broken_until: dict[str, float] = {}
         self._closing: set[asyncio.Future] = set()
 
     async def acquire(
@@ -125,13 +131,35 @@ class ConnectionPool:
             gate.connections.release()
             gate.available.set()
             raise
-        return _Connection(smtp, gate)
+        pipelining = (
+            isinstance(smtp.protocol, PipeliningProtocol)
+            and smtp.supports_extension("pipelining")
+            and self._pipelining_broken_until.get(address, 0) < time.monotonic()
+        )
+        return _Connection(smtp, gate, pipelining)
+
+    def pipelining_failed(self, address: str, detail: str) -> None:
+        """A pipelined group timed out or lost the session. Some receivers advertise PIPELINING
+        and break under it (smtp-sink with delayed replies answers out of order, then hangs);
+        like a broken STARTTLS, that is remembered and the retry goes command by command."""
+        self._pipelining_broken_until[address] = (
+            time.monotonic() + self._spec.tls_broken_memory_seconds
+        )
+        log.warning(
+            "pipelined exchange with %s failed (%s); one command at a time for %ss",
+            address,
+            detail,
+            self._spec.tls_broken_memory_seconds,
+        )
 
     async def _take_idle(self, key: tuple[str, str]) -> _Connection | None:
         idle = self._idle[key]
         while idle:
             conn = idle.pop()
             if conn.smtp.is_connected:
+                conn.pipelining = conn.pipelining and (
+                    self._pipelining_broken_until.get(key[1], 0) < time.monotonic()
+                )
                 if not conn.clean:
                     with contextlib.suppress(aiosmtplib.SMTPException):
                         await conn.smtp.rset()
@@ -491,7 +519,9 @@ class DeliveryEngine:
                 last = _Reply(exc.code, exc.text)
                 continue
             try:
-                replies, reusable = await self._transaction(conn, message, claims, mx.domain)
+                replies, reusable = await self._transaction(
+                    conn, message, claims, mx.domain, address
+                )
             except BaseException:
                 self.pool.release(conn, source, address, False)  # never keep the path's slot
                 raise
@@ -506,7 +536,12 @@ class DeliveryEngine:
         return [self._attempt(c, last, source, provider, last_host, latency) for c in claims]
 
     async def _transaction(
-        self, conn: _Connection, message: QueuedMessage, claims: list[Claim], ace_domain: str
+        self,
+        conn: _Connection,
+        message: QueuedMessage,
+        claims: list[Claim],
+        ace_domain: str,
+        address: str,
     ) -> tuple[dict[int, _Reply], bool]:
         """One MAIL/RCPT…/DATA exchange; per-recipient replies and whether to keep the session.
         ace_domain: the recipients' domain in A-labels (punycode), as MX resolution used it."""
@@ -527,6 +562,12 @@ class DeliveryEngine:
                     return replies, True
         conn.clean = False
         try:
+            if conn.pipelining:
+                try:
+                    return await self._pipelined(conn, message, claims, wire, options, encoding)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+                    self.pool.pipelining_failed(address, str(exc) or type(exc).__name__)
+                    raise
             try:
                 await smtp.mail(sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
@@ -560,6 +601,55 @@ class DeliveryEngine:
             for claim in claims:
                 replies.setdefault(claim.recipient_id, _Reply(None, str(exc) or kind, failure=kind))
             return replies, False
+
+    async def _pipelined(
+        self,
+        conn: _Connection,
+        message: QueuedMessage,
+        claims: list[Claim],
+        wire: dict[int, str],
+        options: list[str],
+        encoding: str,
+    ) -> tuple[dict[int, _Reply], bool]:
+        """The same exchange as _transaction's, as one RFC 2920 group: MAIL, RCPT…, DATA in
+        one write, their replies read in order, then the body after a 354."""
+        smtp = conn.smtp
+        protocol = smtp.protocol
+        assert isinstance(protocol, PipeliningProtocol)
+        mail = b"MAIL FROM:" + _quote_address(message.mail_from).encode(encoding)
+        commands = [b" ".join([mail, *(o.encode("ascii") for o in options)])]
+        commands += [
+            b"RCPT TO:" + _quote_address(wire[c.recipient_id]).encode(encoding) for c in claims
+        ]
+        commands.append(b"DATA")
+        got = await protocol.execute_pipelined(commands, reply_timeout=smtp.timeout)
+        mail_reply, rcpt_replies, data_reply = got[0], got[1:-1], got[-1]
+        check_sequence(mail_reply, rcpt_replies, data_reply)
+        reusable = all(r.code != 421 for r in got)  # 421: the receiver is closing the session
+        replies: dict[int, _Reply] = {}
+        accepted = []
+        for claim, rcpt_reply in zip(claims, rcpt_replies, strict=True):
+            if mail_reply.code != 250:
+                replies[claim.recipient_id] = _Reply(mail_reply.code, mail_reply.message)
+            elif rcpt_reply.code in (250, 251):
+                accepted.append(claim)
+            else:
+                replies[claim.recipient_id] = _Reply(rcpt_reply.code, rcpt_reply.message)
+        if data_reply.code != 354:
+            for claim in accepted:
+                replies[claim.recipient_id] = _Reply(data_reply.code, data_reply.message)
+            return replies, reusable
+        if not accepted:
+            # RFC 2920 3.1: the receiver waits for data nobody will send; end it empty.
+            await protocol.send_lone_dot(reply_timeout=smtp.timeout)
+            return replies, reusable
+        final = await protocol.send_body(message.data, reply_timeout=smtp.timeout)
+        for claim in accepted:
+            replies[claim.recipient_id] = _Reply(final.code, final.message)
+        if final.code == 250:
+            conn.clean = True
+            conn.sent += 1
+        return replies, reusable and final.code != 421
 
     def _attempt(
         self,

@@ -191,3 +191,25 @@ def test_421_storm_suspends_only_that_path(world):
     google_events = [e for e in world.events()[before:] if e.provider == "google"]
     suspended_ips = {x.source_ip for x in suspensions}
     assert all(e.source_ip not in suspended_ips for e in google_events)
+
+
+def test_receivers_get_mail_rcpt_and_data_as_one_pipelined_group(world):
+    """smtp-sink advertises PIPELINING; with -W MAIL:1 it delays MAIL's reply by a second. A
+    command-by-command client just waits that second. Given a pipelined group, smtp-sink (its
+    delayed replies are not pipelining-safe) answers RCPT '503 need MAIL' before MAIL: that
+    503 is our evidence the group went out in one write. The relay must not read it as a
+    verdict on the recipient, and must retry this receiver command by command."""
+    world.sink("example.org", ["-W", "MAIL:1"])
+    qid = world.submit(["erin@example.org"])
+    world.run()
+    [r] = world.recipients(qid)
+    # never a bounce: a 503 that contradicts the group says nothing about the recipient
+    assert r.state == RecipientState.queued and r.attempts == 1, r.last_reply
+    assert "pipelined replies out of sequence: " in r.last_reply
+    assert "503 5.5.1" in r.last_reply
+    assert world.events()[-1].category == "transient"
+    world.clock.advance(400)
+    world.run()  # the same engine: it remembers this receiver's pipelining is broken
+    [r] = world.recipients(qid)
+    assert r.state == RecipientState.delivered and r.attempts == 2
+    assert len(world.sinks["example.org"].messages()) == 1
