@@ -45,6 +45,14 @@ class RepliesOutOfSequence(SMTPServerDisconnected):
     transient and the relay remembers not to pipeline to that receiver."""
 
 
+def dot_stuffed(message: bytes) -> bytes:
+    """aiosmtplib's dot-stuffing (a "." more before every line that starts with one), without
+    running its regex over the whole message when no line starts with a dot."""
+    if message.startswith(b".") or b"\n." in message:
+        return _protocol.PERIOD_REGEX.sub(b"..", message)
+    return message
+
+
 def check_sequence(mail: SMTPResponse, rcpts: list[SMTPResponse], data: SMTPResponse) -> None:
     """Raise RepliesOutOfSequence when a 503 (bad sequence of commands) answers a command
     whose predecessor in the group succeeded: MAIL opens a fresh transaction (the session
@@ -147,8 +155,7 @@ class PipeliningProtocol(_Base):
         """After a 354: the message, dot-stuffed and terminated; the final reply."""
         if self._command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
-        message = _protocol.normalize_message_line_endings(message)
-        message = _protocol.PERIOD_REGEX.sub(b"..", message) + b".\r\n"
+        message = dot_stuffed(_protocol.normalize_message_line_endings(message)) + b".\r\n"
         async with self._command_lock:
             self._response_pending = True
             self.write(message)

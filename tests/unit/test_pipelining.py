@@ -8,13 +8,17 @@ from __future__ import annotations
 import asyncio
 
 import aiosmtplib
+import aiosmtplib.protocol
 import pytest
 from aiosmtplib.response import SMTPResponse
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.pipelining import (
     PipeliningProtocol,
     RepliesOutOfSequence,
     check_sequence,
+    dot_stuffed,
     install,
 )
 
@@ -180,3 +184,12 @@ def test_replies_out_of_sequence_are_recognised(mail, rcpts, data, desync):
             check_sequence(_r(mail), [_r(c) for c in rcpts], _r(data))
     else:
         check_sequence(_r(mail), [_r(c) for c in rcpts], _r(data))
+
+
+@given(
+    st.lists(st.sampled_from([b".", b"..", b"\r\n", b"\n", b"\r", b"a", b" "]), max_size=40).map(
+        b"".join
+    )
+)
+def test_dot_stuffing_equals_aiosmtplibs(message):
+    assert dot_stuffed(message) == aiosmtplib.protocol.PERIOD_REGEX.sub(b"..", message)
