@@ -18,15 +18,10 @@ from sqlalchemy import create_engine, text
 from axiom.tls import write_self_signed
 from models.db import make_engine, migrate, normalise_url, session_scope
 from relay.keystore import KeyBox
+from tests.peers.postfix import free_port
 
 PG_URL = os.environ.get("AXIOM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,15 +35,14 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from tests.peers.ports import claim
+
 Record = tuple[str, str, str] | tuple[str, str, str, int]
 Zones = Mapping[str, Sequence[Record]]
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
 KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
 _BROKEN_ZONE = "; served broken on purpose: Knot answers SERVFAIL for this zone\n@ SOA broken\n"
-
-_ports_lock = threading.Lock()
-_ports_given: set[tuple[str, int]] = set()
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
@@ -59,10 +57,8 @@ def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
                     udp.bind((host, port))
             except OSError:
                 continue
-        with _ports_lock:
-            if (host, port) not in _ports_given:
-                _ports_given.add((host, port))
-                return port
+        if claim(host, port):
+            return port
     raise RuntimeError(f"no free UDP+TCP port on {host}")
 
 

@@ -35,6 +35,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tests.peers.ports import claim
+
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -96,9 +98,14 @@ class PostfixError(RuntimeError):
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free on host now and never handed out before by this process."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if claim(host, port):
+            return port
+    raise RuntimeError(f"no fresh port on {host} after 100 tries")
 
 
 def _listening(port: int, host: str = LOOPBACK) -> bool:
