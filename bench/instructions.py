@@ -14,6 +14,10 @@ process per accepted message (kernel time is not counted).
 --against checks the revision out into a temporary git worktree and runs it the same way
 (its code first on PYTHONPATH). Results go to the terminal and bench/out/instructions.json.
 Group commit batches differ with timing, so repeated runs differ by about 1 %.
+
+--end-to-end turns delivery on: the relay (still one process, so callgrind sees all of it)
+delivers to Postfix's smtp-sink through Knot, as bench/end_to_end.py does, and the count runs
+until the sink has every message: accept, sign, spool, claim, deliver and settle.
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench.common import DeliveringRelay, Receiver, ReceivingWorld  # noqa: E402
 from bench.setups import VENV_BIN, AxiomRelay, smtp_source  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "instructions.json"
+# the end-to-end benchmark's receiver: its MX is named under comcast.net (bench/end_to_end.py)
+E2E_RECEIVER = Receiver("comcast.net", "mx1.comcast.net", "127.0.90.1")
 SENDER = "bench@bench.test"
 console = Console()
 
 
-def callgrind_relay(code: Path | None, out: Path) -> AxiomRelay:
+def callgrind_relay(code: Path | None, out: Path, world: ReceivingWorld | None) -> AxiomRelay:
     # python -c, not the axiom script: callgrind follows the interpreter, not a wrapper.
     command = [
         "valgrind",
@@ -53,7 +60,9 @@ def callgrind_relay(code: Path | None, out: Path) -> AxiomRelay:
         "-c",
         "import sys; from axiom.cli import main; sys.argv = ['axiom', 'relay']; main()",
     ]
-    return AxiomRelay(1, command=command, code=code)
+    if world is None:
+        return AxiomRelay(1, command=command, code=code)
+    return DeliveringRelay(1, world.env, command=command, code=code)
 
 
 def dump(pid: int, label: str) -> None:
@@ -75,23 +84,39 @@ def instructions_in(out: Path, label: str) -> int:
     raise RuntimeError(f"no callgrind dump labelled {label} in {out}*")
 
 
-def measure(name: str, code: Path | None, messages: int, workdir: Path) -> dict:
+def measure(
+    name: str, code: Path | None, messages: int, workdir: Path, world: ReceivingWorld | None
+) -> dict:
     out = workdir / f"callgrind-{name}.out"
-    relay = callgrind_relay(code, out)
+    relay = callgrind_relay(code, out, world)
+    sink = world.sinks[E2E_RECEIVER.domain] if world is not None else None
+    rcpt = {"recipient": f"rcpt@{E2E_RECEIVER.domain}"} if world is not None else {}
+
+    def delivered(count: int) -> None:
+        if sink is not None and sink.wait_for(count, timeout=1800) is None:
+            raise RuntimeError(f"{name}: the sink got {sink.delivered()} of {count}")
+
+    base = sink.delivered() if sink is not None else 0
     try:
         relay.provision()
         console.print(f"[dim]{name}: starting axiom relay under callgrind (slow: ~30 s)[/dim]")
         relay.start(timeout=600)
-        _, ok, detail = smtp_source(relay.port, 100, sessions=10, sender=SENDER, timeout=600)
+        _, ok, detail = smtp_source(
+            relay.port, 100, sessions=10, sender=SENDER, timeout=600, **rcpt
+        )
         if not ok:
             raise RuntimeError(f"{name}: warm-up failed: {detail}\n{relay.log.read_text()}")
+        delivered(base + 100)
         dump(relay.pgid, "warm")  # a dump also resets the counters
         time.sleep(0.5)
         started = time.monotonic()
-        _, ok, detail = smtp_source(relay.port, messages, sessions=20, sender=SENDER, timeout=1800)
-        elapsed = time.monotonic() - started
+        _, ok, detail = smtp_source(
+            relay.port, messages, sessions=20, sender=SENDER, timeout=1800, **rcpt
+        )
         if not ok:
             raise RuntimeError(f"{name}: load failed: {detail}")
+        delivered(base + 100 + messages)
+        elapsed = time.monotonic() - started
         dump(relay.pgid, "load")
         time.sleep(1)
         spooled = relay.spool_count()
@@ -116,6 +141,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--against", help="a git revision to measure beside the working tree")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="delivery on, to smtp-sink; count until sunk"
+    )
     args = parser.parse_args()
     if not 50 <= args.messages <= 20000:
         parser.error(f"--messages {args.messages}: between 50 and 20000")
@@ -153,10 +181,16 @@ def main() -> int:
                 capture_output=True,
             )
             trees.insert(0, (args.against, tree))
+        world = None
+        if args.end_to_end:
+            world = ReceivingWorld([E2E_RECEIVER])
+            stack.callback(world.stop)
+            world.start()
         for name, code in trees:
-            results.append(measure(name, code, args.messages, workdir))
+            results.append(measure(name, code, args.messages, workdir, world))
 
-    table = Table(title=f"user-space instructions per accepted message ({args.messages} × 2 KB)")
+    what = "delivered" if args.end_to_end else "accepted"
+    table = Table(title=f"user-space instructions per {what} message ({args.messages} × 2 KB)")
     table.add_column("code")
     table.add_column("M instructions / message", justify="right")
     table.add_column("× first", justify="right")
