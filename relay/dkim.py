@@ -147,6 +147,28 @@ _canon.strip_trailing_whitespace = _strip_trailing_whitespace
 _canon.unfold_header_value = _unfold_header_value
 
 
+# dkimpy's rfc822_parse splits the whole message into lines to find the header, then joins the
+# body's lines again with CRLF. For a body whose line ends are all CRLF already (everything
+# the relay accepts: bare CR and LF are refused at DATA) the join gives the body back as it
+# was, so only the header is split here. Anything else takes dkimpy's own path.
+_pure_rfc822_parse = dkim.rfc822_parse
+_BLANK_LINE = re.compile(b"\n\r?\n")  # a line end followed by an empty line
+
+
+def _rfc822_parse(message: bytes):
+    if not message.startswith((b"\n", b"\r\n")):
+        found = _BLANK_LINE.search(message)
+        if found is not None:
+            body = message[found.end() :]
+            if body.count(b"\n") == body.count(b"\r\n"):
+                headers, _ = _pure_rfc822_parse(message[: found.start() + 1])
+                return headers, body
+    return _pure_rfc822_parse(message)
+
+
+dkim.rfc822_parse = _rfc822_parse  # DKIM.set_message looks it up in dkimpy's namespace
+
+
 @dataclass(frozen=True)
 class GeneratedKey:
     algorithm: Algorithm

@@ -450,3 +450,39 @@ def test_dkimpy_canonicalises_through_the_shortcuts():
     assert canon.Relaxed.canonicalize_headers([(b"Subject ", b" x \r\n\t y\r\n")]) == [
         (b"subject", b"x y\r\n")
     ]
+
+
+_message_bytes = st.lists(
+    st.sampled_from(
+        [
+            *(b"\r\n", b"\n", b"\r", b"\r\n\r\n", b"\n\n", b"\t", b":"),
+            *(b"From: a@b", b"Subject: x", b" folded", b"From x", b"body", b"no colon"),
+        ]
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+def _parsed(parse, message: bytes):
+    try:
+        return parse(message)
+    except Exception as exc:  # dkimpy raises IndexError for a leading continuation line
+        return ("error", type(exc).__name__, str(exc))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(message=_message_bytes)
+def test_header_split_shortcut_equals_dkimpys_rfc822_parse(message):
+    assert _parsed(relay_dkim._rfc822_parse, message) == _parsed(
+        relay_dkim._pure_rfc822_parse, message
+    )
+
+
+def test_dkimpy_parses_messages_through_the_shortcut():
+    assert dkim.rfc822_parse is relay_dkim._rfc822_parse
+    message = b"Subject: a\r\n b\r\nFrom: x@y\r\n\r\nline one\r\n\r\nline two\r\n"
+    headers, body = relay_dkim._rfc822_parse(message)
+    assert headers == [[b"Subject", b" a\r\n b\r\n"], [b"From", b" x@y\r\n"]]
+    assert body == b"line one\r\n\r\nline two\r\n"
+    # a bare LF in the body: dkimpy's own path, which rewrites it to CRLF
+    assert relay_dkim._rfc822_parse(b"A: b\r\n\r\nx\ny")[1] == b"x\r\ny"
