@@ -15,6 +15,7 @@ a network round trip and always goes to a thread.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sqlite3
 import threading
@@ -43,6 +44,9 @@ from relay.keystore import KeyBox
 K = TypeVar("K")
 V = TypeVar("V")
 WOULD_WAIT: Any = object()  # an at_once=True lookup that would have to wait for the database
+# The client's address, parsed once per address rather than once per connection (clients
+# reconnect from the same few addresses; a ValueError is not remembered and is raised again).
+_ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 class TtlCache(Generic[K, V]):
@@ -120,7 +124,7 @@ class PolicyStore:
     def principal_for_network(self, client_ip: str, *, at_once: bool = False):
         """The Principal bound to the client's network, or None."""
         try:
-            addr = ipaddress.ip_address(client_ip)
+            addr = _ip_address(client_ip)
         except ValueError:
             return None
         if at_once:
