@@ -123,23 +123,21 @@ async def test_the_lone_dot_ends_data_nobody_will_send():
         server.close()
 
 
-async def test_a_receiver_that_hangs_up_mid_group_is_a_lost_session():
-    script = Script(b"DATA\r\n", b"250 2.1.0 Ok\r\n", close=True)
+@pytest.mark.parametrize(
+    ("close", "reply_timeout", "error"),
+    [
+        (True, 5, aiosmtplib.SMTPServerDisconnected),  # hangs up after one reply of four
+        (False, 0.5, aiosmtplib.SMTPTimeoutError),  # one reply of four, then silence
+    ],
+)
+async def test_a_group_left_unanswered_fails_as_a_lost_session_or_a_timeout(
+    close, reply_timeout, error
+):
+    script = Script(b"DATA\r\n", b"250 2.1.0 Ok\r\n", close=close)
     server, smtp = await _session(script)
     try:
-        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
-            await smtp.protocol.execute_pipelined(GROUP, reply_timeout=5)
-    finally:
-        smtp.close()
-        server.close()
-
-
-async def test_a_silent_receiver_times_the_group_out():
-    script = Script(b"DATA\r\n", b"250 2.1.0 Ok\r\n")  # one reply of four, then nothing
-    server, smtp = await _session(script)
-    try:
-        with pytest.raises(aiosmtplib.SMTPTimeoutError):
-            await smtp.protocol.execute_pipelined(GROUP, reply_timeout=0.5)
+        with pytest.raises(error):
+            await smtp.protocol.execute_pipelined(GROUP, reply_timeout=reply_timeout)
     finally:
         smtp.close()
         server.close()
