@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import col, func, select
 
-from axiom.settings import ConfigError, Settings, load_settings
+from config.settings import ConfigError, Settings, load_settings
 from sandbox.cli import sandbox_app
 
 app = typer.Typer(
@@ -68,15 +68,15 @@ def engine():
 
 @contextmanager
 def _admin():
-    """One admin action in one transaction; AdminError becomes a one-line CLI error."""
-    from axiom.admin import AdminError
+    """One admin action in one transaction; ServiceError becomes a one-line CLI error."""
     from models.db import session_scope
+    from protocol.errors import ServiceError
 
     try:
         with session_scope(engine()) as session:
             yield session
             session.commit()
-    except AdminError as exc:
+    except ServiceError as exc:
         raise fail(str(exc)) from None
 
 
@@ -101,7 +101,7 @@ def init() -> None:
 @app.command()
 def keygen() -> None:
     """Print a new AXIOM_SECRET_KEY."""
-    from relay.keystore import KeyBox
+    from relay.submission.keystore import KeyBox
 
     sys.stdout.write(KeyBox.generate().decode() + "\n")
 
@@ -121,7 +121,7 @@ def tenant_add(
     ] = "it",
 ) -> None:
     """Add a customer."""
-    from axiom.admin import add_tenant
+    from protocol.tenants import add_tenant
 
     with _admin() as session:
         add_tenant(session, name, language)
@@ -131,7 +131,7 @@ def tenant_add(
 @credential_app.command("add")
 def credential_add(tenant: str, username: str) -> None:
     """Create an SMTP credential; the password is printed once and stored only as a hash."""
-    from axiom.admin import add_credential
+    from protocol.tenants import add_credential
 
     with _admin() as session:
         password = add_credential(session, tenant, username)
@@ -142,7 +142,7 @@ def credential_add(tenant: str, username: str) -> None:
 @credential_app.command("add-network")
 def credential_add_network(tenant: str, cidr: str) -> None:
     """Let connections from CIDR act as TENANT without AUTH (like Postfix's mynetworks)."""
-    from axiom.admin import add_network
+    from protocol.tenants import add_network
 
     with _admin() as session:
         bound = add_network(session, tenant, cidr)
@@ -153,8 +153,8 @@ def credential_add_network(tenant: str, cidr: str) -> None:
 @domain_app.command("add")
 def domain_add(tenant: str, domain: str) -> None:
     """Add a sending domain (pending) with RSA-2048 and Ed25519 DKIM keys; print its records."""
-    from axiom.admin import add_domain
-    from relay.keystore import KeyBox
+    from protocol.domains import add_domain
+    from relay.submission.keystore import KeyBox
 
     s = settings()
     try:
@@ -170,7 +170,7 @@ def domain_add(tenant: str, domain: str) -> None:
 @domain_app.command("records")
 def domain_records(domain: str, json_output: JsonFlag = False) -> None:
     """The DNS records the customer must publish for DOMAIN."""
-    from axiom.admin import domain_records as records_for
+    from protocol.domains import domain_records as records_for
 
     with _admin() as session:
         records = records_for(session, domain, settings().hostname)
@@ -189,7 +189,7 @@ def domain_activate(
     reason: Annotated[str, typer.Option("--reason", help="Why it is activated by hand.")],
 ) -> None:
     """Activate DOMAIN by hand (audited). The onboarding runbook is the normal path."""
-    from axiom.admin import activate_domain
+    from protocol.domains import activate_domain
 
     with _admin() as session:
         activate_domain(session, domain, operator, reason)
@@ -209,7 +209,7 @@ def relay() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-    from relay.keystore import KeyBox
+    from relay.submission.keystore import KeyBox
 
     try:
         KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
@@ -278,7 +278,7 @@ def pool_add(
     kind: Annotated[str, typer.Option("--kind", help="dedicated or shared.")] = "shared",
 ) -> None:
     """Add an IP pool."""
-    from axiom.admin import add_pool
+    from protocol.egress import add_pool
 
     with _admin() as session:
         add_pool(session, name, kind)
@@ -293,7 +293,7 @@ def ip_add(
     weight: Annotated[int, typer.Option("--weight", help="Share of the pool's traffic.")] = 100,
 ) -> None:
     """Add a source IP to a pool (state cold until warmed up)."""
-    from axiom.admin import add_ip
+    from protocol.egress import add_ip
 
     with _admin() as session:
         ip = add_ip(session, address, pool, ptr, weight)
@@ -308,7 +308,7 @@ def stream_set(
     fallback: Annotated[str | None, typer.Option("--fallback", help="Overflow pool.")] = None,
 ) -> None:
     """Bind TENANT's STREAM to a pool (and optionally an overflow pool)."""
-    from axiom.admin import set_stream
+    from protocol.egress import set_stream
 
     with _admin() as session:
         set_stream(session, tenant, stream, pool, fallback)
@@ -319,9 +319,9 @@ def stream_set(
 @app.command()
 def suspensions(json_output: JsonFlag = False) -> None:
     """Active protective suspensions and throttles of (IP, provider) paths."""
+    from config.clock import SystemClock
     from models import Suspension
     from models.db import session_scope
-    from relay.clock import SystemClock
 
     now = SystemClock().now()
     with session_scope(engine()) as session:
@@ -570,7 +570,7 @@ def classify_replies(
     """Classify SMTP replies: one JSON object per reply, in input order."""
     from rich.markup import escape
 
-    from relay.classify import classify, parse_reply, provider_for_mx, rules, split_replies
+    from relay.delivery.classify import classify, parse_reply, provider_for_mx, rules, split_replies
     from runbooks.loader import RunbookError
 
     try:
@@ -616,7 +616,7 @@ def operator_add(
     ] = None,
 ) -> None:
     """Register an operator; they may answer the checkpoints their roles allow, nothing else."""
-    from axiom.admin import add_operator
+    from protocol.operators import add_operator
 
     with _admin() as session:
         add_operator(session, name, role, slack_id)
@@ -643,7 +643,7 @@ def operator_list(json_output: JsonFlag = False) -> None:
 @app.command()
 def approvals(json_output: JsonFlag = False) -> None:
     """Pending checkpoint approvals, soonest to expire first."""
-    from flows.approvals import ApprovalDesk
+    from protocol.approvals import ApprovalDesk
 
     s = settings()
     desk = ApprovalDesk(engine())  # reads only: no Slack, no Prefect
@@ -676,7 +676,7 @@ def approve(
     comment: Annotated[str, typer.Option("--comment", help="Kept in the audit trail.")] = "",
 ) -> None:
     """Answer a checkpoint: same checks as Slack and the Prefect UI; the first answer wins."""
-    from flows.approvals import Answer, ApprovalDesk, Refusal
+    from protocol.approvals import Answer, ApprovalDesk, Refusal
 
     s = settings()
     desk = ApprovalDesk.from_settings(s, engine())

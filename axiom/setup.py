@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from axiom.settings import PLACEHOLDER_SECRETS, ConfigError, Settings
+from config.settings import PLACEHOLDER_SECRETS, ConfigError, Settings
 
 
 def initialise(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
     """Idempotent: safe on every start. Raises ConfigError naming the setting at fault."""
-    from axiom.admin import ensure_default_pool
-    from axiom.tls import write_self_signed
+    from config.tls import write_self_signed
     from models.db import make_engine, migrate, session_scope
-    from relay.keystore import KeyBox
+    from protocol.egress import ensure_default_pool
+    from relay.submission.keystore import KeyBox
 
     s = settings
     s.home.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from axiom.settings import Settings, split_host_port
+from config.settings import Settings, split_host_port
 
 log = logging.getLogger("axiom.up")
 BIN = Path(sys.executable).parent
@@ -143,8 +143,8 @@ def _json_log(home: Path) -> logging.Handler:
 
 def ensure_demo(settings: Settings) -> dict:
     """The demo tenant, credential and sending domain, created once and reused."""
-    from axiom import admin
     from models.db import make_engine, session_scope
+    from protocol import domains, tenants
 
     path = settings.home / "demo.json"
     if path.exists():
@@ -153,12 +153,12 @@ def ensure_demo(settings: Settings) -> dict:
     engine = make_engine(settings.db_url)
     try:
         with session_scope(engine) as s:
-            admin.add_tenant(s, DEMO_TENANT, "en")
-            password = admin.add_credential(s, DEMO_TENANT, DEMO_USER)
-            from relay.keystore import KeyBox
+            tenants.add_tenant(s, DEMO_TENANT, "en")
+            password = tenants.add_credential(s, DEMO_TENANT, DEMO_USER)
+            from relay.submission.keystore import KeyBox
 
-            admin.add_domain(s, KeyBox(settings.load_secret_key()), DEMO_TENANT, domain)
-            admin.activate_domain(
+            domains.add_domain(s, KeyBox(settings.load_secret_key()), DEMO_TENANT, domain)
+            domains.activate_domain(
                 s,
                 domain,
                 "axiom-up",

@@ -3,7 +3,7 @@
 
 For each spool backend (SQLite in a fresh AXIOM_HOME, and a private PostgreSQL cluster):
 provision a relay through the CLI, insert MESSAGES 2 KB messages with one recipient each
-straight into the spool (relay.spool.spool_rows, in batches: the same rows a submission
+straight into the spool (relay.spool.writer.spool_rows, in batches: the same rows a submission
 writes), half of them to a domain whose MX has nobody listening (connection refused) and half
 to one whose MX, an smtp-sink, answers 4xx to RCPT; so every attempt defers and the queue
 stays full. Then `axiom relay` starts with delivery on and works for SECONDS (claiming,
@@ -73,7 +73,7 @@ def spool_messages(relay: DeliveringRelay, tenant_id: int, count: int) -> float:
     """Insert count queued messages (one recipient each) straight into the spool; seconds."""
     from models import Message, Recipient
     from models.db import make_engine
-    from relay.spool import SpoolEntry, new_queue_id, spool_rows
+    from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
 
     engine = make_engine(relay.db_url)
     started = time.monotonic()
@@ -132,7 +132,9 @@ def measure_backend(backend: str, args, stack: ExitStack) -> dict:
     relay.provision()
     probe = SpoolProbe(relay.db_url)
     stack.callback(probe.close)
-    say(f"  spooling {args.messages:,} messages of {SIZE} B directly (relay.spool.spool_rows)")
+    say(
+        f"  spooling {args.messages:,} messages of {SIZE} B directly (relay.spool.writer.spool_rows)"
+    )
     spool_seconds = spool_messages(relay, probe.tenant_id(relay.tenant), args.messages)
     states = probe.states()
     if states.get("queued", 0) < args.messages:

@@ -57,10 +57,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy import Engine, func, select, update  # noqa: E402
 
-from axiom.tls import write_self_signed  # noqa: E402
+from config.tls import write_self_signed  # noqa: E402
 from models import Message, Recipient, RecipientState, Suspension  # noqa: E402
 from models.db import make_engine, migrate, session_scope  # noqa: E402
-from relay.keystore import KeyBox  # noqa: E402
+from relay.submission.keystore import KeyBox  # noqa: E402
 from tests.conftest import VENV_BIN, AxiomHome, RelayProcess, free_port  # noqa: E402
 from tests.peers.postgres import PostgresCluster  # noqa: E402
 from tests.peers.prefect import PrefectServer  # noqa: E402
@@ -169,8 +169,8 @@ class Row:
 def make_home(path: Path, db_url: str, extra_ips: Sequence[str] = ()) -> AxiomHome:
     """What `axiom init` leaves behind: secret key, TLS pair, migrated database, default pool
     (127.0.0.1, plus extra_ips, active); and free ports for the listeners."""
-    from axiom.admin import ensure_default_pool
     from models import IpAddress, IpPool, IpState
+    from protocol.egress import ensure_default_pool
 
     path.mkdir(parents=True, exist_ok=True)
     secret = KeyBox.generate()

@@ -25,13 +25,13 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from axiom.settings import load_settings
-from flows.approvals import PENDING, Answer, ApprovalDesk, Refusal
+from config.settings import load_settings
 from models import Approval
 from models.audit import as_utc
 from models.db import make_engine
 from notifications.slack import compact
 from notifications.templates import render
+from protocol.approvals import PENDING, Answer, ApprovalDesk, Refusal
 from runbooks.loader import checkpoints
 
 # Prefect's own pause deadline is only a backstop behind our expiry timer: should the timer

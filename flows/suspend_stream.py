@@ -17,12 +17,12 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, func, select
 
-from axiom.settings import load_settings
+from config.settings import load_settings
 from flows.checkpoint import request_approval
 from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
 from models.audit_trail import record
 from models.db import make_engine, session_scope
-from relay.egress import DEFAULT_POOL
+from relay.delivery.egress import DEFAULT_POOL
 from runbooks.loader import checkpoints
 
 HOLD_POOL = "hold"

@@ -25,8 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from axiom.settings import Settings
-from flows.approvals import Answer, ApprovalDesk, Refusal
+from config.settings import Settings
 from notifications.slack import (
     ACTION_APPROVE,
     ACTION_COMMENT,
@@ -36,6 +35,7 @@ from notifications.slack import (
     SlackUnavailable,
 )
 from notifications.templates import render
+from protocol.approvals import Answer, ApprovalDesk, Refusal
 
 log = logging.getLogger("axiom.slack.interactivity")
 

@@ -18,7 +18,7 @@ from typing import Any
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from axiom.settings import Settings
+from config.settings import Settings
 from models import Approval
 from models.audit import as_utc
 from notifications.templates import render

@@ -23,24 +23,24 @@ import sys
 
 from sqlalchemy import text
 
-from axiom.settings import Settings, split_host_port
-from axiom.tls import server_context
+from config.clock import SystemClock
+from config.settings import Settings, split_host_port
+from config.tls import server_context
 from models.audit_trail import record
 from models.db import make_engine, session_scope
-from relay.auth import CredentialCache, LockoutTracker
-from relay.clock import SystemClock
-from relay.inbound import InboundContext, InboundHandler, Mailbox
-from relay.keystore import KeyBox
+from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
 from relay.metrics import build_inbound_metrics, build_metrics
-from relay.policy import PolicyStore
-from relay.server import (
+from relay.spool.writer import Spool
+from relay.submission.auth import CredentialCache, LockoutTracker
+from relay.submission.keystore import KeyBox
+from relay.submission.policy import PolicyStore
+from relay.submission.server import (
     ConnectionCounter,
     RelayContext,
     SessionLimits,
     SubmissionHandler,
     make_protocol_factory,
 )
-from relay.spool import Spool
 from runbooks.loader import dkim_signing
 
 # The delivery engine (aiosmtplib, dnspython, classification rules) and the HTTP endpoint
@@ -239,8 +239,8 @@ async def serve(
 
 
 def build_delivery_engine(settings: Settings, engine):
-    from relay.delivery import DeliveryEngine
-    from relay.dns import Resolver
+    from relay.delivery.dns import Resolver
+    from relay.delivery.engine import DeliveryEngine
     from runbooks import loader as runbooks
 
     shaping = runbooks.shaping()
@@ -353,7 +353,7 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":  # the extra listener processes
-    from axiom.settings import load_settings
+    from config.settings import load_settings
 
     logging.basicConfig(level=logging.WARNING)
     listener_settings = load_settings()

@@ -28,7 +28,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _settings():
-    from axiom.settings import ConfigError, load_settings
+    from config.settings import ConfigError, load_settings
 
     try:
         return load_settings()

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosmtplib
 
-from axiom.settings import Settings, split_host_port
+from config.settings import Settings, split_host_port
 from sandbox.behaviour import behaviour
 from sandbox.lookup import SandboxLookup
 from sandbox.mailbox import mailbox_exists
@@ -295,7 +295,7 @@ class ScenarioRunner:
         await asyncio.sleep(1.0)
 
     async def _setup_broken_dkim(self) -> None:
-        from relay.dkim import generate_key, txt_record_value
+        from relay.submission.dkim import generate_key, txt_record_value
 
         await self._set_reputation(ESTABLISHED)
         domain = self.credentials.domain.lower()
@@ -437,8 +437,8 @@ class ScenarioRunner:
     def _baseline(self) -> dict[str, Any]:
         from sqlmodel import Session, func, select
 
+        from config.clock import SystemClock
         from models import AuditEntry, Suspension
-        from relay.clock import SystemClock
 
         now = SystemClock().now()
         with Session(self.engine) as session:

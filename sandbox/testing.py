@@ -6,7 +6,7 @@ import random
 import socket
 from pathlib import Path
 
-from axiom.settings import Settings, load_settings
+from config.settings import Settings, load_settings
 
 
 def free_dns_port(host: str = "127.0.0.1") -> int:

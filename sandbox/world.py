@@ -26,8 +26,8 @@ from typing import Any
 
 import aiosmtplib
 
-from axiom.settings import Settings, split_host_port
-from axiom.tls import server_context, write_self_signed
+from config.settings import Settings, split_host_port
+from config.tls import server_context, write_self_signed
 from sandbox.behaviour import Behaviour, behaviour
 from sandbox.dns import DnsServer
 from sandbox.feedback import FeedbackSender
@@ -282,8 +282,8 @@ class SandboxWorld:
         from sqlalchemy.exc import SQLAlchemyError
         from sqlmodel import Session, select
 
-        from axiom.admin import domain_records
         from models import Domain, IpAddress
+        from protocol.domains import domain_records
         from sandbox.database import reader
 
         url = self.settings.db_url

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from axiom.tls import write_self_signed
+from config.tls import write_self_signed
 from models.db import make_engine, migrate, normalise_url, session_scope
-from relay.keystore import KeyBox
+from relay.submission.keystore import KeyBox
 from tests.peers.postfix import free_port
 
 PG_URL = os.environ.get("AXIOM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -142,7 +142,7 @@ def axiom_home(tmp_path, db_url) -> AxiomHome:
 
 
 def _default_pool(db_url: str) -> None:
-    from axiom.admin import ensure_default_pool
+    from protocol.egress import ensure_default_pool
 
     engine = make_engine(db_url)
     try:
@@ -163,16 +163,16 @@ class Tenant:
 
 def seed_tenant(home: AxiomHome, name: str, domain: str, *, activate: bool = True) -> Tenant:
     """A tenant with one credential and one (by default active) sending domain."""
-    from axiom import admin
+    from protocol import domains, tenants
 
     engine = make_engine(home.db_url)
     try:
         with session_scope(engine) as s:
-            admin.add_tenant(s, name)
-            password = admin.add_credential(s, name, f"{name}-app")
-            admin.add_domain(s, home.keybox, name, domain)
+            tenants.add_tenant(s, name)
+            password = tenants.add_credential(s, name, f"{name}-app")
+            domains.add_domain(s, home.keybox, name, domain)
             if activate:
-                admin.activate_domain(s, domain, "tests", "fixture")
+                domains.activate_domain(s, domain, "tests", "fixture")
             s.commit()
     finally:
         engine.dispose()

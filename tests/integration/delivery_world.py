@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
+from config.clock import ManualClock
 from models import DeliveryEvent, IpAddress, IpPool, IpState, Recipient, Tenant
-from relay.clock import ManualClock
-from relay.delivery import DeliveryEngine
-from relay.dns import Resolver
-from relay.egress import Egress
-from relay.spool import SpoolEntry, new_queue_id, spool_rows
+from relay.delivery.dns import Resolver
+from relay.delivery.egress import Egress
+from relay.delivery.engine import DeliveryEngine
+from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
 from runbooks import loader
 from tests.peers.dns import KnotServer, merge_zones, ptr_zones
 from tests.peers.postfix import SmtpSink, free_port
@@ -164,7 +164,7 @@ def make_world(
 ) -> DeliveryWorld:
     """A tenant 'acme', pools of source IPs (default: pool 'default' = 127.0.0.10, .11);
     extra_zones (e.g. from mx_zones) are served beside the world's own."""
-    from axiom.admin import ensure_default_pool
+    from protocol.egress import ensure_default_pool
 
     pools = pools or {"default": ["127.0.0.10", "127.0.0.11"]}
     with Session(engine) as s:

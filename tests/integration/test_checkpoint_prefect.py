@@ -31,15 +31,15 @@ from prefect.settings import (
 from prefect.testing.utilities import prefect_test_harness
 from sqlmodel import col, select
 
-from axiom import admin
-from axiom.settings import load_settings
-from flows.approvals import PrefectResumer
+from config.settings import load_settings
 from flows.checkpoint import request_approval
 from flows.suspend_stream import HOLD_POOL, suspend_stream
 from models import Approval, AuditEntry, IpPool, Stream
 from models.audit_trail import verify
 from models.db import make_engine, migrate, session_scope
 from notifications.interactivity import routes
+from protocol import egress, operators, tenants
+from protocol.approvals import PrefectResumer
 from relay.http import build_app
 from tests.conftest import VENV_BIN, free_port
 from tests.fakes.slack import FakeSlack, button_click, sign
@@ -83,10 +83,10 @@ class Stack:
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
         with session_scope(self.engine) as s:
-            admin.ensure_default_pool(s)
-            admin.add_tenant(s, "acme")
-            admin.add_operator(s, "alice", ["deliverability"], "U0ALICE")
-            admin.add_operator(s, "carol", [], "U0CAROL")
+            egress.ensure_default_pool(s)
+            tenants.add_tenant(s, "acme")
+            operators.add_operator(s, "alice", ["deliverability"], "U0ALICE")
+            operators.add_operator(s, "carol", [], "U0CAROL")
             s.commit()
         self.http_port = free_port()
         app = build_app(_healthy, routes(load_settings(), self.engine))

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from axiom.tls import write_self_signed
+from config.tls import write_self_signed
 from models import IpAddress, IpPool, RecipientState, Stream, WarmupDay, WarmupPlan
 from tests.integration.delivery_world import DeliveryWorld, make_world, mx_zones
 from tests.peers.dns import knot  # noqa: F401  (fixture)

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from models import Message, Recipient, RecipientState
-from relay.spool import SpoolEntry, new_queue_id, spool_rows
+from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
 from tests.conftest import VENV_BIN, AxiomHome
 from tests.integration.delivery_world import DeliveryWorld, make_world
 from tests.peers.dns import knot  # noqa: F401  (fixture)

@@ -155,7 +155,7 @@ def test_spooled_message_passes_rsa_and_ed25519_in_mailauth(relay, axiom_home, t
 
 
 def test_a_message_over_the_inline_signing_size_verifies_too(relay, axiom_home, tmp_path):
-    from relay.server import INLINE_SIGNING_MAX
+    from relay.submission.server import INLINE_SIGNING_MAX
 
     tenant = seed_tenant(axiom_home, "rossi", DOMAIN)
     line = b"Riga di un allegato lungo, ripetuta per superare la soglia.  \r\n"

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from axiom.settings import load_settings
-from relay.dns import Resolver
+from config.settings import load_settings
+from relay.delivery.dns import Resolver
 from tests.peers.dns import KnotServer, SilentNameserver, merge_zones, ptr_zones
 
 pytestmark = pytest.mark.integration

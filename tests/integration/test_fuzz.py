@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from axiom import admin
 from models import Message, Recipient
 from models.db import make_engine, session_scope
+from protocol import tenants
 from tests.conftest import AxiomHome, RelayProcess, Tenant, seed_tenant
 
 pytestmark = pytest.mark.integration
@@ -517,7 +517,7 @@ def _seed(home: AxiomHome) -> tuple[Tenant, Tenant]:
     engine = make_engine(home.db_url)
     try:
         with session_scope(engine) as s:
-            admin.add_network(s, "fuzznet", f"{BOUND_SOURCE}/32")
+            tenants.add_network(s, "fuzznet", f"{BOUND_SOURCE}/32")
             s.commit()
     finally:
         engine.dispose()

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from axiom import admin
 from models.db import make_engine, session_scope
+from protocol import tenants
 from tests.conftest import RelayProcess, seed_tenant
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def limited(axiom_home):
     seed_tenant(axiom_home, "acme", "acme.example")
     engine = make_engine(axiom_home.db_url)
     with session_scope(engine) as s:
-        admin.add_network(s, "acme", "127.0.0.0/8")  # no AUTH needed: plain sockets suffice
+        tenants.add_network(s, "acme", "127.0.0.0/8")  # no AUTH needed: plain sockets suffice
         s.commit()
     engine.dispose()
     relay = RelayProcess(axiom_home, LIMITS).start()

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlmodel import Session
 
-from axiom import admin
+from config.clock import SystemClock
 from models import (
     AuditEntry,
     DeliveryEvent,
@@ -26,15 +26,15 @@ from models import (
     RecipientState,
     Suspension,
 )
-from relay.auth import CredentialCache
-from relay.clock import SystemClock
-from relay.delivery import DeliveryEngine
-from relay.dkim import sign
-from relay.dns import Resolver
-from relay.egress import Egress
-from relay.keystore import KeyBox
-from relay.policy import PolicyStore
-from relay.spool import SpoolEntry, new_queue_id, spool_rows
+from protocol import domains, egress, tenants
+from relay.delivery.dns import Resolver
+from relay.delivery.egress import Egress
+from relay.delivery.engine import DeliveryEngine
+from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
+from relay.submission.auth import CredentialCache
+from relay.submission.dkim import sign
+from relay.submission.keystore import KeyBox
+from relay.submission.policy import PolicyStore
 from runbooks import loader
 from sandbox.behaviour import behaviour
 from sandbox.mailbox import mailbox_exists
@@ -117,10 +117,10 @@ def existing(domain: str, count: int) -> list[str]:
 
 def seed(engine, keybox: KeyBox, ips: list[str]) -> int:
     with Session(engine) as s:
-        admin.ensure_default_pool(s)
-        tenant = admin.add_tenant(s, "acme")
-        admin.add_domain(s, keybox, "acme", DOMAIN)
-        admin.activate_domain(s, DOMAIN, "tests", "fixture")
+        egress.ensure_default_pool(s)
+        tenant = tenants.add_tenant(s, "acme")
+        domains.add_domain(s, keybox, "acme", DOMAIN)
+        domains.activate_domain(s, DOMAIN, "tests", "fixture")
         pool = s.exec(select(IpPool).where(IpPool.name == "default")).scalars().one()
         for ip in s.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).scalars():
             s.delete(ip)

@@ -16,8 +16,8 @@ import dns.query
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
-from relay.dkim import generate_key, load_signing_key, sign, txt_record_value
-from relay.dns import Resolver
+from relay.delivery.dns import Resolver
+from relay.submission.dkim import generate_key, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
 from sandbox.behaviour import behaviour
 from sandbox.mailbox import mailbox_exists

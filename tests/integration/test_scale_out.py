@@ -29,8 +29,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlmodel import Session
 
-from axiom import admin
-from axiom.tls import write_self_signed
+from config.tls import write_self_signed
 from models import (
     DeliveryEvent,
     IpAddress,
@@ -42,7 +41,8 @@ from models import (
     WarmupPlan,
 )
 from models.db import make_engine, migrate, session_scope
-from relay.keystore import KeyBox
+from protocol import domains, egress, tenants
+from relay.submission.keystore import KeyBox
 from tests.conftest import VENV_BIN, AxiomHome, _pg_schema_url, free_port
 from tests.integration.delivery_world import RECEIVERS, SOURCE_IPS, world_zones
 from tests.peers.dns import knot  # noqa: F401  (fixture)
@@ -175,10 +175,10 @@ def _provision(db_url: str, secret: bytes) -> None:
     engine = make_engine(db_url)
     try:
         with session_scope(engine) as s:
-            admin.ensure_default_pool(s)
-            admin.add_tenant(s, "acme")
-            admin.add_domain(s, KeyBox(secret), "acme", "acme.example")
-            admin.activate_domain(s, "acme.example", "tests", "scale-out fixture")
+            egress.ensure_default_pool(s)
+            tenants.add_tenant(s, "acme")
+            domains.add_domain(s, KeyBox(secret), "acme", "acme.example")
+            domains.activate_domain(s, "acme.example", "tests", "scale-out fixture")
             pool = s.exec(select(IpPool).where(IpPool.name == "default")).scalars().one()
             for ip in s.exec(select(IpAddress)).scalars():
                 s.delete(ip)
@@ -629,9 +629,9 @@ def test_the_idle_session_reaper_never_lists_a_session_in_use():
     closing session, and a session a job took meanwhile was listed again, so two jobs ran
     transactions on one SMTP session (503 bounces of good recipients, recipients in another
     job's transaction). In-process, with sessions whose QUIT waits until released."""
-    from relay.delivery import ConnectionPool, _Connection
-    from relay.egress import SourceIp
-    from relay.shaping import PathGate
+    from relay.delivery.egress import SourceIp
+    from relay.delivery.engine import ConnectionPool, _Connection
+    from relay.delivery.shaping import PathGate
     from runbooks import loader
     from runbooks.schema_delivery import PathLimits
 

@@ -42,11 +42,11 @@ from sslyze.connection_helpers.opportunistic_tls_helpers import (
     ProtocolWithOpportunisticTlsEnum,
 )
 
-from axiom import admin
 from models import Credential, DkimKey, Domain, Message, Recipient
 from models.db import make_engine, migrate, session_scope
-from relay.dkim import txt_record_value
-from relay.keystore import KeyBox
+from protocol import domains, tenants
+from relay.submission.dkim import txt_record_value
+from relay.submission.keystore import KeyBox
 from tests.conftest import (
     VENV_BIN,
     AxiomHome,
@@ -278,7 +278,7 @@ def stack(axiom_home, knot):  # noqa: F811
     s.other = seed_tenant(axiom_home, "other", "other.example")
     engine = make_engine(axiom_home.db_url)
     with session_scope(engine) as session:  # a bound network that is not ours must not apply
-        admin.add_network(session, "other", "10.0.0.0/8")
+        tenants.add_network(session, "other", "10.0.0.0/8")
         session.commit()
     engine.dispose()
     relay.start()
@@ -879,8 +879,8 @@ def test_dkim_private_keys_are_fernet_tokens_at_rest(any_db_url):
     box = KeyBox(KeyBox.generate())
     try:
         with session_scope(engine) as s:
-            admin.add_tenant(s, "acme")
-            admin.add_domain(s, box, "acme", "acme.example")
+            tenants.add_tenant(s, "acme")
+            domains.add_domain(s, box, "acme", "acme.example")
             s.commit()
         with engine.connect() as conn:  # the column as stored, no ORM in between
             rows = conn.execute(

@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from models import DkimKey, Domain, Message, Recipient, RecipientState
 from models.db import make_engine, session_scope
-from relay.dkim import txt_record_value
+from relay.submission.dkim import txt_record_value
 from tests.conftest import AxiomHome, RelayProcess, Tenant, seed_tenant
 
 pytestmark = pytest.mark.integration

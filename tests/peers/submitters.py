@@ -282,8 +282,8 @@ def start_clients(
 def seed_clients(home, prefix: str, bound_source: str = "127.0.0.2"):
     """Two tenants for submission clients: PREFIXauth (domain PREFIX-auth.example) submits with
     STARTTLS + AUTH, PREFIXnet (PREFIX-net.example) from bound_source without either."""
-    from axiom import admin
     from models.db import make_engine, session_scope
+    from protocol import tenants
     from tests.conftest import seed_tenant
 
     authed = seed_tenant(home, f"{prefix}auth", f"{prefix}-auth.example")
@@ -291,7 +291,7 @@ def seed_clients(home, prefix: str, bound_source: str = "127.0.0.2"):
     engine = make_engine(home.db_url)
     try:
         with session_scope(engine) as s:
-            admin.add_network(s, bound.name, f"{bound_source}/32")
+            tenants.add_network(s, bound.name, f"{bound_source}/32")
             s.commit()
     finally:
         engine.dispose()

@@ -10,8 +10,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlmodel import col, select
 
-from axiom.admin import add_operator
-from flows.approvals import (
+from models import Approval, AuditEntry
+from models.audit_trail import verify
+from models.db import session_scope
+from protocol.approvals import (
     AlreadyDecided,
     Answer,
     ApprovalDesk,
@@ -23,9 +25,7 @@ from flows.approvals import (
     Resumed,
     UnknownOperator,
 )
-from models import Approval, AuditEntry
-from models.audit_trail import verify
-from models.db import session_scope
+from protocol.operators import add_operator
 from runbooks.loader import checkpoints
 from runbooks.schema_protocol import Checkpoint
 

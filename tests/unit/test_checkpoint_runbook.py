@@ -8,9 +8,10 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import select
 
-from axiom.admin import AdminError, add_operator
-from axiom.settings import ConfigError, load_settings
+from config.settings import ConfigError, load_settings
 from models import AuditEntry, Operator
+from protocol.errors import ServiceError
+from protocol.operators import add_operator
 from runbooks.loader import RUNBOOK_DIR, checkpoints, load_file
 from runbooks.schema_protocol import CheckpointsSpec
 
@@ -90,7 +91,7 @@ def test_operators_are_validated_and_audited(session):
         (("alice", ["lead"], None), "already exists"),
         (("Bob Smith", ["lead"], None), "must be lowercase"),
     ]:
-        with pytest.raises(AdminError, match=message):
+        with pytest.raises(ServiceError, match=message):
             add_operator(session, *args)
 
 

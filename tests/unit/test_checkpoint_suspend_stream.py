@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 from sqlmodel import select
 
-from axiom import admin
+from config.clock import SystemClock
 from flows.suspend_stream import HOLD_POOL, StreamState, hold_stream, read_stream
 from models import AuditEntry
 from models.db import session_scope
-from relay.clock import SystemClock
-from relay.egress import Egress
+from protocol import egress, tenants
+from relay.delivery.egress import Egress
 
 
 @pytest.fixture
 def acme(engine, db_url, monkeypatch):
     monkeypatch.setenv("AXIOM_DATABASE_URL", db_url)
     with session_scope(engine) as s:
-        admin.ensure_default_pool(s)
-        tenant = admin.add_tenant(s, "acme")
+        egress.ensure_default_pool(s)
+        tenant = tenants.add_tenant(s, "acme")
         s.commit()
         return tenant.id
 
@@ -47,8 +47,8 @@ def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme):
 
 def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme):
     with session_scope(engine) as s:
-        admin.add_pool(s, HOLD_POOL, "shared")
-        admin.add_ip(s, "127.0.0.9", HOLD_POOL, None, 100)
+        egress.add_pool(s, HOLD_POOL, "shared")
+        egress.add_ip(s, "127.0.0.9", HOLD_POOL, None, 100)
         s.commit()
     state = read_stream.fn("acme", "marketing")
     with pytest.raises(RuntimeError, match="pool 'hold' has addresses"):

@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from axiom.cli import app
-from relay import classify as classify_module
-from relay.classify import (
+from relay.delivery.classify import (
     ACTIONS,
     CATEGORIES,
     CLASSIFICATION_FILE,
@@ -34,6 +33,7 @@ from relay.classify import (
     rules,
     split_replies,
 )
+from relay.delivery import classify as classify_module
 from runbooks.loader import RunbookError, load_all, load_file
 
 IP = "192.0.2.10"

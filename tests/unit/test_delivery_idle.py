@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from relay.delivery import DeliveryEngine
+from relay.delivery.engine import DeliveryEngine
 
 
 class _IdlePool:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import dkim as relay_dkim
-from relay.dkim import SigningKey, load_signing_key, sign, txt_record_value
+from relay.submission import dkim as relay_dkim
+from relay.submission.dkim import SigningKey, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
 
 DOMAIN = "example.com"

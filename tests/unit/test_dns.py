@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from axiom.settings import ConfigError, load_settings, parse_nameserver
-from relay.dns import DnspythonBackend, Lookup, MxResult, Resolver
+from config.settings import ConfigError, load_settings, parse_nameserver
+from relay.delivery.dns import DnspythonBackend, Lookup, MxResult, Resolver
 
 
 class FakeClock:

@@ -9,18 +9,18 @@ import pytest
 from aiosmtpd.smtp import Envelope, Session
 from sqlalchemy import insert, select
 
-from axiom import admin
-from axiom.settings import ConfigError, load_settings
 from axiom.up import child_env
+from config.settings import ConfigError, load_settings
 from models import AuditEntry, Message, Recipient, Suppression
 from models.audit_trail import verify
-from relay import replies
-from relay.dsn import FailedRecipient, build_dsn
-from relay.inbound import InboundContext, InboundHandler, Mailbox
-from relay.intake import Arrival, record_report
+from protocol import tenants
+from relay.delivery.dsn import FailedRecipient, build_dsn
+from relay.inbound.feedback import Arrival, record_report
+from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
+from relay.inbound.reports import Bounce, Complaint, parse_report
 from relay.metrics import build_inbound_metrics
-from relay.reports import Bounce, Complaint, parse_report
-from relay.spool import SpoolEntry, new_queue_id, spool_rows
+from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
+from relay.submission import replies
 from sandbox.behaviour import behaviour
 from sandbox.feedback import Complaint as SandboxComplaint
 from sandbox.feedback import build_arf
@@ -149,8 +149,8 @@ def acme(engine):
     from sqlmodel import Session
 
     with Session(engine) as s:
-        tenant = admin.add_tenant(s, "acme")
-        other = admin.add_tenant(s, "other")
+        tenant = tenants.add_tenant(s, "acme")
+        other = tenants.add_tenant(s, "other")
         s.commit()
         ids = tenant.id, other.id
 
@@ -276,7 +276,7 @@ def test_reports_about_mail_we_did_not_send_change_no_list(engine, acme):
 
 
 def test_a_complaint_about_one_of_our_bounces_suppresses_nobody(engine, acme):
-    from relay.dsn import dsn_entry
+    from relay.delivery.dsn import dsn_entry
 
     _, data = acme(["pat@example.net"])
     failure = FailedRecipient("pat@example.net", "5.1.1", "550 5.1.1 unknown", "mx.example.net")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unittest import mock
 
-from relay import auth
+from relay.submission import auth
 
 
 def test_a_password_never_starts_with_a_dash():

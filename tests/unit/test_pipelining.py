@@ -14,7 +14,7 @@ from aiosmtplib.response import SMTPResponse
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.pipelining import (
+from relay.delivery.pipelining import (
     PipeliningProtocol,
     RepliesOutOfSequence,
     check_sequence,

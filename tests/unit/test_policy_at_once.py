@@ -9,9 +9,9 @@ import time
 
 from models import Suppression, Tenant
 from models.db import session_scope
-from relay.auth import CredentialCache
-from relay.keystore import KeyBox
-from relay.policy import WOULD_WAIT, PolicyStore
+from relay.submission.auth import CredentialCache
+from relay.submission.keystore import KeyBox
+from relay.submission.policy import WOULD_WAIT, PolicyStore
 
 
 def _policy(engine) -> PolicyStore:

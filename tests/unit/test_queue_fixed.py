@@ -11,8 +11,8 @@ from sqlmodel import Session
 
 from models import RecipientState, Tenant
 from models.db import make_engine, migrate
-from relay.queue import Attempt, Settlement, claim_due, settle_many
-from relay.spool import Spool, SpoolEntry
+from relay.spool.claims import Attempt, Settlement, claim_due, settle_many
+from relay.spool.writer import Spool, SpoolEntry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiosmtpd.smtp
 
-from relay.replies import _TRANSLATIONS, translate
+from relay.submission.replies import _TRANSLATIONS, translate
 
 
 def _scan(reply: str) -> str:

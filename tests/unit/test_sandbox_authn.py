@@ -10,7 +10,7 @@ from functools import cache
 
 import pytest
 
-from relay.dkim import generate_key, load_signing_key, sign, txt_record_value
+from relay.submission.dkim import generate_key, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
 from sandbox.authn import authenticate, check_dkim, check_spf, header_from_domain
 from sandbox.lookup import Found

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.classify import classify, provider_for_mx
+from relay.delivery.classify import classify, provider_for_mx
 from sandbox.behaviour import BEHAVIOUR_FILE, BehaviourError, behaviour, load_behaviour
 
 # reply key -> (categories the relay must give it, whether it must be permanent)

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from axiom.settings import ConfigError, load_settings
+from config.settings import ConfigError, load_settings
 from tests.conftest import VENV_BIN
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.shaping import PathGate
+from relay.delivery.shaping import PathGate
 from runbooks.schema_delivery import PathLimits
 
 

@@ -11,13 +11,13 @@ from slack_sdk import WebClient
 from sqlmodel import col, select
 from starlette.testclient import TestClient
 
-from axiom.admin import add_operator
-from flows.approvals import ApprovalDesk, Resumed
 from models import AuditEntry
 from models.audit_trail import verify
 from models.db import make_engine, migrate, session_scope
 from notifications.interactivity import SlackInteractivity
 from notifications.slack import SlackNotifier
+from protocol.approvals import ApprovalDesk, Resumed
+from protocol.operators import add_operator
 from relay.http import build_app
 from runbooks.loader import checkpoints
 from tests.fakes.slack import FakeSlack, button_click, form_submission, sign

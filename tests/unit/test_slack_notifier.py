@@ -9,11 +9,11 @@ from datetime import timedelta
 import pytest
 from slack_sdk import WebClient
 
-from axiom.admin import add_operator
-from axiom.settings import load_settings
-from flows.approvals import Answer, ApprovalDesk, Resumed
+from config.settings import load_settings
 from models.db import make_engine, migrate, session_scope
 from notifications.slack import SlackNotifier, SlackUnavailable, approval_channels
+from protocol.approvals import Answer, ApprovalDesk, Resumed
+from protocol.operators import add_operator
 from runbooks.loader import checkpoints
 from tests.fakes.slack import FakeSlack
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import relay.delivery  # noqa: F401 (installs the shims)
-from relay import smtp_client
+import relay.delivery.engine  # noqa: F401 (installs the shims)
+from relay.patches import aiosmtplib as smtp_client
 
 
 def test_the_shims_are_what_aiosmtplib_calls():

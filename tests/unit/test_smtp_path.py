@@ -10,14 +10,14 @@ from unittest import mock
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.server import _SIMPLE_PATH, parse_path
+from relay.submission.server import _SIMPLE_PATH, parse_path
 
 _NEVER = re.compile(r"(?!)")
 
 
 def reference(arg: str, local_part_limit: int = 0):
     """parse_path with the fast path switched off: what the relay answered before it existed."""
-    with mock.patch("relay.server._SIMPLE_PATH", _NEVER):
+    with mock.patch("relay.submission.server._SIMPLE_PATH", _NEVER):
         return parse_path(arg, local_part_limit)
 
 
@@ -80,6 +80,6 @@ def test_the_common_case_takes_the_fast_path():
 @example(b"\r\n\n")
 @example(b"\n\r")
 def test_bare_line_end_check_equals_the_regex(raw):
-    from relay.server import _BARE_CR_OR_LF, has_bare_cr_or_lf
+    from relay.submission.server import _BARE_CR_OR_LF, has_bare_cr_or_lf
 
     assert has_bare_cr_or_lf(raw) == bool(_BARE_CR_OR_LF.search(raw))

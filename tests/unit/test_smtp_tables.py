@@ -9,9 +9,9 @@ from unittest import mock
 
 import aiosmtpd.smtp as aiosmtpd_smtp
 
-from relay import smtp_tables
-from relay.inbound import InboundHandler
-from relay.server import SubmissionHandler, SubmissionSMTP
+from relay.inbound.listener import InboundHandler
+from relay.patches import aiosmtpd as smtp_tables
+from relay.submission.server import SubmissionHandler, SubmissionSMTP
 
 
 def tables(handler) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from sqlmodel import Session, func, select
 
 from models import Message, Recipient, Tenant
-from relay.spool import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
+from relay.spool.writer import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
 
 
 def _entry(tenant_id: int, sender: str = "a@acme.example") -> SpoolEntry:
@@ -82,7 +82,7 @@ def test_sqlite_fixed_inserts_store_exactly_what_sqlalchemy_would(tmp_path):
     from sqlalchemy import insert
 
     from models.db import make_engine, migrate
-    from relay.spool import spool_rows
+    from relay.spool.writer import spool_rows
 
     engines = []
     for name in ("fixed", "core"):

@@ -35,6 +35,6 @@ def normalize_message_line_endings(message: bytes) -> bytes:
 
 
 def install() -> None:
-    """Idempotent; called when relay.delivery is imported."""
+    """Idempotent; called when relay.delivery.engine is imported."""
     _smtp.quote_address = quote_address
     _protocol.normalize_message_line_endings = normalize_message_line_endings

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, insert
 from models import Message, Recipient, RecipientState
 from models.bulk import fixed_insert, sqlite_write
 from models.db import is_sqlite
-from relay.group_commit import GroupCommitter
+from relay.spool.group_commit import GroupCommitter
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Queue ids must be unique, not secret: a PRNG seeded from the OS per process (and again in a

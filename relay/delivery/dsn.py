@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from relay.spool import SpoolEntry, new_queue_id
+from relay.spool.writer import SpoolEntry, new_queue_id
 
 
 @dataclass(frozen=True)

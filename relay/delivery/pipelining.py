@@ -173,5 +173,5 @@ class PipeliningProtocol(_Base):
 
 def install() -> None:
     """aiosmtplib.SMTP builds its protocol from this module-level name at each connect.
-    Idempotent; called when relay.delivery is imported."""
+    Idempotent; called when relay.delivery.engine is imported."""
     _smtp.SMTPProtocol = PipeliningProtocol

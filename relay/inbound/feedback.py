@@ -8,7 +8,7 @@ wrong). A recipient is suppressed only when it is a recipient of the message fou
 report about mail that did not go through us (or a forged one) changes no list: it is
 acknowledged and audited as unmatched. Complaints (abuse, fraud, virus) suppress the
 complaining recipient for the message's tenant; bounces suppress a recipient when the
-Diagnostic-Code classifies (relay.classify) as a permanent hard bounce, as at delivery time.
+Diagnostic-Code classifies (relay.delivery.classify) as a permanent hard bounce, as at delivery time.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from sqlmodel import Session
 from models import Message, Recipient
 from models.audit_trail import record
 from models.db import session_scope
-from relay.classify import UNPARSEABLE, Classification, classify, provider_for_mx, rules
-from relay.delivery import HARD_BOUNCE
-from relay.queue import add_suppression
-from relay.reports import Bounce, Complaint, Original, RecipientStatus, Report
+from relay.delivery.classify import UNPARSEABLE, Classification, classify, provider_for_mx, rules
+from relay.delivery.engine import HARD_BOUNCE
+from relay.inbound.reports import Bounce, Complaint, Original, RecipientStatus, Report
+from relay.spool.claims import add_suppression
 
 ACTOR = "relay:inbound"
 # RFC 5965 feedback types that are a recipient's complaint; not-spam, auth-failure (RFC 6591)

@@ -24,7 +24,7 @@ from typing import ClassVar, Literal, get_args
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from axiom.settings import Settings
+from config.settings import Settings
 from models import Approval, Operator
 from models.audit import as_utc
 from models.audit_trail import record

@@ -25,13 +25,14 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
-from relay import replies, smtp_tables
-from relay.auth import LockoutTracker, Principal
-from relay.dkim import MalformedMessage, sign
-from relay.message import MessageHeaders
 from relay.metrics import Metrics
-from relay.policy import WOULD_WAIT, PolicyStore
-from relay.spool import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
+from relay.patches import aiosmtpd as smtp_tables
+from relay.spool.writer import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
+from relay.submission import replies
+from relay.submission.auth import LockoutTracker, Principal
+from relay.submission.dkim import MalformedMessage, sign
+from relay.submission.headers import MessageHeaders
+from relay.submission.policy import WOULD_WAIT, PolicyStore
 from runbooks.schema import DkimSigningSpec
 
 log = logging.getLogger("axiom.relay")

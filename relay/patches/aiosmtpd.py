@@ -95,7 +95,7 @@ class _Inspect(types.ModuleType):
 
 
 def install() -> None:
-    """Idempotent; called when relay.server is imported."""
+    """Idempotent; called when relay.submission.server is imported."""
     if isinstance(_aiosmtpd_smtp.inspect, _Inspect):
         return
     shim = _Inspect("inspect")

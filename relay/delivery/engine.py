@@ -24,16 +24,25 @@ from datetime import datetime, timedelta
 import aiosmtplib
 from sqlalchemy import Engine
 
+from config.clock import Clock
 from models import RecipientState
-from relay.classify import Classification, ConnectionFailure, classify, provider_for_mx, rules
-from relay.clock import Clock
-from relay.dns import MxResult, Resolver
-from relay.dsn import FailedRecipient, build_dsn, dsn_entry
-from relay.egress import Egress, SourceIp
-from relay.group_commit import GroupCommitter
-from relay.pipelining import PipeliningProtocol, check_sequence
-from relay.pipelining import install as _install_pipelining
-from relay.queue import (
+from relay.delivery.classify import (
+    Classification,
+    ConnectionFailure,
+    classify,
+    provider_for_mx,
+    rules,
+)
+from relay.delivery.dns import MxResult, Resolver
+from relay.delivery.dsn import FailedRecipient, build_dsn, dsn_entry
+from relay.delivery.egress import Egress, SourceIp
+from relay.delivery.pipelining import PipeliningProtocol, check_sequence
+from relay.delivery.pipelining import install as _install_pipelining
+from relay.delivery.reactions import ReactionEngine
+from relay.delivery.retry import has_expired, next_attempt_at
+from relay.delivery.shaping import PathGate, Shaper
+from relay.patches.aiosmtplib import install as _install_smtp_client_shims
+from relay.spool.claims import (
     Attempt,
     Claim,
     QueuedMessage,
@@ -43,10 +52,7 @@ from relay.queue import (
     renew_leases,
     settle_many,
 )
-from relay.reactions import ReactionEngine
-from relay.retry import has_expired, next_attempt_at
-from relay.shaping import PathGate, Shaper
-from relay.smtp_client import install as _install_smtp_client_shims
+from relay.spool.group_commit import GroupCommitter
 from runbooks.schema_delivery import DeliverySpec, ShapingSpec
 
 _install_smtp_client_shims()

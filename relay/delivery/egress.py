@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, case, select, update
 
+from config.clock import Clock
 from models import IpAddress, IpPool, IpState, Stream, Suspension, WarmupDay, WarmupPlan
-from relay.clock import Clock
 
 DEFAULT_POOL = "default"
 SENDING_STATES = {IpState.cold, IpState.warming, IpState.active}

@@ -37,7 +37,7 @@ import dns.resolver
 import dns.reversename
 
 if TYPE_CHECKING:
-    from axiom.settings import Settings
+    from config.settings import Settings
 
 log = logging.getLogger("axiom.dns")
 
@@ -226,7 +226,7 @@ class Resolver:
 
     @classmethod
     def from_settings(cls, settings: Settings, **options) -> Resolver:
-        from axiom.settings import parse_nameserver
+        from config.settings import parse_nameserver
 
         nameservers = [parse_nameserver(entry) for entry in settings.dns_nameservers]
         return cls(DnspythonBackend(nameservers), **options)

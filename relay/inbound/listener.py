@@ -19,11 +19,18 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay import replies
-from relay.intake import Arrival, record_report
+from relay.inbound.feedback import Arrival, record_report
+from relay.inbound.reports import parse_report
 from relay.metrics import InboundMetrics
-from relay.reports import parse_report
-from relay.server import MAX_DOMAIN, Refusal, _client_ip, _well_formed, exception_reply, screen_data
+from relay.submission import replies
+from relay.submission.server import (
+    MAX_DOMAIN,
+    Refusal,
+    _client_ip,
+    _well_formed,
+    exception_reply,
+    screen_data,
+)
 
 log = logging.getLogger("axiom.relay.inbound")
 NULL_SENDER = "<>"

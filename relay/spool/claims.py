@@ -21,7 +21,7 @@ from models import DeliveryEvent, Message, Recipient, RecipientState, Suppressio
 from models.audit_trail import record
 from models.bulk import FixedStatement, sqlite_write
 from models.db import is_sqlite
-from relay.spool import SpoolEntry, spool_rows
+from relay.spool.writer import SpoolEntry, spool_rows
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ from models import (
     Suppression,
     Tenant,
 )
-from relay.auth import CredentialCache, Principal, verify_password
-from relay.dkim import SigningKey, load_signing_key
-from relay.keystore import KeyBox
+from relay.submission.auth import CredentialCache, Principal, verify_password
+from relay.submission.dkim import SigningKey, load_signing_key
+from relay.submission.keystore import KeyBox
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -1,0 +1,52 @@
+"""The people who may answer checkpoints, with the roles that say which kinds (deny by default)."""
+
+from __future__ import annotations
+
+import re
+
+from sqlmodel import Session, select
+
+from models import (
+    Operator,
+)
+from models.audit_trail import record
+from protocol.errors import ServiceError
+from runbooks.loader import checkpoints
+
+_OPERATOR_NAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
+_SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,31}$")
+
+
+def add_operator(session: Session, name: str, roles: list[str], slack_id: str | None):
+    """A person who may answer checkpoints of the kinds their roles allow (deny by default)."""
+
+    if not _OPERATOR_NAME.match(name):
+        raise ServiceError(
+            f"operator name {name!r} must be lowercase letters, digits, '.', '_', '-'"
+        )
+    declared = checkpoints().spec.role_names
+    unknown = sorted(set(roles) - declared)
+    if unknown:
+        raise ServiceError(
+            f"role(s) {', '.join(unknown)} not declared in runbooks/checkpoints.yaml "
+            f"(declared: {', '.join(sorted(declared))})"
+        )
+    if slack_id is not None and not _SLACK_USER_ID.match(slack_id):
+        raise ServiceError(f"Slack user id {slack_id!r} must look like U0123ABCD")
+    if session.exec(select(Operator).where(Operator.name == name)).first():
+        raise ServiceError(f"operator {name!r} already exists")
+    if slack_id is not None:
+        holder = session.exec(select(Operator).where(Operator.slack_user_id == slack_id)).first()
+        if holder is not None:
+            raise ServiceError(f"Slack user {slack_id} already belongs to operator {holder.name}")
+    operator = Operator(name=name, roles=",".join(sorted(set(roles))), slack_user_id=slack_id)
+    session.add(operator)
+    session.flush()
+    record(
+        session,
+        actor="cli",
+        action="operator.add",
+        subject=f"operator:{name}",
+        evidence={"roles": sorted(set(roles)), "slack_user_id": slack_id},
+    )
+    return operator
