@@ -106,7 +106,7 @@ def bounce(original: bytes, rcpt: str, status: str, diagnostic: str, tenant: Ten
 
 def send_report(relay: RelayProcess, sender: str, rcpt: str, data: bytes) -> tuple[int, str]:
     """One report through the inbound listener, over STARTTLS as a provider's MTA would."""
-    with smtplib.SMTP(*relay.inbound.listener, timeout=10) as client:
+    with smtplib.SMTP(*relay.inbound, timeout=10) as client:
         client.ehlo("mta5.am0.yahoodns.net")
         client.starttls(context=NO_VERIFY)
         client.ehlo("mta5.am0.yahoodns.net")
@@ -209,7 +209,7 @@ def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(axiom_ho
 # ------------------------------------------------------------------ what it refuses
 def test_the_inbound_listener_relays_nothing_and_takes_only_reports(axiom_home, relay):
     acme = seed_tenant(axiom_home, "acme", "acme.example")
-    with smtplib.SMTP(*relay.inbound.listener, timeout=10) as client:
+    with smtplib.SMTP(*relay.inbound, timeout=10) as client:
         code, greeting = client.ehlo("mx.example")
         assert code == 250 and greeting.startswith(b"relay.axiom.test")
         assert client.has_extn("starttls") and client.has_extn("size")
@@ -240,7 +240,7 @@ def test_the_inbound_listener_relays_nothing_and_takes_only_reports(axiom_home, 
     # a real report from the null sender on a plaintext session is taken
     queue_id = submit(relay, acme, "dee@example.net")
     hard = bounce(spooled(axiom_home, queue_id), "dee@example.net", "5.1.1", "550 5.1.1 no", acme)
-    with smtplib.SMTP(*relay.inbound.listener, timeout=10) as client:
+    with smtplib.SMTP(*relay.inbound, timeout=10) as client:
         client.sendmail("", [BOUNCES], hard)
     assert [r.address for r in rows(axiom_home, Suppression)] == ["dee@example.net"]
     assert not rows(axiom_home, AuditEntry, AuditEntry.action.startswith("complaint"))
