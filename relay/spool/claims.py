@@ -97,48 +97,26 @@ def claim_due(
 ) -> list[Claim]:
     """Lease up to limit due recipients to owner. On SQLite through one fixed statement
     (models/bulk.py); fixed_statements=False sends SQLAlchemy's own (tests compare them)."""
+    params = {
+        "b_state": RecipientState.queued,
+        "b_now": now,
+        "b_limit": limit,
+        "b_owner": owner,
+        "b_until": now + timedelta(seconds=lease_seconds),
+    }
     if fixed_statements and is_sqlite(engine):
         claim = _fixed(engine, "claim", _claim_statement)
-        params = {
-            "b_state": RecipientState.queued,
-            "b_now": now,
-            "b_limit": limit,
-            "b_owner": owner,
-            "b_until": now + timedelta(seconds=lease_seconds),
-        }
         with sqlite_write(engine) as conn:
             rows = conn.execute(claim.sql, claim.row(params)).fetchall()
-        return [Claim(*row) for row in rows]
-    due = (
-        select(Recipient.id)
-        .where(
-            Recipient.state == RecipientState.queued,
-            Recipient.next_attempt_at <= now,
-            or_(Recipient.lease_expires_at.is_(None), Recipient.lease_expires_at < now),
-        )
-        .order_by(Recipient.next_attempt_at)
-        .limit(limit)
-    )
-    if not is_sqlite(engine):
-        due = due.with_for_update(skip_locked=True)
-    stmt = (
-        update(Recipient)
-        .where(Recipient.id.in_(due.scalar_subquery()))
-        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(
-            Recipient.id,
-            Recipient.message_id,
-            Recipient.address,
-            Recipient.domain,
-            Recipient.attempts,
-        )
-    )
-    with engine.begin() as conn:
-        rows = conn.execute(stmt).all()
+    else:
+        with engine.begin() as conn:
+            rows = conn.execute(_claim_statement(skip_locked=not is_sqlite(engine)), params).all()
     return [Claim(*row) for row in rows]
 
 
-def _claim_statement():
+def _claim_statement(*, skip_locked: bool = False):
+    """UPDATE … RETURNING that leases the due recipients; skip_locked on PostgreSQL, so
+    several delivery processes claim different rows without waiting for each other."""
     due = (
         select(Recipient.id)
         .where(
@@ -152,6 +130,8 @@ def _claim_statement():
         .order_by(Recipient.next_attempt_at)
         .limit(bindparam("b_limit"))
     )
+    if skip_locked:
+        due = due.with_for_update(skip_locked=True)
     return (
         update(Recipient)
         .where(Recipient.id.in_(due.scalar_subquery()))
