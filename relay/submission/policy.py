@@ -3,7 +3,7 @@
 These are blocking database reads; the SMTP handler calls them through a thread. Small,
 short-TTL caches keep the hot path (one message per connection) off the database without
 letting a change — a domain activated, a key rotated, a credential disabled — wait long.
-Every lookup also answers `at_once=True`: the answer if it can be had without waiting, else
+Every lookup also answers `without_waiting=True`: the answer if it can be had without waiting, else
 WOULD_WAIT, and the caller asks again from a thread. A cached answer costs microseconds, less
 than the hop to a thread and back (which, with the event loop holding the GIL, also waits for
 the GIL twice). The suppression check is not cached (a hard bounce must stop the next message
@@ -43,7 +43,9 @@ from relay.submission.keystore import KeyBox
 
 K = TypeVar("K")
 V = TypeVar("V")
-WOULD_WAIT: Any = object()  # an at_once=True lookup that would have to wait for the database
+WOULD_WAIT: Any = (
+    object()
+)  # an without_waiting=True lookup that would have to wait for the database
 # The client's address, parsed once per address rather than once per connection (clients
 # reconnect from the same few addresses; a ValueError is not remembered and is raised again).
 _ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
@@ -121,13 +123,13 @@ class PolicyStore:
         self._credentials.put(username, password, principal)
         return principal
 
-    def principal_for_network(self, client_ip: str, *, at_once: bool = False):
+    def principal_for_network(self, client_ip: str, *, without_waiting: bool = False):
         """The Principal bound to the client's network, or None."""
         try:
             addr = _ip_address(client_ip)
         except ValueError:
             return None
-        if at_once:
+        if without_waiting:
             networks = self._networks.peek("all")
             if networks is WOULD_WAIT:
                 return WOULD_WAIT
@@ -149,10 +151,10 @@ class PolicyStore:
         ]
 
     # --- which domains ---
-    def sending_domain(self, name: str, *, at_once: bool = False):
-        """The SendingDomain, or None when unknown (or WOULD_WAIT, see at_once)."""
+    def sending_domain(self, name: str, *, without_waiting: bool = False):
+        """The SendingDomain, or None when unknown (or WOULD_WAIT, see without_waiting)."""
         name = name.lower().rstrip(".")
-        if at_once:
+        if without_waiting:
             return self._domains.peek(name)
         return self._domains.get_or_load(name, lambda: self._load_domain(name))
 
@@ -163,18 +165,18 @@ class PolicyStore:
             return None
         return SendingDomain(domain.tenant_id, domain.name, domain.state == DomainState.active)
 
-    def may_send_as(self, principal: Principal, domain_name: str, *, at_once: bool = False):
-        """Whether principal may send as domain_name (or WOULD_WAIT, see at_once)."""
-        domain = self.sending_domain(domain_name, at_once=at_once)
+    def may_send_as(self, principal: Principal, domain_name: str, *, without_waiting: bool = False):
+        """Whether principal may send as domain_name (or WOULD_WAIT, see without_waiting)."""
+        domain = self.sending_domain(domain_name, without_waiting=without_waiting)
         if domain is WOULD_WAIT:
             return WOULD_WAIT
         return domain is not None and domain.active and domain.tenant_id == principal.tenant_id
 
     # --- whom not to mail ---
-    def suppression_reason(self, tenant_id: int, address: str, *, at_once: bool = False):
-        """Why the tenant must not mail address, or None (or WOULD_WAIT, see at_once).
+    def suppression_reason(self, tenant_id: int, address: str, *, without_waiting: bool = False):
+        """Why the tenant must not mail address, or None (or WOULD_WAIT, see without_waiting).
         Once per recipient, uncached: a plain Core read (an ORM Session costs more than it)."""
-        if at_once:
+        if without_waiting:
             if self._instant is None:
                 return WOULD_WAIT
             try:
@@ -189,10 +191,10 @@ class PolicyStore:
             ).scalar()
 
     # --- how to sign ---
-    def signing_keys(self, domain_name: str, *, at_once: bool = False):
-        """The domain's active keys, RSA first (or WOULD_WAIT, see at_once)."""
+    def signing_keys(self, domain_name: str, *, without_waiting: bool = False):
+        """The domain's active keys, RSA first (or WOULD_WAIT, see without_waiting)."""
         name = domain_name.lower()
-        if at_once:
+        if without_waiting:
             return self._keys.peek(name)
         return self._keys.get_or_load(name, lambda: self._load_keys(name))
 

@@ -458,7 +458,7 @@ class SubmissionHandler:
     async def _ask(question, *args):
         """A policy answer: inline when the policy has it at once (a cache hit, or a SQLite
         point read that takes no lock), else from a thread, since the database read blocks."""
-        answer = question(*args, at_once=True)
+        answer = question(*args, without_waiting=True)
         if answer is WOULD_WAIT:
             answer = await asyncio.to_thread(question, *args)
         return answer

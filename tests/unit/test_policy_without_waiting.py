@@ -1,4 +1,4 @@
-"""PolicyStore's at_once answers: what the SMTP handler may learn without leaving the event
+"""PolicyStore's without_waiting answers: what the SMTP handler may learn without leaving the event
 loop, and what it must ask from a thread."""
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def test_suppression_is_answered_at_once_on_sqlite_and_from_a_thread_on_postgres
     # The blocking read answers on both databases, whatever the address's case.
     assert policy.suppression_reason(tenant_id, "Gone@Example.org") == "hard bounce: 550 5.1.1"
     assert policy.suppression_reason(tenant_id, "here@example.org") is None
-    at_once = policy.suppression_reason(tenant_id, "gone@example.org", at_once=True)
-    unknown = policy.suppression_reason(tenant_id, "here@example.org", at_once=True)
+    without_waiting = policy.suppression_reason(tenant_id, "gone@example.org", without_waiting=True)
+    unknown = policy.suppression_reason(tenant_id, "here@example.org", without_waiting=True)
     if db_url.startswith("sqlite"):
-        assert at_once == "hard bounce: 550 5.1.1"
+        assert without_waiting == "hard bounce: 550 5.1.1"
         assert unknown is None
     else:  # a network round trip: never on the event loop
-        assert at_once is WOULD_WAIT
+        assert without_waiting is WOULD_WAIT
         assert unknown is WOULD_WAIT
 
 
@@ -54,12 +54,15 @@ def test_a_suppression_added_after_a_miss_is_seen_by_the_next_at_once_read(tmp_p
     engine = make_engine(url)
     tenant_id = _tenant_with_suppression(engine, "first@example.org", "complaint")
     policy = _policy(engine)
-    assert policy.suppression_reason(tenant_id, "next@example.org", at_once=True) is None
+    assert policy.suppression_reason(tenant_id, "next@example.org", without_waiting=True) is None
     with session_scope(engine) as s:
         s.add(Suppression(tenant_id=tenant_id, address="next@example.org", reason="complaint"))
         s.commit()
     # Not cached: a hard bounce stops the very next message.
-    assert policy.suppression_reason(tenant_id, "next@example.org", at_once=True) == "complaint"
+    assert (
+        policy.suppression_reason(tenant_id, "next@example.org", without_waiting=True)
+        == "complaint"
+    )
     engine.dispose()
 
 
@@ -81,12 +84,15 @@ def test_a_busy_sqlite_sends_the_at_once_read_to_a_thread_without_waiting(tmp_pa
     holder.execute("UPDATE suppression SET reason = reason")
     try:
         started = time.monotonic()
-        answer = policy.suppression_reason(tenant_id, "gone@example.org", at_once=True)
+        answer = policy.suppression_reason(tenant_id, "gone@example.org", without_waiting=True)
         waited = time.monotonic() - started
         assert answer is WOULD_WAIT
         assert waited < 1.0  # busy_timeout 0: it gave up at once instead of stalling the loop
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert policy.suppression_reason(tenant_id, "gone@example.org", at_once=True) == "complaint"
+    assert (
+        policy.suppression_reason(tenant_id, "gone@example.org", without_waiting=True)
+        == "complaint"
+    )
     engine.dispose()
