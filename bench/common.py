@@ -26,8 +26,8 @@ from rich.console import Console
 from sqlalchemy import create_engine, text
 
 from bench.setups import AxiomRelay, group_cpu_seconds, machine_busy
-from tests.peers.dns import KnotServer, merge_zones
-from tests.peers.postfix import SmtpSink, free_port
+from testbed.dns import KnotServer, merge_zones
+from testbed.postfix import SmtpSink, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"

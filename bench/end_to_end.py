@@ -59,7 +59,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.setups import background_load, group_cpu_seconds, smtp_source  # noqa: E402
-from tests.peers.postfix import PostfixInstance, relay_to  # noqa: E402
+from testbed.postfix import PostfixInstance, relay_to  # noqa: E402
 
 RCPT_DOMAIN = "comcast.net"
 RECEIVER = Receiver(RCPT_DOMAIN, "mx1.comcast.net", "127.0.90.1")

@@ -119,7 +119,7 @@ def measure_backend(backend: str, args, stack: ExitStack) -> dict:
     env = dict(world.env)
     pg = None
     if backend == "postgresql":
-        from tests.peers.postgres import PostgresCluster
+        from testbed.postgres import PostgresCluster
 
         say("  starting a private PostgreSQL cluster")
         pg = PostgresCluster()

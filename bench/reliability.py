@@ -5,7 +5,7 @@
 Every scenario runs real processes on loopback (`axiom relay`, `axiom deliver`, Knot DNS,
 smtp-sink receivers, a private PostgreSQL, a Prefect server), drives real SMTP submissions
 through them, injects one fault, and then reconciles three ledgers: what each client was told
-(tests/peers/submitters.py), what the spool holds, and what the receivers got. Each message
+(testbed/submitters.py), what the spool holds, and what the receivers got. Each message
 carries a unique X-Test-Seq marker, so every copy a receiver stored is traced to its attempt.
 
     sent          messages whose DATA went out
@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the peers live in tests/peers
+    sys.path.insert(0, str(ROOT))  # the peers live in testbed
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -61,17 +61,17 @@ from config.tls import write_self_signed  # noqa: E402
 from models import Message, Recipient, RecipientState, Suspension  # noqa: E402
 from models.db import make_engine, migrate, session_scope  # noqa: E402
 from relay.submission.keystore import KeyBox  # noqa: E402
-from tests.conftest import VENV_BIN, AxiomHome, RelayProcess, free_port  # noqa: E402
-from tests.peers.postgres import PostgresCluster  # noqa: E402
-from tests.peers.prefect import PrefectServer  # noqa: E402
-from tests.peers.receivers import Receivers  # noqa: E402
-from tests.peers.submitters import (  # noqa: E402
+from testbed.postgres import PostgresCluster  # noqa: E402
+from testbed.prefect import PrefectServer  # noqa: E402
+from testbed.receivers import Receivers  # noqa: E402
+from testbed.submitters import (  # noqa: E402
     SEQ_HEADER,
     Ledger,
     seed_clients,
     start_clients,
     wait_for_acks,
 )
+from tests.conftest import VENV_BIN, AxiomHome, RelayProcess, free_port  # noqa: E402
 
 BOUND_SOURCE = "127.0.0.2"  # the network-bound tenant's clients submit from here
 SHORT_LEASE = {"AXIOM_DELIVERY_LEASE_SECONDS": "5"}  # a killed worker's claims return in 5 s

@@ -1,6 +1,6 @@
 """The systems under test and the load generator, for bench/submission.py.
 
-Postfix instances come from tests/peers/postfix.py (one implementation of a private Postfix);
+Postfix instances come from testbed/postfix.py (one implementation of a private Postfix);
 this module adds what only the benchmark needs: an `axiom relay` on a fresh AXIOM_HOME
 provisioned through the CLI, an OpenDKIM milter, smtp-source runs, and CPU accounting per
 process group read from /proc.
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers.postfix import PostfixError, free_port
+from testbed.postfix import PostfixError, free_port
 
 VENV_BIN = Path(sys.executable).parent
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # one Postfix-instance implementation: tests/peers/postfix.py
+sys.path.insert(0, str(ROOT))  # one Postfix-instance implementation: testbed/postfix.py
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -44,7 +44,7 @@ from bench.setups import (  # noqa: E402
     measure,
     smtp_source,
 )
-from tests.peers.postfix import PostfixInstance, SmtpSink, relay_to  # noqa: E402
+from testbed.postfix import PostfixInstance, SmtpSink, relay_to  # noqa: E402
 
 DOMAIN = "bench.test"
 SENDER = f"bench@{DOMAIN}"  # smtp-source writes it into the header From too

@@ -1,7 +1,7 @@
 """Real SMTP peers for the integration tests and benchmarks: private Postfix instances and
 Postfix's smtp-sink, each on loopback, on its own free port, leaving no process behind."""
 
-from tests.peers.postfix import (
+from testbed.postfix import (
     PostfixError,
     PostfixInstance,
     SmtpSink,

@@ -35,7 +35,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers.ports import claim
+from testbed.ports import claim
 
 Record = tuple[str, str, str] | tuple[str, str, str, int]
 Zones = Mapping[str, Sequence[Record]]

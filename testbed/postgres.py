@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.peers.postfix import free_port
+from testbed.postfix import free_port
 
 PG_BIN = Path(os.environ.get("AXIOM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 OWNER = "postgres"

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.peers.postfix import free_port
+from testbed.postfix import free_port
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -18,9 +18,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tests.peers.dns import KnotServer, merge_zones
-from tests.peers.postfix import SmtpSink, free_port
-from tests.peers.submitters import SEQ_HEADER
+from testbed.dns import KnotServer, merge_zones
+from testbed.postfix import SmtpSink, free_port
+from testbed.submitters import SEQ_HEADER
 
 
 class Receivers:

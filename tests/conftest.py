@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from config.tls import write_self_signed
 from models.db import make_engine, migrate, normalise_url, session_scope
 from relay.submission.keystore import KeyBox
-from tests.peers.postfix import free_port
+from testbed.postfix import free_port
 
 PG_URL = os.environ.get("AXIOM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 VENV_BIN = Path(sys.executable).parent

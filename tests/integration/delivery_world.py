@@ -22,8 +22,8 @@ from relay.delivery.egress import Egress
 from relay.delivery.engine import DeliveryEngine
 from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
 from runbooks import loader
-from tests.peers.dns import KnotServer, merge_zones, ptr_zones
-from tests.peers.postfix import SmtpSink, free_port
+from testbed.dns import KnotServer, merge_zones, ptr_zones
+from testbed.postfix import SmtpSink, free_port
 
 # The MX host names are the providers' real ones, so provider identification is exercised.
 RECEIVERS = {

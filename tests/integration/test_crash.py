@@ -21,8 +21,7 @@ from sqlalchemy import func, select
 
 from models import Message, Recipient
 from models.db import make_engine, session_scope
-from tests.conftest import AxiomHome, RelayProcess
-from tests.peers.submitters import (
+from testbed.submitters import (
     QUEUED,
     Attempt,
     Ledger,
@@ -31,6 +30,7 @@ from tests.peers.submitters import (
     start_clients,
     wait_for_acks,
 )
+from tests.conftest import AxiomHome, RelayProcess
 
 pytestmark = pytest.mark.integration
 

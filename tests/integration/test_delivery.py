@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from models import AuditEntry, Message, RecipientState, Suppression, Suspension
+from testbed.dns import knot  # noqa: F401  (fixture)
 from tests.integration.delivery_world import make_world
-from tests.peers.dns import knot  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

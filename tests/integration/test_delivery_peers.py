@@ -19,9 +19,9 @@ from sqlmodel import Session
 
 from config.tls import write_self_signed
 from models import IpAddress, IpPool, RecipientState, Stream, WarmupDay, WarmupPlan
+from testbed.dns import knot  # noqa: F401  (fixture)
+from testbed.postfix import PostfixInstance
 from tests.integration.delivery_world import DeliveryWorld, make_world, mx_zones
-from tests.peers.dns import knot  # noqa: F401  (fixture)
-from tests.peers.postfix import PostfixInstance
 
 pytestmark = pytest.mark.integration
 

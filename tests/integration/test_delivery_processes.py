@@ -22,10 +22,10 @@ from sqlalchemy import func, insert, select
 
 from models import Message, Recipient, RecipientState
 from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
+from testbed.dns import knot  # noqa: F401  (fixture)
+from testbed.postfix import SmtpSink
 from tests.conftest import VENV_BIN, AxiomHome
 from tests.integration.delivery_world import DeliveryWorld, make_world
-from tests.peers.dns import knot  # noqa: F401  (fixture)
-from tests.peers.postfix import SmtpSink
 
 pytestmark = pytest.mark.integration
 

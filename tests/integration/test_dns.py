@@ -11,7 +11,7 @@ import pytest
 
 from config.settings import load_settings
 from relay.delivery.dns import Resolver
-from tests.peers.dns import KnotServer, SilentNameserver, merge_zones, ptr_zones
+from testbed.dns import KnotServer, SilentNameserver, merge_zones, ptr_zones
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from email.utils import make_msgid
 import dkim
 import pytest
 
+from testbed import PostfixInstance, customer_mta
 from tests.conftest import AxiomHome, RelayProcess, Tenant, seed_tenant
 from tests.integration.test_swaks import dkim_dns, spool_count, spooled
-from tests.peers import PostfixInstance, customer_mta
 
 pytestmark = pytest.mark.integration
 

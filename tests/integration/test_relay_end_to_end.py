@@ -11,10 +11,10 @@ from sqlmodel import Session, select
 
 from models import DeliveryEvent, RecipientState
 from models.db import make_engine
+from testbed.dns import knot  # noqa: F401  (fixture)
+from testbed.postfix import SmtpSink, free_port
 from tests.conftest import RelayProcess, seed_tenant
 from tests.integration.delivery_world import RECEIVERS, world_zones
-from tests.peers.dns import knot  # noqa: F401  (fixture)
-from tests.peers.postfix import SmtpSink, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -43,10 +43,10 @@ from models import (
 from models.db import make_engine, migrate, session_scope
 from protocol import domains, egress, tenants
 from relay.submission.keystore import KeyBox
+from testbed.dns import knot  # noqa: F401  (fixture)
+from testbed.postfix import SmtpSink
 from tests.conftest import VENV_BIN, AxiomHome, _pg_schema_url, free_port
 from tests.integration.delivery_world import RECEIVERS, SOURCE_IPS, world_zones
-from tests.peers.dns import knot  # noqa: F401  (fixture)
-from tests.peers.postfix import SmtpSink
 
 pytestmark = pytest.mark.integration
 

@@ -47,6 +47,12 @@ from models.db import make_engine, migrate, session_scope
 from protocol import domains, tenants
 from relay.submission.dkim import txt_record_value
 from relay.submission.keystore import KeyBox
+from testbed.dns import (
+    knot,  # noqa: F401  (fixture)
+    merge_zones,
+    ptr_zones,
+)
+from testbed.postfix import PostfixInstance, SmtpSink
 from tests.conftest import (
     VENV_BIN,
     AxiomHome,
@@ -56,12 +62,6 @@ from tests.conftest import (
     free_port,
     seed_tenant,
 )
-from tests.peers.dns import (
-    knot,  # noqa: F401  (fixture)
-    merge_zones,
-    ptr_zones,
-)
-from tests.peers.postfix import PostfixInstance, SmtpSink
 
 pytestmark = pytest.mark.integration
 
