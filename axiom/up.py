@@ -158,7 +158,7 @@ def ensure_demo(settings: Settings) -> dict:
             from relay.submission.keystore import KeyBox
 
             domains.add_domain(s, KeyBox(settings.load_secret_key()), DEMO_TENANT, domain)
-            domains.activate_domain(
+            domains.mark_domain_active(
                 s,
                 domain,
                 "axiom-up",

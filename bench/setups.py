@@ -235,6 +235,7 @@ class AxiomRelay:
         self.cli("init")
         self.cli("tenant", "add", self.tenant, "--language", "en")
         self.cli("domain", "add", self.tenant, self.domain)
+        self.cli("operator", "add", "bench", "--role", "lead")  # activation needs the role
         self.cli("domain", "activate", self.domain, "--as", "bench", "--reason", "benchmark")
         self.cli("credential", "add-network", self.tenant, "127.0.0.0/8")
         out = self.cli("credential", "add", self.tenant, self.username)

@@ -15,10 +15,14 @@ from models import (
 )
 from models.audit_trail import record
 from protocol.errors import DOMAIN_NAME, ServiceError, operator_actor
+from protocol.operators import operator_named, role_set
 from protocol.tenants import get_tenant
 from relay.submission.dkim import generate_key, selector_for, txt_record_value
 from relay.submission.keystore import KeyBox
-from runbooks.loader import dkim_signing
+from runbooks.loader import checkpoints, dkim_signing
+
+# The checkpoint kind whose roles may activate a domain, by hand or in the onboarding runbook.
+ACTIVATE = "domain.activate"
 
 
 def get_domain(session: Session, name: str) -> Domain:
@@ -99,10 +103,28 @@ def domain_records(session: Session, domain_name: str, relay_hostname: str) -> l
 
 
 def activate_domain(session: Session, domain_name: str, operator: str, reason: str) -> Domain:
+    """Break-glass activation by a registered operator whose role may answer `domain.activate`.
+
+    The same people who may approve the onboarding runbook's activation checkpoint may do it by
+    hand (runbooks/checkpoints.yaml); anyone else is refused, and the refusal is audited.
+    """
     if not operator.strip():
         raise ServiceError("--as must name the operator")
     if not reason.strip():
         raise ServiceError("--reason must say why the domain is activated by hand")
+    domain = get_domain(session, domain_name)
+    if domain.state == DomainState.active:
+        raise ServiceError(f"domain {domain.name!r} is already active")
+    _check_may_activate(session, operator, domain.name, reason)
+    return mark_domain_active(session, domain.name, operator_actor(operator), reason, manual=True)
+
+
+def mark_domain_active(
+    session: Session, domain_name: str, actor: str, reason: str, *, manual: bool = False
+) -> Domain:
+    """The activation itself, for callers that made their own checks: `axiom up`'s sandbox demo
+    domain (the sandbox DNS serves its records), the onboarding runbook after its checkpoint,
+    test fixtures. Its DKIM keys start signing; audited under `actor`."""
     domain = get_domain(session, domain_name)
     if domain.state == DomainState.active:
         raise ServiceError(f"domain {domain.name!r} is already active")
@@ -118,14 +140,39 @@ def activate_domain(session: Session, domain_name: str, operator: str, reason: s
     session.add(domain)
     record(
         session,
-        actor=operator_actor(operator),
-        action="domain.activate",
+        actor=actor,
+        action=ACTIVATE,
         subject=f"domain:{domain.name}",
         evidence={
             "reason": reason,
             "from_state": str(previous),
-            "manual": True,
+            "manual": manual,
             "keys": [k.selector for k in keys],
         },
     )
     return domain
+
+
+def _check_may_activate(session: Session, name: str, domain: str, reason: str) -> None:
+    allowed = set(checkpoints().spec.for_kind(ACTIVATE).roles)
+    needed = f"{ACTIVATE} needs one of the roles [{', '.join(sorted(allowed))}]"
+    operator = operator_named(session, name)
+    if operator is None:
+        refusal = (
+            f"{name.strip()} is not a registered operator ({needed}; see `axiom operator add`)"
+        )
+    elif not allowed & role_set(operator.roles):
+        refusal = f"operator {operator.name} holds roles [{operator.roles or 'none'}]; {needed}"
+    else:
+        return
+    record(
+        session,
+        actor=operator_actor(name.strip()),
+        action=f"{ACTIVATE}.refused",
+        subject=f"domain:{domain}",
+        evidence={"detail": refusal, "reason": reason, "manual": True},
+    )
+    # The caller rolls back on ServiceError; the refusal must outlive that, and nothing else
+    # has been written in this transaction (the checks above only read).
+    session.commit()
+    raise ServiceError(f"refused: {refusal}")

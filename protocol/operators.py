@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from models import (
     Operator,
@@ -50,3 +50,20 @@ def add_operator(session: Session, name: str, roles: list[str], slack_id: str | 
         evidence={"roles": sorted(set(roles)), "slack_user_id": slack_id},
     )
     return operator
+
+
+def operator_named(session: Session, name: str) -> Operator | None:
+    """The registered operator with this name; None for an unknown or empty name."""
+    name = name.strip()
+    if not name:
+        return None
+    return session.exec(select(Operator).where(Operator.name == name)).first()
+
+
+def role_set(roles: str) -> set[str]:
+    """An operator's or a checkpoint's comma-separated roles as a set."""
+    return {r.strip() for r in roles.split(",") if r.strip()}
+
+
+def list_operators(session: Session) -> list[Operator]:
+    return list(session.exec(select(Operator).order_by(col(Operator.name))).all())

@@ -172,7 +172,7 @@ def seed_tenant(home: AxiomHome, name: str, domain: str, *, activate: bool = Tru
             password = tenants.add_credential(s, name, f"{name}-app")
             domains.add_domain(s, home.keybox, name, domain)
             if activate:
-                domains.activate_domain(s, domain, "tests", "fixture")
+                domains.mark_domain_active(s, domain, "tests", "fixture")
             s.commit()
     finally:
         engine.dispose()

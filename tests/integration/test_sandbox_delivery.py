@@ -120,7 +120,7 @@ def seed(engine, keybox: KeyBox, ips: list[str]) -> int:
         egress.ensure_default_pool(s)
         tenant = tenants.add_tenant(s, "acme")
         domains.add_domain(s, keybox, "acme", DOMAIN)
-        domains.activate_domain(s, DOMAIN, "tests", "fixture")
+        domains.mark_domain_active(s, DOMAIN, "tests", "fixture")
         pool = s.exec(select(IpPool).where(IpPool.name == "default")).scalars().one()
         for ip in s.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).scalars():
             s.delete(ip)

@@ -178,7 +178,7 @@ def _provision(db_url: str, secret: bytes) -> None:
             egress.ensure_default_pool(s)
             tenants.add_tenant(s, "acme")
             domains.add_domain(s, KeyBox(secret), "acme", "acme.example")
-            domains.activate_domain(s, "acme.example", "tests", "scale-out fixture")
+            domains.mark_domain_active(s, "acme.example", "tests", "scale-out fixture")
             pool = s.exec(select(IpPool).where(IpPool.name == "default")).scalars().one()
             for ip in s.exec(select(IpAddress)).scalars():
                 s.delete(ip)
