@@ -3,7 +3,7 @@
 request_approval() writes a pending Approval row (who may answer, expiry, the proposal and its
 evidence, the runbook), posts it to Slack in the background, and pauses the flow run waiting
 for an ApprovalAnswer — the Prefect UI's resume form. Answers from Slack and `axiom approve`
-are recorded by flows/approvals.py first and then resume the run; an answer typed in the UI
+are recorded by the approval desk (protocol/approvals.py) first and then resume the run; an answer typed in the UI
 form (or sent by hand to the API) wakes the run with the row still pending, and the run puts
 it through the very same checks, so an invented approver is refused, audited, and the run
 waits again. Either way the run returns only what the row holds. At expiry a timer in this
@@ -25,10 +25,11 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from config.settings import load_settings
+from config.settings import Settings
+from flows.resources import engine_for
 from models import Approval
 from models.audit import as_utc
-from models.db import make_engine
+from notifications.desk import approval_desk
 from notifications.slack import compact
 from notifications.templates import render
 from protocol.approvals import PENDING, Answer, ApprovalDesk, Refusal
@@ -85,19 +86,20 @@ def request_approval(
     evidence: dict,
     ttl: timedelta | None = None,
     safe_default: str | None = None,
+    *,
+    settings: Settings,
 ) -> Decision:
     """Pause the current flow run until a person allowed for `kind` answers, or it expires.
 
-    ttl and safe_default default to the kind's declaration in runbooks/checkpoints.yaml.
+    ttl and safe_default default to the kind's declaration in runbooks/checkpoints.yaml;
+    settings are the run's (flows.resources.settings()), resolved once by the flow.
     """
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         raise RuntimeError("request_approval() runs inside a flow run")
     runbook = checkpoints()
     checkpoint = runbook.spec.for_kind(kind)
-    settings = load_settings()
-    engine = make_engine(settings.db_url)
-    desk = ApprovalDesk.from_settings(settings, engine)
+    desk = approval_desk(settings, engine_for(settings))
     stop = threading.Event()
     timer: threading.Timer | None = None
     try:
@@ -145,7 +147,6 @@ def request_approval(
         stop.set()
         if timer is not None:
             timer.cancel()
-        engine.dispose()
 
 
 def _wait_for_decision(desk: ApprovalDesk, approval_id: int, form, poll_seconds: int) -> Approval:

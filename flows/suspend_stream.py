@@ -13,15 +13,17 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, func, select
 
-from config.settings import load_settings
+from config.settings import Settings
+from flows import resources
 from flows.checkpoint import request_approval
 from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
 from models.audit_trail import record
-from models.db import make_engine, session_scope
+from models.db import session_scope
 from relay.delivery.egress import DEFAULT_POOL
 from runbooks.loader import checkpoints
 
@@ -56,75 +58,71 @@ class StreamHoldOutcome(BaseModel):
     release_with: str | None = None
 
 
-@task
-def read_stream(tenant: str, stream: str) -> StreamState:
+# The tasks read and change the database, so a cached result would be wrong; NO_CACHE also
+# keeps Prefect from hashing the settings (secrets included) into a cache key.
+@task(cache_policy=NO_CACHE)
+def read_stream(settings: Settings, tenant: str, stream: str) -> StreamState:
     """The stream as the relay sees it now (a stream without a row uses the default pool)."""
-    engine = make_engine(load_settings().db_url)
-    try:
-        with session_scope(engine) as session:
-            owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
-            if owner is None:
-                raise ValueError(f"tenant {tenant!r} does not exist")
-            row = session.exec(
-                select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
-            ).first()
-            queued = session.exec(
-                select(func.count())
-                .select_from(Recipient)
-                .join(Message, col(Message.id) == Recipient.message_id)
-                .where(
-                    Message.tenant_id == owner.id,
-                    Message.stream == stream,
-                    Recipient.state == RecipientState.queued,
-                )
-            ).one()
-            return StreamState(
-                tenant=tenant,
-                stream=stream,
-                pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
-                fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
-                queued_recipients=queued,
+    with session_scope(resources.engine_for(settings)) as session:
+        owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
+        if owner is None:
+            raise ValueError(f"tenant {tenant!r} does not exist")
+        row = session.exec(
+            select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
+        ).first()
+        queued = session.exec(
+            select(func.count())
+            .select_from(Recipient)
+            .join(Message, col(Message.id) == Recipient.message_id)
+            .where(
+                Message.tenant_id == owner.id,
+                Message.stream == stream,
+                Recipient.state == RecipientState.queued,
             )
-    finally:
-        engine.dispose()
+        ).one()
+        return StreamState(
+            tenant=tenant,
+            stream=stream,
+            pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
+            fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
+            queued_recipients=queued,
+        )
 
 
-@task
-def hold_stream(state: StreamState, approval_id: int, approved_by: str, reason: str) -> None:
+@task(cache_policy=NO_CACHE)
+def hold_stream(
+    settings: Settings, state: StreamState, approval_id: int, approved_by: str, reason: str
+) -> None:
     """Bind the stream to the empty `hold` pool; audited with who approved and what it left."""
-    engine = make_engine(load_settings().db_url)
     run = FlowRunContext.get()
     actor = f"flow:{run.flow_run.id}" if run and run.flow_run else "flow"
     governing = checkpoints()  # the declaration this change was approved under
-    try:
-        with session_scope(engine) as session:
-            hold = _hold_pool(session, actor)
-            owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
-            row = session.exec(
-                select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
-            ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
-            row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
-            session.add(row)
-            record(
-                session,
-                actor=actor,
-                action="stream.suspend",
-                subject=f"stream:{state.tenant}/{state.stream}",
-                evidence={
-                    "approval_id": approval_id,
-                    "approved_by": approved_by,
-                    "reason": reason,
-                    "previous_pool": state.pool,
-                    "previous_fallback_pool": state.fallback_pool,
-                    "queued_recipients": state.queued_recipients,
-                    "flow": "suspend-stream",
-                },
-                runbook_id=governing.id,
-                runbook_version=governing.version,
-            )
-            session.commit()
-    finally:
-        engine.dispose()
+    with session_scope(resources.engine_for(settings)) as session:
+        hold = _hold_pool(session, actor)
+        owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
+        row = session.exec(
+            select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
+        ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
+        row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
+        session.add(row)
+        record(
+            session,
+            actor=actor,
+            action="stream.suspend",
+            subject=f"stream:{state.tenant}/{state.stream}",
+            evidence={
+                "approval_id": approval_id,
+                "approved_by": approved_by,
+                "reason": reason,
+                "previous_pool": state.pool,
+                "previous_fallback_pool": state.fallback_pool,
+                "queued_recipients": state.queued_recipients,
+                "flow": "suspend-stream",
+            },
+            runbook_id=governing.id,
+            runbook_version=governing.version,
+        )
+        session.commit()
 
 
 @flow(name="suspend-stream", log_prints=False)
@@ -143,7 +141,8 @@ def suspend_stream(
         dry_run: Ask for approval but change nothing.
     """
     logger = get_run_logger()
-    state = read_stream(tenant, stream)
+    settings = resources.settings()  # once for this run's process; tasks get them passed in
+    state = read_stream(settings, tenant, stream)
     base = {"tenant": tenant, "stream": stream, "queued_recipients": state.queued_recipients}
     if state.held:
         logger.info("%s/%s is already held; nothing to do", tenant, stream)
@@ -165,6 +164,7 @@ def suspend_stream(
             "fallback pool": state.fallback_pool or "none",
             "queued recipients": state.queued_recipients,
         },
+        settings=settings,
     )
     outcome = {
         **base,
@@ -180,7 +180,7 @@ def suspend_stream(
     if dry_run:
         logger.info("dry run: %s/%s would now be held", tenant, stream)
         return StreamHoldOutcome(outcome="dry_run", **outcome)
-    hold_stream(state, decision.approval_id, decision.decided_by or "", reason)
+    hold_stream(settings, state, decision.approval_id, decision.decided_by or "", reason)
     logger.info("%s/%s is held; release with: %s", tenant, stream, release)
     return StreamHoldOutcome(outcome="held", release_with=release, **outcome)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +21,9 @@ from config.settings import Settings
 from models import Approval
 from models.audit import as_utc
 from notifications.templates import render
+from protocol.approvals import NotifierUnavailable, Posted
+
+__all__ = ["Posted", "SlackNotifier", "SlackUnavailable"]
 
 log = logging.getLogger("axiom.slack")
 
@@ -67,19 +69,18 @@ LABELS = {
 }
 
 
-class SlackUnavailable(Exception):
+class SlackUnavailable(NotifierUnavailable):
+    """A Slack Web API call that failed; the approval desk retries it when transient."""
+
     def __init__(self, method: str, error: str, *, transient: bool):
-        super().__init__(f"{method}: {error}")
-        self.method, self.error, self.transient = method, error, transient
-
-
-@dataclass(frozen=True)
-class Posted:
-    channel: str
-    ts: str
+        super().__init__(f"{method}: {error}", transient=transient)
+        self.method, self.error = method, error
 
 
 class SlackNotifier:
+    """The approval desk's Notifier in Slack, plus what only the Slack answer path needs
+    (ephemeral replies, the comment form)."""
+
     def __init__(
         self,
         client: WebClient,

@@ -9,6 +9,10 @@ conditional UPDATE so only the first answer wins, the paused run is resumed (Pre
 HTTP 200 even when it refuses, so the body's status is what counts) and the Slack message is
 updated. The row, not the resume, is the record: the run re-reads it after waking and acts
 only on what it holds, so a lost resume delays a decision but never changes it.
+
+The desk knows its messenger only as a Notifier (post, update, alert); notifications/ provides
+the Slack one and builds a wired desk (notifications.desk.approval_desk), so this service layer
+never imports the layer above it.
 """
 
 from __future__ import annotations
@@ -19,18 +23,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from config.settings import Settings
 from models import Approval, Operator
 from models.audit import as_utc
 from models.audit_trail import record
 from models.base import utcnow
 from models.db import session_scope
-from notifications.slack import SlackNotifier, SlackUnavailable
 from runbooks.schema_protocol import Checkpoint, SafeDefault
 
 log = logging.getLogger("axiom.approvals")
@@ -111,6 +113,36 @@ class Decided:
 Resumer = Callable[[str, dict], Resumed]
 
 
+# ---------------------------------------------------------------- the notifier it is given
+@dataclass(frozen=True)
+class Posted:
+    """Where a request was posted, so its message can be updated with the outcome."""
+
+    channel: str
+    ts: str
+
+
+class NotifierUnavailable(Exception):
+    """A message not delivered; `transient` (network, rate limit) means try again later."""
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+class Notifier(Protocol):
+    """What the desk needs of a messenger (notifications.slack.SlackNotifier is one).
+
+    Each call raises NotifierUnavailable when the message does not get through.
+    """
+
+    def post_approval(self, approval: Approval) -> Posted: ...
+
+    def show_outcome(self, approval: Approval) -> None: ...
+
+    def alert(self, template: str, **context: Any) -> Any: ...
+
+
 class PrefectResumer:
     """Resumes a paused run through the Prefect API and reports what Prefect said."""
 
@@ -173,24 +205,18 @@ class ApprovalDesk:
         engine: Engine,
         *,
         resume: Resumer | None = None,
-        slack: SlackNotifier | None = None,
+        notifier: Notifier | None = None,
         clock: Callable[[], datetime] = utcnow,
-        slack_retry_initial: float = 1.0,
+        retry_initial: float = 1.0,
     ):
+        """resume: wakes paused runs (PrefectResumer); notifier: posts requests and outcomes
+        (None: answers come through the Prefect UI and `axiom approve` only); retry_initial:
+        the first back-off, in seconds, while the notifier is unavailable."""
         self.engine = engine
         self.resume = resume
-        self.slack = slack
+        self.notifier = notifier
         self.clock = clock
-        self.slack_retry_initial = slack_retry_initial
-
-    @classmethod
-    def from_settings(cls, settings: Settings, engine: Engine) -> ApprovalDesk:
-        return cls(
-            engine,
-            resume=PrefectResumer(settings.prefect_api),
-            slack=SlackNotifier.from_settings(settings),
-            slack_retry_initial=settings.slack_retry_initial_seconds,
-        )
+        self.retry_initial = retry_initial
 
     # ------------------------------------------------------------ opening
     def open(
@@ -459,7 +485,7 @@ class ApprovalDesk:
         Runs in its own thread; a Slack outage only delays the message, the other answer
         paths work all along.
         """
-        if self.slack is None:
+        if self.notifier is None:
             log.info(
                 "Slack is not set up: answer approval #%s in the Prefect UI or with "
                 "`axiom approve %s --as NAME`",
@@ -467,15 +493,15 @@ class ApprovalDesk:
                 approval_id,
             )
             return
-        delay, attempt = self.slack_retry_initial, 0
+        delay, attempt = self.retry_initial, 0
         while not stop.is_set():
             approval = self.get(approval_id)
             if approval is None or approval.state != PENDING:
                 return
             attempt += 1
             try:
-                posted = self.slack.post_approval(approval)
-            except SlackUnavailable as exc:
+                posted = self.notifier.post_approval(approval)
+            except NotifierUnavailable as exc:
                 if not exc.transient:
                     log.error(
                         "Slack refused approval #%s (%s); not retrying. Answer in the Prefect UI "
@@ -508,30 +534,30 @@ class ApprovalDesk:
             return
 
     def _show_outcome(self, approval: Approval) -> None:
-        if self.slack is None or not approval.slack_ts:
+        if self.notifier is None or not approval.slack_ts:
             return
         for delay in (0.5, 1.0, 2.0, None):
             try:
-                self.slack.show_outcome(approval)
+                self.notifier.show_outcome(approval)
                 return
-            except SlackUnavailable as exc:
+            except NotifierUnavailable as exc:
                 if not exc.transient or delay is None:
                     log.warning("Slack message of approval #%s not updated: %s", approval.id, exc)
                     return
                 time.sleep(delay)
 
     def _escalate(self, approval: Approval) -> None:
-        if self.slack is None:
+        if self.notifier is None:
             log.warning("approval #%s expired; Slack is not set up to escalate it", approval.id)
             return
         try:
-            self.slack.alert(
+            self.notifier.alert(
                 "slack_alert_escalation",
                 approval=approval,
                 expired_at=as_utc(approval.expires_at).strftime("%Y-%m-%d %H:%M UTC"),
                 roles=_roles_list(approval.allowed_roles),
             )
-        except SlackUnavailable as exc:
+        except NotifierUnavailable as exc:
             log.error("approval #%s expired and the escalation alert failed: %s", approval.id, exc)
 
     # ------------------------------------------------------------ audit

@@ -6,6 +6,8 @@ import pytest
 from sqlmodel import select
 
 from config.clock import SystemClock
+from config.settings import Settings, load_settings
+from flows import resources
 from flows.suspend_stream import HOLD_POOL, StreamState, hold_stream, read_stream
 from models import AuditEntry
 from models.db import session_scope
@@ -14,8 +16,14 @@ from relay.delivery.egress import Egress
 
 
 @pytest.fixture
-def acme(engine, db_url, monkeypatch):
-    monkeypatch.setenv("AXIOM_DATABASE_URL", db_url)
+def settings(db_url) -> Settings:
+    """What the flow resolves once and passes to its tasks."""
+    yield load_settings(database_url=db_url)
+    resources.forget()
+
+
+@pytest.fixture
+def acme(engine):
     with session_scope(engine) as s:
         egress.ensure_default_pool(s)
         tenant = tenants.add_tenant(s, "acme")
@@ -23,19 +31,26 @@ def acme(engine, db_url, monkeypatch):
         return tenant.id
 
 
-def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme):
-    state = read_stream.fn("acme", "marketing")
+def test_tasks_share_one_engine_per_process_and_database(settings, tmp_path):
+    engine = resources.engine_for(settings)
+    assert resources.engine_for(load_settings(database_url=settings.db_url)) is engine
+    other = load_settings(database_url=f"sqlite:///{tmp_path / 'other.db'}")
+    assert resources.engine_for(other) is not engine
+
+
+def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme, settings):
+    state = read_stream.fn(settings, "acme", "marketing")
     assert state == StreamState(
         tenant="acme", stream="marketing", pool="default", fallback_pool=None, queued_recipients=0
     )
-    hold_stream.fn(state, approval_id=7, approved_by="alice", reason="spam-trap hits")
+    hold_stream.fn(settings, state, approval_id=7, approved_by="alice", reason="spam-trap hits")
 
     egress = Egress(engine, SystemClock(), ttl=0)
     held = egress.choose(acme, "marketing", "gmail")
     assert held.source is None
     assert f"pool {HOLD_POOL} has no IP addresses" in held.wait_reason
     assert egress.choose(acme, "transactional", "gmail").source.address == "127.0.0.1"
-    assert read_stream.fn("acme", "marketing").held
+    assert read_stream.fn(settings, "acme", "marketing").held
 
     with session_scope(engine) as s:
         entry = s.exec(select(AuditEntry).where(AuditEntry.action == "stream.suspend")).one()
@@ -45,16 +60,16 @@ def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme):
     assert (entry.runbook_id, entry.runbook_version) == ("checkpoints", "1.0")
 
 
-def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme):
+def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme, settings):
     with session_scope(engine) as s:
         egress.add_pool(s, HOLD_POOL, "shared")
         egress.add_ip(s, "127.0.0.9", HOLD_POOL, None, 100)
         s.commit()
-    state = read_stream.fn("acme", "marketing")
+    state = read_stream.fn(settings, "acme", "marketing")
     with pytest.raises(RuntimeError, match="pool 'hold' has addresses"):
-        hold_stream.fn(state, approval_id=1, approved_by="alice", reason="x")
+        hold_stream.fn(settings, state, approval_id=1, approved_by="alice", reason="x")
 
 
-def test_an_unknown_tenant_is_a_clear_error(acme):
+def test_an_unknown_tenant_is_a_clear_error(acme, settings):
     with pytest.raises(ValueError, match="tenant 'nobody' does not exist"):
-        read_stream.fn("nobody", "marketing")
+        read_stream.fn(settings, "nobody", "marketing")

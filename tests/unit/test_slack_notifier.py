@@ -11,8 +11,9 @@ from slack_sdk import WebClient
 
 from config.settings import load_settings
 from models.db import make_engine, migrate, session_scope
+from notifications.desk import approval_desk
 from notifications.slack import SlackNotifier, SlackUnavailable, approval_channels
-from protocol.approvals import Answer, ApprovalDesk, Resumed
+from protocol.approvals import Answer, ApprovalDesk, NotifierUnavailable, PrefectResumer, Resumed
 from protocol.operators import add_operator
 from runbooks.loader import checkpoints
 from tests.fakes.slack import FakeSlack
@@ -46,8 +47,8 @@ def make_desk(engine, slack: FakeSlack, **kwargs) -> ApprovalDesk:
     return ApprovalDesk(
         engine,
         resume=lambda run, data: Resumed(True, "ACCEPT"),
-        slack=notifier(slack),
-        slack_retry_initial=0.05,
+        notifier=notifier(slack),
+        retry_initial=0.05,
         **kwargs,
     )
 
@@ -184,6 +185,28 @@ def test_unreachable_slack_is_a_transient_failure(slack):
     with pytest.raises(SlackUnavailable) as failure:
         notifier(slack).tell("C1", "U1", "hello")
     assert failure.value.transient
+    # What the approval desk catches: it knows notifiers, not Slack.
+    assert isinstance(failure.value, NotifierUnavailable)
+
+
+def test_the_desk_from_settings_notifies_in_slack_only_when_it_is_set_up(sqlite_engine, slack):
+    bare = approval_desk(load_settings(slack_bot_token=None, slack_channel=None), sqlite_engine)
+    assert bare.notifier is None and isinstance(bare.resume, PrefectResumer)
+    wired = approval_desk(
+        load_settings(
+            slack_bot_token=slack.token,
+            slack_channel="C0APPROVALS",
+            slack_api_url=slack.base_url,
+            slack_retry_initial_seconds=0.25,
+        ),
+        sqlite_engine,
+    )
+    assert isinstance(wired.notifier, SlackNotifier) and wired.retry_initial == 0.25
+    approval = open_approval(wired)
+    announce(wired, approval.id)
+    (posted,) = slack.calls_to("chat.postMessage")
+    assert posted.args["channel"] == "C0APPROVALS"
+    assert wired.get(approval.id).slack_ts is not None
 
 
 def test_without_token_or_channel_there_is_no_notifier_and_the_cli_says_where_to_answer():
