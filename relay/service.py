@@ -30,6 +30,7 @@ from models.audit_trail import record
 from models.db import make_engine, session_scope
 from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
 from relay.metrics import build_inbound_metrics, build_metrics
+from relay.patches import install_all_or_exit
 from relay.spool.writer import Spool
 from relay.submission.auth import CredentialCache, LockoutTracker
 from relay.submission.keystore import KeyBox
@@ -261,6 +262,7 @@ def build_delivery_engine(settings: Settings, engine):
 
 async def deliver_only(settings: Settings) -> None:
     """`axiom deliver`: a delivery process without listeners (scale-out, crash tests)."""
+    install_all_or_exit()
     engine = make_engine(settings.db_url)
     delivery = build_delivery_engine(settings, engine)
     stop = asyncio.Event()
@@ -291,6 +293,7 @@ def run_event_loop(settings: Settings, main) -> None:
 
 def run(settings: Settings) -> None:
     """Entry point of `axiom relay`."""
+    install_all_or_exit()  # before anything connects; the listener children install their own
     listeners = settings.relay_processes - 1
     children: list[subprocess.Popen] = []
     for _ in range(listeners):
@@ -356,6 +359,7 @@ if __name__ == "__main__":  # the extra listener processes
     from config.settings import load_settings
 
     logging.basicConfig(level=logging.WARNING)
+    install_all_or_exit()
     listener_settings = load_settings()
     run_event_loop(
         listener_settings,

@@ -37,11 +37,10 @@ from relay.delivery.dns import MxResult, Resolver
 from relay.delivery.dsn import FailedRecipient, build_dsn, dsn_entry
 from relay.delivery.egress import Egress, SourceIp
 from relay.delivery.pipelining import PipeliningProtocol, check_sequence
-from relay.delivery.pipelining import install as _install_pipelining
 from relay.delivery.reactions import ReactionEngine
 from relay.delivery.retry import has_expired, next_attempt_at
 from relay.delivery.shaping import PathGate, Shaper
-from relay.patches.aiosmtplib import install as _install_smtp_client_shims
+from relay.patches.aiosmtplib import quote_address as _quote_address  # remembered per address
 from relay.spool.claims import (
     Attempt,
     Claim,
@@ -54,10 +53,6 @@ from relay.spool.claims import (
 )
 from relay.spool.group_commit import GroupCommitter
 from runbooks.schema_delivery import DeliverySpec, ShapingSpec
-
-_install_smtp_client_shims()
-_install_pipelining()
-_quote_address = aiosmtplib.smtp.quote_address  # remembered per address (relay/smtp_client.py)
 
 log = logging.getLogger("axiom.delivery")
 

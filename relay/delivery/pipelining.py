@@ -11,8 +11,9 @@ aiosmtplib cannot read several replies to one write: its protocol hands one pars
 one waiter and drops data that arrives while that reply waits to be picked up (see
 SMTPProtocol.data_received). PipeliningProtocol adds a batch mode that parses every complete
 reply in the buffer into the batch, in order, however the bytes are split across segments.
-Outside a batch it is aiosmtplib's protocol unchanged. Receivers that do not advertise
-PIPELINING get aiosmtplib's command-by-command exchange (relay/delivery.py decides).
+Outside a batch it is aiosmtplib's protocol unchanged; relay/patches/aiosmtplib.py installs it
+as the protocol aiosmtplib.SMTP builds. Receivers that do not advertise PIPELINING get
+aiosmtplib's command-by-command exchange (relay/delivery/engine.py decides).
 
 RFC 2920 obligations kept here: the group ends with DATA; when DATA is answered 354 although
 every RCPT was refused, the client sends the lone terminating dot (there is nothing to send and
@@ -25,7 +26,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 import aiosmtplib.protocol as _protocol
-import aiosmtplib.smtp as _smtp
 from aiosmtplib.errors import (
     SMTPReadTimeoutError,
     SMTPResponseException,
@@ -169,9 +169,3 @@ class PipeliningProtocol(_Base):
             self._response_pending = True
             self.write(b".\r\n")
             return await self.read_response(timeout=reply_timeout)
-
-
-def install() -> None:
-    """aiosmtplib.SMTP builds its protocol from this module-level name at each connect.
-    Idempotent; called when relay.delivery.engine is imported."""
-    _smtp.SMTPProtocol = PipeliningProtocol

@@ -1,12 +1,19 @@
-"""aiosmtplib's per-message overheads on the delivery path, paid once instead of every time.
+"""Our changes to aiosmtplib: pipelining protocol, remembered quoting, no needless rewrite.
 
-For every message aiosmtplib (a) parses the sender and each recipient with the stdlib's
-email.utils.parseaddr to quote them for MAIL and RCPT, and (b) rewrites the whole message
-through a regex that turns lone CR or LF into CRLF. Together that was ~8 % of the delivering
-process's time (py-spy, bench/end_to_end.py). Here (a) is remembered per address (a pure
-function of a string; addresses repeat, above all the sender) and (b) is skipped when the
-message already has only CRLF line ends, as everything the spool holds has (submission
-refuses a bare CR or LF). tests/unit/test_smtp_client.py checks both equal aiosmtplib's own.
+1. SMTPProtocol: aiosmtplib.SMTP builds its protocol from the module-level name
+   aiosmtplib.smtp.SMTPProtocol at each connect; install() points it at our
+   relay.delivery.pipelining.PipeliningProtocol, which is aiosmtplib's protocol plus RFC 2920
+   groups (see that module). It reads aiosmtplib's private _buffer, _command_lock,
+   _response_pending and _read_response_from_buffer, hence the pinned versions below.
+
+2. For every message aiosmtplib (a) parses the sender and each recipient with the stdlib's
+   email.utils.parseaddr to quote them for MAIL and RCPT, and (b) rewrites the whole message
+   through a regex that turns lone CR or LF into CRLF. Together that was ~8 % of the
+   delivering process's time (py-spy, bench/end_to_end.py). Here (a) is remembered per address
+   (a pure function of a string; addresses repeat, above all the sender) and (b) is skipped
+   when the message already has only CRLF line ends, as everything the spool holds has
+   (submission refuses a bare CR or LF). tests/unit/test_smtp_client.py checks both equal
+   aiosmtplib's own; tests/unit/test_patches.py that aiosmtplib still looks each name up.
 """
 
 from __future__ import annotations
@@ -15,9 +22,16 @@ import functools
 
 import aiosmtplib.protocol as _protocol
 import aiosmtplib.smtp as _smtp
+from packaging.specifiers import SpecifierSet
+
+from relay.delivery.pipelining import PipeliningProtocol
+
+DISTRIBUTION = "aiosmtplib"
+TESTED = SpecifierSet(">=5.1.3,<5.2")
 
 _quote_address = _smtp.quote_address
 _normalize = _protocol.normalize_message_line_endings
+_SMTPProtocol = _smtp.SMTPProtocol
 
 
 @functools.lru_cache(maxsize=8192)
@@ -34,7 +48,25 @@ def normalize_message_line_endings(message: bytes) -> bytes:
     return _normalize(message)
 
 
+# (namespace, name, aiosmtplib's own, ours): where aiosmtplib looks each one up.
+REPLACEMENTS = (
+    (_smtp, "SMTPProtocol", _SMTPProtocol, PipeliningProtocol),
+    (_smtp, "quote_address", _quote_address, quote_address),
+    (_protocol, "normalize_message_line_endings", _normalize, normalize_message_line_endings),
+)
+
+
 def install() -> None:
-    """Idempotent; called when relay.delivery.engine is imported."""
-    _smtp.quote_address = quote_address
-    _protocol.normalize_message_line_endings = normalize_message_line_endings
+    """Idempotent."""
+    for namespace, name, _, ours in REPLACEMENTS:
+        setattr(namespace, name, ours)
+
+
+def uninstall() -> None:
+    """aiosmtplib as published again."""
+    for namespace, name, theirs, _ in REPLACEMENTS:
+        setattr(namespace, name, theirs)
+
+
+def installed() -> bool:
+    return all(getattr(ns, name) is ours for ns, name, _, ours in REPLACEMENTS)

@@ -1,172 +1,27 @@
 """DKIM keys and signatures: dkimpy builds and canonicalises, OpenSSL does the RSA math.
 
-dkimpy's RSA is pure Python (about 120 signatures/s per core here); `cryptography` calls
-OpenSSL and is about 11x faster. RSASSA-PKCS1-v1_5 is deterministic, so the two produce
-byte-identical signatures (tests/unit/test_dkim.py proves it). We keep dkimpy for everything
-else — header selection, canonicalisation, tag folding — because that is where DKIM bugs live.
+RSA keys are handed to dkimpy as OpenSSL key objects; relay/patches/dkimpy.py (installed by
+relay.patches.install_all at start) teaches dkimpy to sign with them and holds every other
+change to dkimpy's signing path. Without it, sign() refuses to run rather than fail inside
+dkimpy's pure-Python key parser.
 """
 
 from __future__ import annotations
 
 import base64
-import re
-import threading
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Literal
 
 import dkim
-import dkim.canonicalization
-import dkim.crypto
-import nacl.encoding
-import nacl.signing
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay.patches import dkimpy as dkimpy_patches
 from runbooks.schema import DkimSigningSpec
 
 Algorithm = Literal["rsa", "ed25519"]
-
-_pure_parse_pem = dkim.parse_pem_private_key
-_pure_rsa_sign = dkim.RSASSA_PKCS1_v1_5_sign
-
-
-def _parse_private_key(key):
-    # An OpenSSL key object passes through untouched; PEM bytes still get dkimpy's parser,
-    # so dkimpy's own (pure Python) path stays available for comparison.
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key
-    return _pure_parse_pem(key)
-
-
-def _rsa_sign(digest, key):
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-    return _pure_rsa_sign(digest, key)
-
-
-# dkimpy looks both names up in its module namespace when signing.
-dkim.parse_pem_private_key = _parse_private_key
-dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
-
-
-@lru_cache(maxsize=1024)
-def _ed25519_signing_key(seed: bytes, encoder) -> nacl.signing.SigningKey:
-    return nacl.signing.SigningKey(seed, encoder=encoder)
-
-
-class _Nacl(types.ModuleType):
-    """pynacl as dkimpy sees it, with SigningKey remembered per key: dkimpy builds one from
-    the seed for every signature, and deriving the key pair cost as much as signing."""
-
-    signing = types.SimpleNamespace(
-        SigningKey=lambda seed, encoder=None: _ed25519_signing_key(seed, encoder),
-        VerifyKey=nacl.signing.VerifyKey,
-    )
-
-    def __getattr__(self, name):
-        return getattr(nacl, name)
-
-
-dkim.nacl = _Nacl("nacl")
-
-
-class _RememberingPolicy(dkim.canonicalization.CanonicalizationPolicy):
-    """dkimpy canonicalises the body and the header fields anew for every signature, so a
-    message signed with RSA and Ed25519 paid for both twice (~4 % of a listener's CPU). This
-    policy remembers, per thread, its last input and result. The body is bytes: the same object
-    means the same input. The header list could change between calls, so it must also still
-    equal a copy taken when it was remembered."""
-
-    _last = threading.local()
-
-    def canonicalize_body(self, body):
-        last = getattr(self._last, "body", None)
-        if last is not None and last[0] is self.body_algorithm and last[1] is body:
-            return last[2]
-        result = super().canonicalize_body(body)
-        self._last.body = (self.body_algorithm, body, result)
-        return result
-
-    def canonicalize_headers(self, headers):
-        last = getattr(self._last, "headers", None)
-        if (
-            last is not None
-            and last[0] is self.header_algorithm
-            and last[1] is headers
-            and last[2] == headers
-        ):
-            return list(last[3])
-        result = super().canonicalize_headers(headers)
-        self._last.headers = (self.header_algorithm, headers, list(headers), list(result))
-        return result
-
-
-# dkimpy looks the name up in its module namespace for signing and verifying alike.
-dkim.CanonicalizationPolicy = _RememberingPolicy
-
-
-# dkimpy's relaxed canonicalisation runs re.sub through the re module's cache on every header
-# value and on the whole body, and a 2 KB body of prose has hundreds of single spaces, each
-# one a match that is "replaced" by itself: ~120 µs of a 570 µs signing (RSA is 250 of it).
-# These are the same functions with the no-op case answered by a substring test, and the
-# unfolding done by two bytes.replace calls (removing "\r\n" pairs, then the remaining "\n",
-# is what r"\r?\n" removes: an "\r" right before an "\n" always forms a pair, and pairs
-# cannot overlap). tests/unit/test_dkim.py checks each equals dkimpy's on generated bytes.
-_canon = dkim.canonicalization
-_pure_compress_whitespace = _canon.compress_whitespace
-_pure_strip_trailing_whitespace = _canon.strip_trailing_whitespace
-_pure_unfold_header_value = _canon.unfold_header_value
-_WSP_RUN = re.compile(b"[\t ]+")
-_TRAILING_WSP = re.compile(b"[\t ]+\r\n")
-
-
-def _compress_whitespace(content: bytes) -> bytes:
-    if b"\t" not in content and b"  " not in content:
-        return content  # every WSP run is one space already
-    return _WSP_RUN.sub(b" ", content)
-
-
-def _strip_trailing_whitespace(content: bytes) -> bytes:
-    if b" \r\n" not in content and b"\t\r\n" not in content:
-        return content  # no line ends in WSP
-    return _TRAILING_WSP.sub(b"\r\n", content)
-
-
-def _unfold_header_value(content: bytes) -> bytes:
-    return content.replace(b"\r\n", b"").replace(b"\n", b"")
-
-
-# Relaxed's methods look these up in dkim.canonicalization's namespace at each call.
-_canon.compress_whitespace = _compress_whitespace
-_canon.strip_trailing_whitespace = _strip_trailing_whitespace
-_canon.unfold_header_value = _unfold_header_value
-
-
-# dkimpy's rfc822_parse splits the whole message into lines to find the header, then joins the
-# body's lines again with CRLF. For a body whose line ends are all CRLF already (everything
-# the relay accepts: bare CR and LF are refused at DATA) the join gives the body back as it
-# was, so only the header is split here. Anything else takes dkimpy's own path.
-_pure_rfc822_parse = dkim.rfc822_parse
-_BLANK_LINE = re.compile(b"\n\r?\n")  # a line end followed by an empty line
-
-
-def _rfc822_parse(message: bytes):
-    if not message.startswith((b"\n", b"\r\n")):
-        found = _BLANK_LINE.search(message)
-        if found is not None:
-            body = message[found.end() :]
-            if body.count(b"\n") == body.count(b"\r\n"):
-                headers, _ = _pure_rfc822_parse(message[: found.start() + 1])
-                return headers, body
-    return _pure_rfc822_parse(message)
-
-
-dkim.rfc822_parse = _rfc822_parse  # DKIM.set_message looks it up in dkimpy's namespace
 
 
 @dataclass(frozen=True)
@@ -231,6 +86,8 @@ class MalformedMessage(ValueError):
 def sign(data: bytes, keys: Sequence[SigningKey], spec: DkimSigningSpec) -> bytes:
     """The DKIM-Signature header fields (CRLF-terminated) to prepend to data, one per key.
     Raises MalformedMessage when dkimpy cannot parse the header."""
+    if not dkimpy_patches.installed():
+        raise RuntimeError("dkimpy is not patched: call relay.patches.install_all() at start")
     try:
         signer = dkim.DKIM(data, linesep=b"\r\n")
     except dkim.MessageFormatError as exc:
