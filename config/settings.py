@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     submission_listen: HostPort = "127.0.0.1:2525"
     submission_tls_listen: HostPort = "127.0.0.1:2465"
     http_listen: HostPort = "127.0.0.1:8025"
+    control_listen: HostPort = Field(
+        default="127.0.0.1:8026",
+        description="The control process (`axiom control`): POST /slack/interactivity, "
+        "/healthz and /metrics",
+    )
     # Bounces and ARF complaint reports addressed to the relay's own domain (relay/inbound.py);
     # production: the return-path domain's MX on port 25. Empty or "off": no inbound listener.
     inbound_listen: Annotated[HostPort | None, BeforeValidator(_off_is_none)] = Field(
