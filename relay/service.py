@@ -186,10 +186,8 @@ async def serve(
             except Exception as exc:
                 return False, {"database": str(exc).splitlines()[0]}
 
-        from notifications.interactivity import routes as slack_routes  # control-plane hook
-
         config = uvicorn.Config(
-            build_app(health, slack_routes(settings, engine)),
+            build_app(health),
             host=http_host,
             port=http_port,
             log_level="warning",
