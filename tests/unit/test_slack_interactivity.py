@@ -1,24 +1,27 @@
-"""POST /slack/interactivity: verified before parsed, acknowledged at once, every refusal told."""
+"""POST /slack/interactivity: bounded, verified before parsed, acknowledged at once, refusals counted."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import CollectorRegistry
 from slack_sdk import WebClient
-from sqlmodel import col, select
+from sqlmodel import col, func, select
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from models import AuditEntry
 from models.audit_trail import verify
 from models.db import make_engine, migrate, session_scope
-from notifications.interactivity import SlackInteractivity
+from notifications.interactivity import MAX_BODY_BYTES, Refusals, SlackInteractivity
 from notifications.slack import SlackNotifier
 from protocol.approvals import ApprovalDesk, Resumed
 from protocol.operators import add_operator
-from relay.http import build_app
 from runbooks.loader import checkpoints
 from tests.fakes.slack import FakeSlack, button_click, form_submission, sign
 
@@ -46,6 +49,7 @@ class World:
     client: TestClient
     endpoint: SlackInteractivity
     resumer: SlowResumer
+    registry: CollectorRegistry
 
     def open(self) -> int:
         runbook = checkpoints()
@@ -81,6 +85,18 @@ class World:
             ).all()
             return [(r.actor, r.evidence) for r in rows]
 
+    def audit_rows(self) -> int:
+        with session_scope(self.desk.engine) as s:
+            return s.exec(select(func.count()).select_from(AuditEntry)).one()
+
+    def refused(self, reason: str) -> float:
+        """axiom_slack_requests_refused_total{reason} as the control process exports it."""
+        value = self.registry.get_sample_value(
+            "axiom_slack_requests_refused_total", {"reason": reason}
+        )
+        assert value is not None
+        return value
+
     def state(self, approval_id: int) -> str:
         return self.desk.get(approval_id).state
 
@@ -101,14 +117,13 @@ def world(tmp_path):
         ui_url="http://127.0.0.1:4200",
     )
     resumer = SlowResumer()
-    desk = ApprovalDesk(engine, resume=resumer, slack=notifier, slack_retry_initial=0.05)
-    endpoint = SlackInteractivity(signing_secret=SECRET, desk=desk, slack=notifier)
-
-    async def healthy():
-        return True, {}
-
-    with TestClient(build_app(healthy, endpoint.routes())) as client:
-        yield World(desk, slack, client, endpoint, resumer)
+    desk = ApprovalDesk(engine, resume=resumer, notifier=notifier, retry_initial=0.05)
+    registry = CollectorRegistry()
+    endpoint = SlackInteractivity(
+        signing_secret=SECRET, desk=desk, slack=notifier, refusals=Refusals(registry)
+    )
+    with TestClient(Starlette(routes=endpoint.routes())) as client:
+        yield World(desk, slack, client, endpoint, resumer, registry)
     slack.close()
     engine.dispose()
 
@@ -137,16 +152,19 @@ def test_without_a_signing_secret_the_endpoint_is_off(world):
     response = world.post(button_click(1, "approve", "U0ALICE"))
     assert response.status_code == 503
     assert "AXIOM_SLACK_SIGNING_SECRET" in response.text
+    assert world.refused("not_configured") == 1
 
 
-def test_unsigned_request_is_refused_and_audited(world):
+def test_unsigned_request_is_refused_counted_and_not_audited(world):
     approval_id = world.open()
+    rows = world.audit_rows()
     response = world.client.post(
         "/slack/interactivity", content=button_click(approval_id, "approve", "U0ALICE")
     )
     assert response.status_code == 401
-    actor, evidence = world.refusals()[-1]
-    assert (actor, evidence["reason"]) == ("slack:unverified", "unsigned")
+    assert response.headers["connection"] == "close"  # an unread body is never drained
+    assert world.refused("unsigned") == 1
+    assert world.audit_rows() == rows  # an attacker cannot grow the audit trail
     assert world.state(approval_id) == "pending"
 
 
@@ -154,9 +172,10 @@ def test_forged_signature_is_refused_before_parsing(world):
     approval_id = world.open()
     response = world.post(button_click(approval_id, "approve", "U0ALICE"), secret="not-the-secret")
     assert (response.status_code, response.text) == (401, "bad signature")
-    assert world.refusals()[-1][1]["reason"] == "bad_signature"
     # A body that is not even a Slack payload is refused the same way: nothing was parsed.
     assert world.post(b"\xff\xfe garbage", secret="wrong").status_code == 401
+    assert world.refused("bad_signature") == 2
+    assert world.refusals() == []
     assert world.state(approval_id) == "pending"
     assert world.resumer.calls == []
 
@@ -168,7 +187,7 @@ def test_stale_timestamp_is_refused(world):
     response = world.client.post("/slack/interactivity", content=body, headers=stale)
     assert response.status_code == 403
     assert "stale" in response.text
-    assert world.refusals()[-1][1]["reason"] == "stale_timestamp"
+    assert world.refused("stale") == 1
     assert world.state(approval_id) == "pending"
 
 
@@ -180,10 +199,118 @@ def test_a_replayed_request_is_refused(world):
     again = world.client.post("/slack/interactivity", content=body, headers=headers)
     assert (first.status_code, again.status_code) == (200, 403)
     assert "replayed" in again.text
-    assert world.refusals()[-1][1]["reason"] == "replayed"
+    assert world.refused("replay") == 1
     world.settle()
     assert world.state(approval_id) == "rejected"
     assert len(world.resumer.calls) == 1
+
+
+# ---------------------------------------------------------------- size limit and floods
+class Sender:
+    """An ASGI client that hands the body over chunk by chunk and counts what was taken."""
+
+    def __init__(self, chunks: int, chunk_size: int = 16 * 1024):
+        self.left = chunks
+        self.chunk = b"x" * chunk_size
+        self.taken = 0
+
+    async def receive(self) -> dict:
+        if self.left == 0:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        self.left -= 1
+        self.taken += 1
+        return {"type": "http.request", "body": self.chunk, "more_body": self.left > 0}
+
+
+def send(world: World, sender: Sender, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/slack/interactivity",
+        "raw_path": b"/slack/interactivity",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("192.0.2.7", 40000),
+        "server": ("127.0.0.1", 8026),
+    }
+    sent: list[dict] = []
+
+    async def collect(message: dict) -> None:
+        sent.append(message)
+
+    app = Starlette(routes=world.endpoint.routes())
+    asyncio.run(app(scope, sender.receive, collect))
+    start = sent[0]
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+
+def test_a_body_declared_too_large_is_refused_before_any_of_it_is_read(world):
+    sender = Sender(chunks=50 * 64)  # 50 MiB
+    body = button_click(1, "approve", "U0ALICE")
+    headers = sign(SECRET, body) | {"Content-Length": str(50 * 1024 * 1024)}
+    status, sent_headers = send(world, sender, headers)
+    assert (status, sender.taken) == (413, 0)
+    assert sent_headers["connection"] == "close"
+    assert world.refused("too_large") == 1
+
+
+def test_a_chunked_body_is_cut_off_as_soon_as_it_passes_the_limit(world):
+    sender = Sender(chunks=50 * 64)  # no Content-Length: counted while it streams
+    body = button_click(1, "approve", "U0ALICE")
+    status, sent_headers = send(world, sender, sign(SECRET, body))
+    assert status == 413
+    assert sender.taken == MAX_BODY_BYTES // (16 * 1024) + 1  # one chunk past the limit
+    assert sent_headers["connection"] == "close"
+    assert world.refused("too_large") == 1
+
+
+def test_an_oversized_unsigned_body_is_413_not_401(world):
+    response = world.client.post(
+        "/slack/interactivity", content=b"x" * (MAX_BODY_BYTES + 1)
+    )  # Content-Length is checked before the signature headers
+    assert response.status_code == 413
+    assert (world.refused("too_large"), world.refused("unsigned")) == (1, 0)
+
+
+def test_a_thousand_unsigned_requests_write_no_audit_row_and_count_a_thousand(world, caplog):
+    approval_id = world.open()
+    rows = world.audit_rows()
+    body = button_click(approval_id, "approve", "U0ALICE")
+    with caplog.at_level(logging.WARNING, logger="axiom.slack.interactivity"):
+        for _ in range(1000):
+            assert world.client.post("/slack/interactivity", content=body).status_code == 401
+    assert world.refused("unsigned") == 1000
+    assert world.audit_rows() == rows
+    assert len(caplog.records) == 1  # the log line is rate-limited; the counter is not
+    assert world.state(approval_id) == "pending"
+
+
+def test_refusals_are_logged_once_per_reason_per_interval_with_the_count_meanwhile(caplog):
+    now = [1000.0]
+    registry = CollectorRegistry()
+    refusals = Refusals(registry, every=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="axiom.slack.interactivity"):
+        for _ in range(500):
+            refusals.refuse("bad_signature", "192.0.2.7", "bad signature")
+        refusals.refuse("too_large", "192.0.2.8", "too large")  # its own reason, its own line
+        now[0] += 9.9
+        refusals.refuse("bad_signature", "192.0.2.7", "bad signature")
+        now[0] += 0.2
+        refusals.refuse("bad_signature", "192.0.2.9", "bad signature")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert lines[0] == "Slack request from 192.0.2.7 refused (bad_signature): bad signature"
+    assert lines[1].startswith("Slack request from 192.0.2.8 refused (too_large)")
+    assert "192.0.2.9" in lines[2]
+    assert "500 more refused for bad_signature in the 10 s since the last such line" in lines[2]
+    counted = registry.get_sample_value(
+        "axiom_slack_requests_refused_total", {"reason": "bad_signature"}
+    )
+    assert counted == 502
 
 
 def test_unknown_slack_user_is_told_how_to_get_registered(world):
