@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     max_commands_per_session: int = Field(default=1000, ge=10, description="per SMTP verb")
     session_idle_timeout_seconds: int = Field(default=300, ge=5)
     session_max_seconds: int = Field(default=1800, ge=10)
+    max_session_errors: int = Field(
+        default=20,
+        ge=1,
+        description="Error replies (4xx/5xx) an SMTP session may get before it is closed with "
+        "421 (Postfix's smtpd_hard_error_limit); an accepted message resets the count",
+    )
     max_header_fields: int = Field(default=1000, ge=10)
     max_header_field_bytes: int = Field(default=102_400, ge=1000)
     credential_cache_seconds: int = Field(default=60, ge=0, le=3600)

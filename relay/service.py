@@ -123,7 +123,9 @@ async def serve(
     handler = SubmissionHandler(ctx)
     tls = server_context(settings.cert_path, settings.key_path)
     limits = SessionLimits(
-        ConnectionCounter(settings.max_connections_per_client), settings.session_max_seconds
+        ConnectionCounter(settings.max_connections_per_client),
+        settings.session_max_seconds,
+        settings.max_session_errors,
     )
     loop = asyncio.get_running_loop()
     servers = []
@@ -356,7 +358,11 @@ def _die_with_parent() -> None:
 if __name__ == "__main__":  # the extra listener processes
     from config.settings import load_settings
 
-    logging.basicConfig(level=logging.WARNING)
+    # The parent's format (axiom relay), and its maillog lines: they share the parent's stderr.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    logging.getLogger("axiom.maillog").setLevel(logging.INFO)
     install_all_or_exit()
     listener_settings = load_settings()
     run_event_loop(

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from config.clock import Clock
 from models import RecipientState
+from relay import maillog
 from relay.delivery.classify import (
     Classification,
     ConnectionFailure,
@@ -686,10 +687,13 @@ class DeliveryEngine:
     ) -> None:
         now = self.clock.now()
         failures: list[FailedRecipient] = []
+        logged = maillog.enabled()  # once per job: nothing is formatted when the log is off
         for attempt in attempts:
             if attempt.category == "delivered":
                 outcome.delivered.append(attempt)
+                result = "delivered"
             elif attempt.permanent:
+                result = "bounced"
                 outcome.failed.append((attempt, RecipientState.bounced))
                 failures.append(
                     FailedRecipient(
@@ -708,6 +712,7 @@ class DeliveryEngine:
                         )
                     )
             elif has_expired(_aware(message.created_at), now, self.spec.retry):
+                result = "expired"
                 outcome.failed.append((attempt, RecipientState.expired))
                 failures.append(
                     FailedRecipient(
@@ -715,8 +720,20 @@ class DeliveryEngine:
                     )
                 )
             else:
+                result = "deferred"
                 when = next_attempt_at(attempt.claim.attempts + 1, now, self.spec.retry)
                 outcome.deferred.append((attempt, when))
+            if logged:
+                maillog.send_attempt(
+                    message.id,
+                    message.mail_from,
+                    attempt.claim.address,
+                    attempt=attempt.claim.attempts + 1,
+                    source_ip=attempt.source_ip,
+                    mx=attempt.mx_host,
+                    outcome=result,
+                    reply=attempt.reply,
+                )
         # Never a DSN about a DSN: the null sender gets none (RFC 5321 4.5.5).
         if failures and message.mail_from:
             data = build_dsn(

@@ -30,6 +30,7 @@ from relay.submission.server import (
     _well_formed,
     exception_reply,
     screen_data,
+    with_extensions,
 )
 
 log = logging.getLogger("axiom.relay.inbound")
@@ -81,7 +82,7 @@ class InboundHandler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses
     ) -> list[str]:
         session.host_name = hostname  # aiosmtpd leaves this to a 5-argument EHLO hook
-        return [r for r in responses if not r.startswith("250-AUTH")]
+        return with_extensions([r for r in responses if not r.startswith("250-AUTH")])
 
     # --- MAIL: anyone, the null sender included (RFC 5321 4.5.5: DSNs come from <>) ---
     async def handle_MAIL(

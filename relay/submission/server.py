@@ -25,6 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from relay import maillog
 from relay.metrics import Metrics
 from relay.patches.aiosmtpd import QuietSession
 from relay.spool.writer import Spool, SpoolEntry, SpoolUnavailable, new_queue_id
@@ -110,6 +111,40 @@ def stdlib_path(arg: str) -> tuple[str | None, str | None]:
         return None, None
 
 
+def _keeps_help(original):
+    """An override of an smtp_* method keeps the HELP text aiosmtpd's @syntax put on it."""
+
+    def decorate(method):
+        for name in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if hasattr(original, name):
+                setattr(method, name, getattr(original, name))
+        return method
+
+    return decorate
+
+
+def _path_of(arg: str, keyword: str) -> str:
+    """The address a MAIL or RCPT argument names, as the client wrote it, for the log."""
+    if arg[: len(keyword)].upper() == keyword:
+        arg = arg[len(keyword) :]
+    arg = arg.strip()
+    if arg.startswith("<"):
+        end = arg.find(">")
+        return arg[1:end] if end > 0 else arg
+    return arg.split(" ", 1)[0]
+
+
+# RFC 2920: aiosmtpd reads commands one line at a time from its buffer and answers each in
+# order, so a pipelined group is served as if sent one by one. RFC 2034: every reply carries
+# an enhanced status code (replies.py; tests/unit/test_replies.py checks).
+EHLO_EXTENSIONS = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
+
+
+def with_extensions(responses: list[str]) -> list[str]:
+    """aiosmtpd's EHLO lines with ours before the last one ("250 HELP")."""
+    return [*responses[:-1], *EHLO_EXTENSIONS, *responses[-1:]]
+
+
 @dataclass
 class RelayContext:
     hostname: str
@@ -133,19 +168,90 @@ class SubmissionSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return  # aiosmtpd goes on with lines it had buffered when it closed the connection
         if isinstance(status, str):
-            if self._in_mail and status.startswith(_MALFORMED):
+            if self._verb == "MAIL" and status.startswith(_MALFORMED):
                 status = replies.BAD_SENDER_ADDRESS  # aiosmtpd says the same for MAIL and RCPT
             status = _clean_text(replies.translate(status), _REPLY_UNSAFE)
+            if status[:1] in ("4", "5"):
+                await self._push_error(status)
+                return
+            if status[:1] == "2" and self._verb == "DATA":
+                self._errors = 0  # Postfix counts the errors made "without delivering mail"
         await super().push(status)
 
-    _in_mail = False
+    async def _push_error(self, status: str) -> None:
+        """Every 4xx and 5xx reply counts toward the session's error limit (Postfix's
+        smtpd_hard_error_limit): past it the reply is a 421 and the connection closes, so a
+        client feeding garbage gets a bounded number of answers instead of one per line."""
+        self._errors += 1
+        closing = self._errors > self.max_errors
+        if closing:
+            status = replies.TOO_MANY_ERRORS
+        if maillog.enabled():
+            self._log_refusal(status)
+        await super().push(status)
+        if closing and self.transport is not None:
+            self.transport.close()
 
+    def _log_refusal(self, reply: str) -> None:
+        verb, session = self._verb, self.session
+        envelope = self._data_envelope if verb == "DATA" else self.envelope
+        sender = envelope.mail_from if envelope is not None else None
+        recipients = None
+        if verb == "MAIL":
+            sender = _path_of(self._verb_arg, "FROM:")
+        elif verb == "RCPT":
+            recipients = [_path_of(self._verb_arg, "TO:")]
+        elif verb == "DATA" and envelope is not None:
+            recipients = envelope.rcpt_tos
+        principal = session.auth_data if session is not None else None
+        maillog.rejected(
+            _client_ip(session) if session is not None else "",
+            reply,
+            user=principal.username if isinstance(principal, Principal) else None,
+            command=verb,
+            sender=sender,
+            recipients=recipients,
+        )
+
+    # The verb being answered and its argument, for the refusal log line (aiosmtpd passes
+    # push() only the reply). DATA's envelope is kept: aiosmtpd resets it before the reply.
+    max_errors = 20  # set by make_protocol_factory from SessionLimits
+    _errors = 0
+    _verb: str | None = None
+    _verb_arg = ""
+    _data_envelope: Envelope | None = None
+
+    @_keeps_help(SMTP.smtp_MAIL)
     async def smtp_MAIL(self, arg: str) -> None:
-        self._in_mail = True
+        self._verb, self._verb_arg = "MAIL", arg or ""
         try:
             await super().smtp_MAIL(arg)
         finally:
-            self._in_mail = False
+            self._verb = None
+
+    @_keeps_help(SMTP.smtp_RCPT)
+    async def smtp_RCPT(self, arg: str) -> None:
+        self._verb, self._verb_arg = "RCPT", arg or ""
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._verb = None
+
+    @_keeps_help(SMTP.smtp_DATA)
+    async def smtp_DATA(self, arg: str) -> None:
+        self._verb, self._data_envelope = "DATA", self.envelope
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._verb = self._data_envelope = None
+
+    @_keeps_help(SMTP.smtp_AUTH)
+    async def smtp_AUTH(self, arg: str) -> None:
+        self._verb = "AUTH"
+        try:
+            await super().smtp_AUTH(arg)
+        finally:
+            self._verb = None
 
     async def handle_exception(self, error: Exception) -> str:
         if self.transport is None or self.transport.is_closing():
@@ -264,6 +370,7 @@ class ConnectionCounter:
 class SessionLimits:
     connections: ConnectionCounter
     max_session_seconds: float
+    max_errors: int = 20  # AXIOM_MAX_SESSION_ERRORS
 
 
 def _client_ip(session: Session) -> str:
@@ -320,6 +427,8 @@ class SubmissionHandler:
             principal = await asyncio.to_thread(self.ctx.policy.authenticate, username, password)
         if principal is None:
             self.ctx.metrics.auth_failures.inc()
+            if maillog.enabled():
+                maillog.auth(ip, username.decode("utf-8", "backslashreplace")[:200], ok=False)
             if self.ctx.lockout.record_failure(ip):
                 await asyncio.to_thread(self.ctx.on_lockout, ip)
                 await server.push(replies.AUTH_LOCKED_OUT)
@@ -327,7 +436,15 @@ class SubmissionHandler:
                 return AuthResult(success=False, handled=True)
             return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
         self.ctx.lockout.record_success(ip)
+        maillog.auth(ip, principal.username, ok=True)
         return AuthResult(success=True, auth_data=principal, message=replies.AUTH_OK)
+
+    # --- EHLO: aiosmtpd's lines plus the extensions the protocol implements ---
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a 5-argument EHLO hook
+        return with_extensions(responses)
 
     # --- MAIL ---
     async def handle_MAIL(
@@ -444,6 +561,9 @@ class SubmissionHandler:
             return self._reject("spool_unavailable", replies.SPOOL_UNAVAILABLE)
         self.ctx.metrics.spool_latency.observe(asyncio.get_running_loop().time() - started)
         self.ctx.metrics.accepted.inc()
+        maillog.queued(
+            entry.client_address, queue_id, entry.mail_from, entry.recipients, principal.username
+        )
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -500,7 +620,10 @@ def has_bare_cr_or_lf(raw: bytes) -> bool:
 
 
 def screen_data(raw: bytes, max_fields: int, max_field_bytes: int) -> MessageHeaders | Refusal:
-    """The checks every listener makes of DATA before reading it: line ends, header limits."""
+    """The checks every listener makes of DATA before reading it: NUL, line ends, header
+    limits."""
+    if b"\0" in raw:  # one memchr; a receiver that drops NULs would see "\r\n\0.\r\n" as the end
+        return Refusal("nul", replies.NUL_IN_DATA)
     if has_bare_cr_or_lf(raw):
         return Refusal("bare_cr_lf", replies.BARE_CR_OR_LF)
     headers = MessageHeaders.parse(raw)
@@ -569,6 +692,7 @@ def make_protocol_factory(
             command_call_limit=commands_per_session,
         )
         protocol.limits = limits
+        protocol.max_errors = limits.max_errors
         return protocol
 
     return factory

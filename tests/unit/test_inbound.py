@@ -417,7 +417,8 @@ async def test_ehlo_offers_no_auth():
     answer = await handler().handle_EHLO(
         None, session, Envelope(), "mx.example", ["250-relay", "250-AUTH ", "250 HELP"]
     )
-    assert answer == ["250-relay", "250 HELP"] and session.host_name == "mx.example"
+    assert answer == ["250-relay", "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+    assert session.host_name == "mx.example"
 
 
 async def test_a_report_that_cannot_be_committed_is_not_acknowledged(tmp_path):
