@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,6 +25,7 @@ from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
 from runbooks import loader
 from testbed.dns import KnotServer, merge_zones, ptr_zones
 from testbed.postfix import SmtpSink, free_port
+from tests.patching import patched
 
 # The MX host names are the providers' real ones, so provider identification is exercised.
 RECEIVERS = {
@@ -64,6 +66,7 @@ class DeliveryWorld:
     tenant_id: int
     sinks: dict[str, SmtpSink] = field(default_factory=dict)
     delivery: DeliveryEngine | None = None
+    patches: ExitStack = field(default_factory=ExitStack)  # the relay's, until stop()
 
     def sink(self, domain: str, options: Iterable[str] = (), capture: bool = True) -> SmtpSink:
         """(Re)start the receiver for domain's MX with smtp-sink options."""
@@ -76,6 +79,7 @@ class DeliveryWorld:
         return sink
 
     def build_engine(self) -> DeliveryEngine:
+        self.patches.enter_context(patched("aiosmtplib"))  # as `axiom relay` installs it
         shaping = loader.shaping()
         self.delivery = DeliveryEngine(
             engine=self.engine,
@@ -154,6 +158,7 @@ class DeliveryWorld:
     def stop(self) -> None:
         for sink in self.sinks.values():
             sink.stop()
+        self.patches.close()
 
 
 def make_world(

@@ -1,4 +1,6 @@
-"""relay/dkim.py: OpenSSL RSA equals dkimpy's pure RSA, and signatures follow the runbook."""
+"""relay/submission/dkim.py and relay/patches/dkimpy.py: OpenSSL RSA equals dkimpy's pure RSA,
+each shortcut equals dkimpy's own, and signatures follow the runbook. Signing runs with the
+relay's dkimpy patches installed; every verification with dkimpy as published."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.patches import dkimpy as dkimpy_patches
 from relay.submission import dkim as relay_dkim
 from relay.submission.dkim import SigningKey, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
+from tests.patching import patched, published_dkimpy
 
 DOMAIN = "example.com"
 RSA_SELECTOR = "axrsa202501"
@@ -22,6 +26,12 @@ ED_SELECTOR = "axed25519202501"
 PINNED_TIME = 1_735_689_600  # 2025-01-01T00:00:00Z
 
 SPEC = dkim_signing().spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def relay_patches():
+    with patched("dkimpy"):
+        yield
 
 
 @cache
@@ -39,7 +49,7 @@ def openssl_rsa_key(bits: int = 2048) -> SigningKey:
 
 
 def pure_rsa_key(bits: int = 2048) -> SigningKey:
-    # PEM bytes instead of a key object: relay/dkim.py hands them to dkimpy's own parser/signer.
+    # PEM bytes instead of a key object: relay/patches/dkimpy.py hands them to dkimpy's own code.
     return SigningKey(DOMAIN, RSA_SELECTOR, "rsa", rsa_material(bits).private_material)
 
 
@@ -71,8 +81,11 @@ def verify_all(message: bytes, bits: int = 2048) -> list[bool]:
         except dkim.DKIMException:  # e.g. a body hash mismatch is raised, not returned
             return False
 
-    count = sum(1 for name, _ in dkim.DKIM(message).headers if name.lower() == b"dkim-signature")
-    return [one(i) for i in range(count)]
+    with published_dkimpy():
+        count = sum(
+            1 for name, _ in dkim.DKIM(message).headers if name.lower() == b"dkim-signature"
+        )
+        return [one(i) for i in range(count)]
 
 
 def signature_tags(message: bytes) -> list[dict[bytes, bytes]]:
@@ -144,8 +157,8 @@ MESSAGES = {
 
 
 def test_pure_path_is_dkimpys_own_code():
-    assert relay_dkim._pure_rsa_sign is dkim.crypto.RSASSA_PKCS1_v1_5_sign
-    assert relay_dkim._pure_parse_pem is dkim.crypto.parse_pem_private_key
+    assert dkimpy_patches._pure_rsa_sign is dkim.crypto.RSASSA_PKCS1_v1_5_sign
+    assert dkimpy_patches._pure_parse_pem is dkim.crypto.parse_pem_private_key
     assert isinstance(openssl_rsa_key().private, relay_dkim.rsa.RSAPrivateKey)
     assert isinstance(pure_rsa_key().private, bytes)
 
@@ -153,7 +166,9 @@ def test_pure_path_is_dkimpys_own_code():
 def sign_both_ways(message: bytes, bits: int = 2048, when: int = PINNED_TIME):
     with (
         mock.patch("dkim.time.time", return_value=when),
-        mock.patch.object(relay_dkim, "_pure_rsa_sign", wraps=relay_dkim._pure_rsa_sign) as pure,
+        mock.patch.object(
+            dkimpy_patches, "_pure_rsa_sign", wraps=dkimpy_patches._pure_rsa_sign
+        ) as pure,
     ):
         fast = sign(message, [openssl_rsa_key(bits)], SPEC)
         assert pure.call_count == 0, "the key object must not fall back to dkimpy's RSA"
@@ -398,18 +413,18 @@ def test_relaxed_canonicalisation_survives_transit_changes(transit):
 
 
 def test_ed25519_key_is_derived_once_and_signs_like_dkimpy_alone():
-    # dkimpy builds a nacl SigningKey from the seed for every signature; relay/dkim.py hands
+    # dkimpy builds a nacl SigningKey from the seed for every signature; the patch hands
     # it a remembered one. Ed25519 is deterministic: the signature must not change.
     import nacl
 
     message = MESSAGES["typical"]
-    relay_dkim._ed25519_signing_key.cache_clear()
+    dkimpy_patches._ed25519_signing_key.cache_clear()
     with mock.patch("dkim.time.time", return_value=PINNED_TIME):
         cached = [sign(message, [ed_key()], SPEC) for _ in range(3)]
         with mock.patch.object(dkim, "nacl", nacl):  # dkimpy as shipped
             plain = sign(message, [ed_key()], SPEC)
     assert cached[0] == cached[1] == cached[2] == plain
-    info = relay_dkim._ed25519_signing_key.cache_info()
+    info = dkimpy_patches._ed25519_signing_key.cache_info()
     assert (info.misses, info.hits) == (1, 2)
     assert verify_all(plain + message) == [True]
 
@@ -431,21 +446,25 @@ _wire_bytes = st.binary(max_size=200) | st.lists(
 @settings(max_examples=3000, deadline=None)
 @given(content=_wire_bytes)
 def test_canonicalisation_shortcuts_equal_dkimpys_regexes(content):
-    assert relay_dkim._compress_whitespace(content) == relay_dkim._pure_compress_whitespace(content)
-    assert relay_dkim._strip_trailing_whitespace(
+    assert dkimpy_patches._compress_whitespace(content) == dkimpy_patches._pure_compress_whitespace(
         content
-    ) == relay_dkim._pure_strip_trailing_whitespace(content)
-    assert relay_dkim._unfold_header_value(content) == relay_dkim._pure_unfold_header_value(content)
+    )
+    assert dkimpy_patches._strip_trailing_whitespace(
+        content
+    ) == dkimpy_patches._pure_strip_trailing_whitespace(content)
+    assert dkimpy_patches._unfold_header_value(content) == dkimpy_patches._pure_unfold_header_value(
+        content
+    )
 
 
 def test_dkimpy_canonicalises_through_the_shortcuts():
     import dkim.canonicalization as canon
 
-    assert canon.compress_whitespace is relay_dkim._compress_whitespace
-    assert canon.strip_trailing_whitespace is relay_dkim._strip_trailing_whitespace
-    assert canon.unfold_header_value is relay_dkim._unfold_header_value
+    assert canon.compress_whitespace is dkimpy_patches._compress_whitespace
+    assert canon.strip_trailing_whitespace is dkimpy_patches._strip_trailing_whitespace
+    assert canon.unfold_header_value is dkimpy_patches._unfold_header_value
     # the originals are dkimpy's regex versions (what the property above compares against)
-    assert relay_dkim._pure_unfold_header_value(b"a\r\r\n\nb") == b"a\rb"
+    assert dkimpy_patches._pure_unfold_header_value(b"a\r\r\n\nb") == b"a\rb"
     assert canon.Relaxed.canonicalize_body(b"a  b \t\r\nc\t\r\n\r\n") == b"a b\r\nc\r\n"
     assert canon.Relaxed.canonicalize_headers([(b"Subject ", b" x \r\n\t y\r\n")]) == [
         (b"subject", b"x y\r\n")
@@ -473,16 +492,16 @@ def _parsed(parse, message: bytes):
 @settings(max_examples=3000, deadline=None)
 @given(message=_message_bytes)
 def test_header_split_shortcut_equals_dkimpys_rfc822_parse(message):
-    assert _parsed(relay_dkim._rfc822_parse, message) == _parsed(
-        relay_dkim._pure_rfc822_parse, message
+    assert _parsed(dkimpy_patches._rfc822_parse, message) == _parsed(
+        dkimpy_patches._pure_rfc822_parse, message
     )
 
 
 def test_dkimpy_parses_messages_through_the_shortcut():
-    assert dkim.rfc822_parse is relay_dkim._rfc822_parse
+    assert dkim.rfc822_parse is dkimpy_patches._rfc822_parse
     message = b"Subject: a\r\n b\r\nFrom: x@y\r\n\r\nline one\r\n\r\nline two\r\n"
-    headers, body = relay_dkim._rfc822_parse(message)
+    headers, body = dkimpy_patches._rfc822_parse(message)
     assert headers == [[b"Subject", b" a\r\n b\r\n"], [b"From", b" x@y\r\n"]]
     assert body == b"line one\r\n\r\nline two\r\n"
     # a bare LF in the body: dkimpy's own path, which rewrites it to CRLF
-    assert relay_dkim._rfc822_parse(b"A: b\r\n\r\nx\ny")[1] == b"x\r\ny"
+    assert dkimpy_patches._rfc822_parse(b"A: b\r\n\r\nx\ny")[1] == b"x\r\ny"

@@ -19,10 +19,15 @@ from relay.delivery.pipelining import (
     RepliesOutOfSequence,
     check_sequence,
     dot_stuffed,
-    install,
 )
+from tests.patching import patched
 
-install()
+
+@pytest.fixture(autouse=True, scope="module")
+def relay_patches():
+    with patched("aiosmtplib"):  # aiosmtplib.SMTP builds a PipeliningProtocol
+        yield
+
 
 EHLO = b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 

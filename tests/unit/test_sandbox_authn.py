@@ -1,6 +1,6 @@
 """sandbox/authn.py: SPF, DKIM and DMARC as the simulated receivers evaluate them.
 
-DNS is a dict here; the signatures are real ones made by the relay's signer (relay/dkim.py)
+DNS is a dict here; the signatures are real ones made by the relay's signer (relay/submission/dkim.py)
 and verified by dkimpy inside the sandbox, so a bad signature is a real bad signature.
 """
 
@@ -14,6 +14,7 @@ from relay.submission.dkim import generate_key, load_signing_key, sign, txt_reco
 from runbooks.loader import dkim_signing
 from sandbox.authn import authenticate, check_dkim, check_spf, header_from_domain
 from sandbox.lookup import Found
+from tests.patching import patched
 
 IP = "127.0.0.10"
 MESSAGE = (
@@ -58,7 +59,8 @@ def signed(data: bytes = MESSAGE, domain: str = "acme.example") -> bytes:
         load_signing_key(domain, "axrsa", "rsa", rsa.private_material),
         load_signing_key(domain, "axed", "ed25519", ed.private_material),
     ]
-    return sign(data, signing, dkim_signing().spec) + data
+    with patched("dkimpy"):  # signed as the relay signs; verified by dkimpy as published
+        return sign(data, signing, dkim_signing().spec) + data
 
 
 def key_records(domain: str = "acme.example") -> dict[tuple[str, str], list[str]]:

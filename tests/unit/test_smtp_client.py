@@ -1,4 +1,4 @@
-"""relay/smtp_client.py: the remembered and short-cut aiosmtplib helpers answer exactly as
+"""relay/patches/aiosmtplib.py: the remembered and short-cut aiosmtplib helpers answer exactly as
 aiosmtplib's own."""
 
 from __future__ import annotations
@@ -9,8 +9,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import relay.delivery.engine  # noqa: F401 (installs the shims)
 from relay.patches import aiosmtplib as smtp_client
+from tests.patching import patched
+
+
+@pytest.fixture(autouse=True, scope="module")
+def relay_patches():
+    with patched("aiosmtplib"):
+        yield
 
 
 def test_the_shims_are_what_aiosmtplib_calls():

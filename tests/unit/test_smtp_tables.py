@@ -1,4 +1,4 @@
-"""relay/smtp_tables.py: aiosmtpd builds the same method tables from the per-class cache."""
+"""relay/patches/aiosmtpd.py: aiosmtpd builds the same method tables from the per-class cache."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ import inspect
 from unittest import mock
 
 import aiosmtpd.smtp as aiosmtpd_smtp
+import pytest
 
 from relay.inbound.listener import InboundHandler
 from relay.patches import aiosmtpd as smtp_tables
 from relay.submission.server import SubmissionHandler, SubmissionSMTP
+from tests.patching import patched
+
+
+@pytest.fixture(autouse=True, scope="module")
+def relay_patches():
+    with patched("aiosmtpd"):
+        yield
 
 
 def tables(handler) -> dict:
@@ -52,7 +60,7 @@ def with_stdlib(handler) -> dict:
         return tables(handler)
 
 
-def test_installed_when_the_server_module_is_imported():
+def test_installed_by_install_and_idempotent():
     assert isinstance(aiosmtpd_smtp.inspect, smtp_tables._Inspect)
     smtp_tables.install()  # idempotent
     assert isinstance(aiosmtpd_smtp.inspect, smtp_tables._Inspect)
