@@ -77,7 +77,9 @@ def spooled_message(session: Session, queue_id: str) -> SpooledMessage:
 
 def _by_prefix(session: Session, typed: str, prefix: str) -> Message:
     if len(prefix) < MIN_PREFIX:
-        raise ServiceError(f"queue id {typed!r} not found")
+        raise ServiceError(
+            f"queue id {typed!r} not found (a prefix needs at least {MIN_PREFIX} characters)"
+        )
     matches = session.exec(
         select(Message).where(col(Message.id).startswith(prefix, autoescape=True)).limit(3)
     ).all()

@@ -1,0 +1,61 @@
+"""`axiom domain …`: sending domains, the DNS records to publish, activation by hand."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from axiom.cli.app import JsonFlag, admin, app, fail, out, print_json, settings
+from config.settings import ConfigError
+from protocol.domains import activate_domain, add_domain, domain_records
+from relay.submission.keystore import KeyBox
+
+domain_app = typer.Typer(no_args_is_help=True, help="Sending domains and their DNS records.")
+app.add_typer(domain_app, name="domain")
+
+
+@domain_app.command("add")
+def domain_add(tenant: str, domain: str) -> None:
+    """Add a sending domain (pending) with RSA-2048 and Ed25519 DKIM keys; print its records."""
+    try:
+        keybox = KeyBox(settings().load_secret_key())
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+    with admin() as session:
+        add_domain(session, keybox, tenant, domain)
+    out.print(f"domain [bold]{domain.lower()}[/bold] added (pending). Publish these records:")
+    domain_records_command(domain, json_output=False)
+
+
+@domain_app.command("records")
+def domain_records_command(domain: str, json_output: JsonFlag = False) -> None:
+    """The DNS records the customer must publish for DOMAIN."""
+    with admin() as session:
+        records = domain_records(session, domain, settings().hostname)
+    if json_output:
+        print_json([r.__dict__ for r in records])
+        return
+    # Zone-file lines rather than a table: the values are long and must be copied whole.
+    for r in records:
+        sys.stdout.write(f'; {r.purpose}\n{r.name}. IN {r.type} "{r.value}"\n')
+
+
+@domain_app.command("activate")
+def domain_activate(
+    domain: str,
+    operator: Annotated[
+        str,
+        typer.Option(
+            "--as",
+            help="A registered operator whose role may answer domain.activate "
+            "(runbooks/checkpoints.yaml).",
+        ),
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why it is activated by hand.")],
+) -> None:
+    """Activate DOMAIN by hand (audited). The onboarding runbook is the normal path."""
+    with admin() as session:
+        activate_domain(session, domain, operator, reason)
+    out.print(f"domain [bold]{domain.lower()}[/bold] is active; its DKIM keys now sign")

@@ -1,0 +1,125 @@
+"""The long-running processes and set-up: init, keygen, relay, deliver, up, flows serve.
+
+The relay, Prefect and the flows are imported inside their commands on purpose: Prefect takes
+over a second to import, and prometheus_client must not load before the relay has set
+PROMETHEUS_MULTIPROC_DIR; neither cost belongs to `axiom queue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import typer
+
+from axiom.cli.app import app, engine, fail, out, redact, settings
+from axiom.setup import initialise
+from config.settings import ConfigError
+from relay.submission.keystore import KeyBox
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+@app.command()
+def init() -> None:
+    """Create AXIOM_HOME, the secret key, a sandbox TLS certificate and the database schema."""
+    s = settings()
+    try:
+        initialise(s, say=lambda line: out.print(line, highlight=False))
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    out.print(f"database ready: {redact(s.db_url)}")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new AXIOM_SECRET_KEY."""
+    sys.stdout.write(KeyBox.generate().decode() + "\n")
+
+
+@app.command()
+def relay() -> None:
+    """Run the relay: submission listeners, spool writer and the HTTP endpoint."""
+    s = settings()
+    engine(s).dispose()  # an uninitialised home is one line here, not a traceback at start
+    metrics_dir = s.home / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    try:
+        KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+    from relay.service import run
+
+    try:
+        run(s)
+    except OSError as exc:
+        raise fail(f"cannot listen: {exc}", 2) from None
+
+
+@app.command()
+def control() -> None:
+    """Run the control plane's HTTP endpoint: Slack interactivity, /healthz, /metrics."""
+    s = settings()
+    engine(s).dispose()  # an uninitialised home is one line here, not a traceback at start
+    # Its counters are its own, never files in the relay's multiprocess metrics directory.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from axiom.control import run
+
+    try:
+        run(s)
+    except OSError as exc:
+        raise fail(f"cannot listen: {exc}", 2) from None
+
+
+@app.command()
+def deliver() -> None:
+    """Run only the delivery engine (no listeners): more delivery processes on one spool."""
+    s = settings()
+    engine(s).dispose()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from relay.service import deliver_only, run_event_loop
+
+    run_event_loop(s, deliver_only(s))
+
+
+@app.command()
+def up() -> None:
+    """Run the whole product: Prefect server + UI, sandbox world, relay, served flows."""
+    from axiom.up import StartupError, run
+
+    s = settings()
+    try:
+        code = run(s, out)
+    except StartupError as exc:
+        raise fail(str(exc), 1) from None
+    raise typer.Exit(code)
+
+
+flows_app = typer.Typer(no_args_is_help=True, help="The Protocol's Prefect flows.")
+app.add_typer(flows_app, name="flows")
+
+
+@flows_app.command("serve")
+def flows_serve() -> None:
+    """Register every runbook's deployment with Prefect and run them (what `axiom up` starts)."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    from flows.deployments import deployments
+
+    runner = Runner(pause_on_shutdown=False)
+    served = deployments()
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(d.name for d in served) or "none"
+    sys.stdout.write(f"flows ready: {len(served)} deployment(s): {names}\n")
+    sys.stdout.flush()
+    asyncio.run(runner.start())

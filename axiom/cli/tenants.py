@@ -1,0 +1,47 @@
+"""`axiom tenant …` and `axiom credential …`: customers and how they authenticate."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from axiom.cli.app import admin, app, err, out
+from protocol.tenants import add_credential, add_network, add_tenant
+
+tenant_app = typer.Typer(no_args_is_help=True, help="Customers.")
+credential_app = typer.Typer(
+    no_args_is_help=True, help="SMTP credentials and bound client networks."
+)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(credential_app, name="credential")
+
+
+@tenant_app.command("add")
+def tenant_add(
+    name: str,
+    language: Annotated[
+        str, typer.Option(help="Language of customer-facing texts: it or en.")
+    ] = "it",
+) -> None:
+    """Add a customer."""
+    with admin() as session:
+        add_tenant(session, name, language)
+    out.print(f"tenant [bold]{name}[/bold] added")
+
+
+@credential_app.command("add")
+def credential_add(tenant: str, username: str) -> None:
+    """Create an SMTP credential; the password is printed once and stored only as a hash."""
+    with admin() as session:
+        password = add_credential(session, tenant, username)
+    out.print(f"username: {username}\npassword: {password}", highlight=False)
+    err.print("[yellow]The password is shown only once.[/yellow]")
+
+
+@credential_app.command("add-network")
+def credential_add_network(tenant: str, cidr: str) -> None:
+    """Let connections from CIDR act as TENANT without AUTH (like Postfix's mynetworks)."""
+    with admin() as session:
+        bound = add_network(session, tenant, cidr)
+    out.print(f"{bound.cidr} now submits as tenant [bold]{tenant}[/bold]")
