@@ -224,7 +224,8 @@ def parts(settings: Settings) -> list[Part]:
             probe_url=f"http://{prefect_host}:{prefect_port}/api/health",
             timeout=120,
         ),
-        Part("sandbox", [axiom, "sandbox", "run"], env, ready_line="sandbox ready"),
+        # python -m sandbox: the world's process imports no relay code (sandbox/__main__.py)
+        Part("sandbox", [sys.executable, "-m", "sandbox", "run"], env, ready_line="sandbox ready"),
         Part(
             "relay",
             [axiom, "relay"],

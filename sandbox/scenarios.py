@@ -295,7 +295,7 @@ class ScenarioRunner:
         await asyncio.sleep(1.0)
 
     async def _setup_broken_dkim(self) -> None:
-        from relay.submission.dkim import generate_key, txt_record_value
+        from sandbox.published import dkim_txt_value
 
         await self._set_reputation(ESTABLISHED)
         domain = self.credentials.domain.lower()
@@ -304,8 +304,8 @@ class ScenarioRunner:
             raise ScenarioError(f"domain {domain} has no DKIM keys in the database")
         for selector, algorithm in selectors:
             name = f"{selector}._domainkey.{domain}"
-            other = await asyncio.to_thread(generate_key, algorithm, 2048)
-            value = txt_record_value(algorithm, other.public_value)
+            other = await asyncio.to_thread(unrelated_public_key, algorithm)
+            value = dkim_txt_value(algorithm, other)
             await asyncio.to_thread(
                 self.state.override, name, "TXT", [value], "scenario broken-dkim"
             )
@@ -623,3 +623,19 @@ def scenario_names() -> list[str]:
 
 def mail_dir(settings: Settings) -> Path:
     return settings.home / "sandbox" / "mail"
+
+
+def unrelated_public_key(algorithm: str) -> str:
+    """A p= value for a fresh key pair of the algorithm: a key the relay does not hold."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if algorithm == "ed25519":
+        raw = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        return base64.b64encode(raw).decode()
+    der = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return base64.b64encode(der).decode()

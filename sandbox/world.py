@@ -10,7 +10,9 @@ their DKIM keys) every few seconds to publish matching DNS, and the state file u
 AXIOM_HOME/sandbox/ (listings, overrides, knobs, requests) whenever it changes; it writes back
 the IPs' standings, every answer its MX servers gave and the complaint reports it sent.
 Nothing here is imported by the relay: the relay reaches this world through its settings
-only (`relay_environment`).
+only (`relay_environment`). Nor does the world import the relay or the control plane: it
+builds the records it publishes from the database rows (sandbox/published.py) and verifies
+DKIM with dkimpy as published, never through the relay's patches (relay/patches).
 """
 
 from __future__ import annotations
@@ -282,9 +284,9 @@ class SandboxWorld:
         from sqlalchemy.exc import SQLAlchemyError
         from sqlmodel import Session, select
 
-        from models import Domain, IpAddress
-        from protocol.domains import domain_records
+        from models import IpAddress
         from sandbox.database import reader
+        from sandbox.published import published_records
 
         url = self.settings.db_url
         if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).exists():
@@ -294,13 +296,7 @@ class SandboxWorld:
         try:
             with Session(self._engine) as session:
                 ips = {ip.address: ip.ptr_name for ip in session.exec(select(IpAddress)).all()}
-                domains = {
-                    d.name: [
-                        (r.name, r.type, r.value)
-                        for r in domain_records(session, d.name, self.settings.hostname)
-                    ]
-                    for d in session.exec(select(Domain)).all()
-                }
+                domains = published_records(session, self.settings.hostname)
         except SQLAlchemyError as exc:
             log.debug("database not readable yet: %s", exc)
             return None

@@ -43,7 +43,7 @@ class CustomerRecords:
     relay_hostname: str
     source_ips: Mapping[str, str | None] = field(default_factory=dict)  # address -> PTR name
     domains: Mapping[str, list[tuple[str, str, str]]] = field(default_factory=dict)
-    # domain -> [(name, type, value)] as axiom.admin.domain_records gives them
+    # domain -> [(name, type, value)] as sandbox.published.published_records reads them
 
 
 def mx_addresses(behaviour: Behaviour, network: str) -> dict[str, str]:
