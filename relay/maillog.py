@@ -1,9 +1,10 @@
 """One log line per mail event an operator greps for: auth, rejected, queued, send_attempt.
 
 After chasquid's internal/maillog: each line names the event, then key=value fields (client,
-user, id, from, to, reply...), on the logger "axiom.maillog" at INFO, e.g.
+tenant, user, id, from, to, reply...), on the logger "axiom.maillog" at INFO, e.g.
 
-    rejected client=127.0.0.1 user=acme-1 from=shop@acme.example to=bob@example.org
+    rejected client=127.0.0.1 tenant=acme user=acme-1 command=RCPT from=shop@acme.example
+    to=bob@example.org
     reply="550 5.7.1 Recipient bob@example.org is on your suppression list: bounced"
 
 (one line). A value is written as is when it is a plain token, otherwise as a JSON string:
@@ -64,6 +65,7 @@ def rejected(
     client: str,
     reply: str,
     *,
+    tenant: str | None = None,
     user: str | None = None,
     command: str | None = None,
     sender: str | None = None,
@@ -76,6 +78,7 @@ def rejected(
             line(
                 "rejected",
                 ("client", client),
+                ("tenant", tenant),
                 ("user", user),
                 ("command", command),
                 ("from", sender),
@@ -86,7 +89,13 @@ def rejected(
 
 
 def queued(
-    client: str, queue_id: str, sender: str, recipients: Iterable[str], user: str | None = None
+    client: str,
+    queue_id: str,
+    sender: str,
+    recipients: Iterable[str],
+    *,
+    tenant: str | None = None,
+    user: str | None = None,
 ) -> None:
     """A message accepted: committed to the spool and answered 250."""
     if log.isEnabledFor(logging.INFO):
@@ -94,6 +103,7 @@ def queued(
             line(
                 "queued",
                 ("client", client),
+                ("tenant", tenant),
                 ("user", user),
                 ("id", queue_id),
                 ("from", sender),

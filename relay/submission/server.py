@@ -207,6 +207,7 @@ class SubmissionSMTP(SMTP):
         maillog.rejected(
             _client_ip(session) if session is not None else "",
             reply,
+            tenant=principal.tenant_name if isinstance(principal, Principal) else None,
             user=principal.username if isinstance(principal, Principal) else None,
             command=verb,
             sender=sender,
@@ -562,7 +563,12 @@ class SubmissionHandler:
         self.ctx.metrics.spool_latency.observe(asyncio.get_running_loop().time() - started)
         self.ctx.metrics.accepted.inc()
         maillog.queued(
-            entry.client_address, queue_id, entry.mail_from, entry.recipients, principal.username
+            entry.client_address,
+            queue_id,
+            entry.mail_from,
+            entry.recipients,
+            tenant=principal.tenant_name,
+            user=principal.username,
         )
         return replies.QUEUED.format(queue_id=queue_id)
 

@@ -30,10 +30,11 @@ def test_plain_values_are_written_as_they_are(records):
         "01J0000000000000000000000A",
         "shop@acme.example",
         ["a@x.org", "b@y.org"],
+        tenant="acme",
         user="acme-1",
     )
     assert _messages(records) == [
-        "queued client=127.0.0.1 user=acme-1 id=01J0000000000000000000000A "
+        "queued client=127.0.0.1 tenant=acme user=acme-1 id=01J0000000000000000000000A "
         "from=shop@acme.example to=a@x.org,b@y.org"
     ]
 
@@ -42,13 +43,14 @@ def test_a_refused_recipient(records):
     maillog.rejected(
         "127.0.0.1",
         "550 5.7.1 Recipient bob@example.org is on your suppression list: bounced",
+        tenant="acme",
         user="acme-1",
         command="RCPT",
         sender="shop@acme.example",
         recipients=["bob@example.org"],
     )
     assert _messages(records) == [
-        "rejected client=127.0.0.1 user=acme-1 command=RCPT from=shop@acme.example "
+        "rejected client=127.0.0.1 tenant=acme user=acme-1 command=RCPT from=shop@acme.example "
         'to=bob@example.org reply="550 5.7.1 Recipient bob@example.org is on your suppression '
         'list: bounced"'
     ]
