@@ -26,9 +26,16 @@ def tenant(axiom_home) -> Tenant:
     return seed_tenant(axiom_home, "acme", "acme.test")
 
 
-def start_customer(relay: RelayProcess, username: str, password: str) -> PostfixInstance:
+def start_customer(
+    relay: RelayProcess, username: str, password: str, **main_cf: object
+) -> PostfixInstance:
     return customer_mta(
-        relay.submission[1], username, password, name="customer", hostname=CUSTOMER_HOST
+        relay.submission[1],
+        username,
+        password,
+        name="customer",
+        hostname=CUSTOMER_HOST,
+        main_cf=main_cf,
     ).start()
 
 
@@ -135,3 +142,45 @@ def test_customer_postfix_with_a_wrong_password_keeps_the_mail(relay, axiom_home
     finally:
         customer.stop()
     assert spool_count(axiom_home) == 0
+
+
+def test_customer_postfix_pipelines_through_axiom(relay, axiom_home, tenant):
+    # debug_peer_list makes Postfix's SMTP client log each command it writes ("> ...") and
+    # each reply line it reads ("< ..."). Command by command they alternate; pipelined
+    # (RFC 2920), MAIL, every RCPT and DATA are written before the first of their replies.
+    customer = start_customer(relay, tenant.username, tenant.password, debug_peer_list="127.0.0.1")
+    try:
+        postfix_id = customer.submit(
+            "billing@acme.test", ["alice@example.org", "bob@example.net"], invoice("<p@acme.test>")
+        )
+        queue_id = relayed_queue_id(customer, postfix_id, "alice@example.org")
+        log = customer.log()
+    finally:
+        customer.stop()
+    peer = r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+"
+    dialog = [
+        (m.group(1), m.group(2))
+        for m in re.finditer(rf"postfix/smtp\[\d+\]: ([<>]) {peer}: (.*)", log)
+    ]
+    # The EHLO answer after STARTTLS, which is the one Postfix acts on (RFC 3207 4.2).
+    starttls = dialog.index((">", "STARTTLS"))
+    after_tls = [text for way, text in dialog[starttls:] if way == "<"]
+    assert "250-PIPELINING" in after_tls and "250-ENHANCEDSTATUSCODES" in after_tls, after_tls
+    mail = next(i for i, (way, text) in enumerate(dialog) if text.startswith("MAIL FROM:"))
+    group = dialog[mail : mail + 8]
+    assert [way for way, _ in group] == [">", ">", ">", ">", "<", "<", "<", "<"], group
+    assert [text.split(":")[0] for _, text in group[:4]] == [
+        "MAIL FROM",
+        "RCPT TO",
+        "RCPT TO",
+        "DATA",
+    ]
+    assert [text for _, text in group[4:]] == [
+        "250 2.1.0 Sender OK",
+        "250 2.1.5 Recipient OK",
+        "250 2.1.5 Recipient OK",
+        "354 End data with <CR><LF>.<CR><LF>",
+    ]
+    message, recipients = wait_spooled(axiom_home, queue_id)
+    assert message is not None
+    assert sorted(r.address for r in recipients) == ["alice@example.org", "bob@example.net"]
