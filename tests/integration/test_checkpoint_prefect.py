@@ -1,7 +1,7 @@
 """Checkpoints against a real Prefect server: every answer path, expiry and refusals, end to end.
 
 A flow run reaches its checkpoint and pauses; the fake Slack receives the request; an answer
-arrives by a signed Slack click (through the relay's HTTP app on loopback), by `axiom approve`
+arrives by a signed Slack click (through the control process's HTTP app on loopback), by `axiom approve`
 (a real CLI process), or by the Prefect resume form; the run wakes, acts only on the recorded
 decision, and the audit chain verifies.
 """
@@ -29,18 +29,19 @@ from prefect.settings import (
     temporary_settings,
 )
 from prefect.testing.utilities import prefect_test_harness
+from prometheus_client import CollectorRegistry
 from sqlmodel import col, select
 
+from axiom.control import build_app
 from config.settings import load_settings
+from flows import resources
 from flows.checkpoint import request_approval
 from flows.suspend_stream import HOLD_POOL, suspend_stream
 from models import Approval, AuditEntry, IpPool, Stream
 from models.audit_trail import verify
 from models.db import make_engine, migrate, session_scope
-from notifications.interactivity import routes
 from protocol import egress, operators, tenants
 from protocol.approvals import PrefectResumer
-from relay.http import build_app
 from tests.conftest import VENV_BIN, free_port
 from tests.fakes.slack import FakeSlack, button_click, sign
 
@@ -61,7 +62,8 @@ def prefect_api():
 
 
 class Stack:
-    """One Axiom home: database, fake Slack, the relay's HTTP app, settings in the environment."""
+    """One Axiom home: database, fake Slack, the control process's HTTP app, settings in the
+    environment (and the flows' process-wide settings and engine read afresh from them)."""
 
     def __init__(self, tmp_path, prefect_api: str, monkeypatch):
         self.db_url = f"sqlite:///{tmp_path / 'axiom.db'}"
@@ -82,6 +84,7 @@ class Stack:
         }
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
+        resources.forget()  # flows run in this process's threads: this test's home from now on
         with session_scope(self.engine) as s:
             egress.ensure_default_pool(s)
             tenants.add_tenant(s, "acme")
@@ -89,19 +92,20 @@ class Stack:
             operators.add_operator(s, "carol", [], "U0CAROL")
             s.commit()
         self.http_port = free_port()
-        app = build_app(_healthy, routes(load_settings(), self.engine))
+        app, _ = build_app(load_settings(), self.engine, CollectorRegistry())
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.http_port, log_level="warning")
         )
         self.server_thread = threading.Thread(target=self.server.run, daemon=True)
         self.server_thread.start()
-        _wait(lambda: _port_open(self.http_port), "relay HTTP endpoint")
+        _wait(lambda: _port_open(self.http_port), "control HTTP endpoint")
 
     def close(self) -> None:
         self.server.should_exit = True
         self.server_thread.join(10)
         self.slack.close()
         self.engine.dispose()
+        resources.forget()
 
     # ------------------------------------------------------------ driving
     def pending_approval(self, subject: str) -> Approval:
@@ -182,7 +186,12 @@ def probe(ttl_seconds: float | None = None) -> dict:
     """A minimal runbook: one checkpoint, returns the decision it was allowed to act on."""
     ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else None
     decision = request_approval(
-        "stream.suspend", "stream:acme/probe", {"action": "probe"}, {"why": "test"}, ttl=ttl
+        "stream.suspend",
+        "stream:acme/probe",
+        {"action": "probe"},
+        {"why": "test"},
+        ttl=ttl,
+        settings=resources.settings(),
     )
     return asdict(decision)
 
@@ -203,7 +212,9 @@ def resume_by_hand(flow_run_id: str, run_input: dict) -> str:
 
 
 # ---------------------------------------------------------------- answer paths
-def test_slack_click_resumes_the_run_which_holds_the_stream(stack):
+def test_slack_click_resumes_the_run_which_holds_the_stream(stack, monkeypatch):
+    made = []
+    monkeypatch.setattr(resources, "make_engine", lambda url: made.append(url) or make_engine(url))
     run = Run(suspend_stream, tenant="acme", stream="marketing", reason="spam-trap hits")
     approval = stack.pending_approval("stream:acme/marketing")
     (posted,) = stack.slack.wait_for("chat.postMessage")
@@ -236,6 +247,8 @@ def test_slack_click_resumes_the_run_which_holds_the_stream(stack):
     assert stack.audit()[-1].evidence["approved_by"] == "alice"
     assert stack.chain_verifies()
     assert run_state(approval.flow_run_id) == "COMPLETED"
+    # Both tasks, the checkpoint and its Slack and expiry threads shared one engine.
+    assert made == [stack.db_url]
 
 
 def test_cli_reject_resumes_the_run_which_changes_nothing(stack):
@@ -367,10 +380,6 @@ def test_a_flaky_slack_gets_the_message_after_retries_and_the_click_works(stack)
 
 
 # ---------------------------------------------------------------- helpers
-async def _healthy():
-    return True, {}
-
-
 def _port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
