@@ -21,6 +21,7 @@ LIMITS = {
     "AXIOM_MAX_MESSAGE_SIZE": "4096",
     "AXIOM_MAX_HEADER_FIELDS": "20",
     "AXIOM_MAX_HEADER_FIELD_BYTES": "1000",
+    "AXIOM_MAX_SESSION_ERRORS": "3",
 }
 
 
@@ -160,4 +161,17 @@ def test_header_count_and_size(limited):
         b"From: shop@acme.example\r\nX-Long: " + b"\r\n ".join([b"y" * 60] * 20) + b"\r\n\r\nhi\r\n"
     )
     assert _send(client, folded) == "552 5.3.4 A header field is too large (limit 1000 octets)"
+    client.close()
+
+
+def test_errors_per_session(limited):
+    # The default (20) and the reset by an accepted message: tests/integration/
+    # test_session_errors.py. Here: the setting is what the relay applies.
+    client = Client(limited)
+    client.reply()
+    assert client.cmd("EHLO client.test").startswith("250")
+    replies = [client.cmd("RCPT TO:<bob@example.org>") for _ in range(4)]
+    assert replies[:3] == ["503 5.5.1 Need MAIL command first"] * 3
+    assert replies[3] == "421 4.7.0 Too many errors, closing connection"
+    assert client.reply() == "<closed>"
     client.close()
