@@ -2,8 +2,10 @@
 
 Starts, in order, each probed for health before the next: the Prefect server (UI + API),
 the sandbox world (simulated receivers and DNS), the relay (submission + delivery + HTTP),
-and the served Protocol flows. Prints where everything is once all are ready, writes
-AXIOM_HOME/up.json for scripts, and stops everything on Ctrl-C/SIGTERM or when any part dies.
+the control process (Slack interactivity, axiom/control.py) and the served Protocol flows.
+Prints where everything is once all are ready — and how to put `axiom` on PATH when it is
+not — writes AXIOM_HOME/up.json for scripts, and stops everything on Ctrl-C/SIGTERM or when
+any part dies.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +210,7 @@ def parts(settings: Settings) -> list[Part]:
     env = child_env(settings)
     prefect_host, prefect_port = split_host_port(settings.prefect_listen)
     http_host, http_port = split_host_port(settings.http_listen)
+    control_host, control_port = split_host_port(settings.control_listen)
     axiom = str(BIN / "axiom")
     return [
         Part(
@@ -233,6 +237,13 @@ def parts(settings: Settings) -> list[Part]:
             ready_line="axiom relay ready",
             probe_url=f"http://{http_host}:{http_port}/healthz",
         ),
+        Part(
+            "control",
+            [axiom, "control"],
+            env,
+            ready_line="axiom control ready",
+            probe_url=f"http://{control_host}:{control_port}/healthz",
+        ),
         Part("flows", [axiom, "flows", "serve"], env, ready_line="flows ready", timeout=120),
     ]
 
@@ -248,6 +259,8 @@ def banner(settings: Settings, demo: dict) -> dict:
         "inbound": settings.inbound_listen,  # bounces and complaint reports; None: off
         "feedback_address": settings.feedback_mailbox,
         "http": f"http://{settings.http_listen}",
+        "control": f"http://{settings.control_listen}",
+        "slack_interactivity": f"http://{settings.control_listen}/slack/interactivity",
         "prefect_ui": f"http://{prefect_host}:{prefect_port}",
         "prefect_api": f"http://{prefect_host}:{prefect_port}/api",
         "sandbox_dns": settings.sandbox_dns_listen,
@@ -263,8 +276,17 @@ def banner(settings: Settings, demo: dict) -> dict:
         ),
         "pid": os.getpid(),
         "approvals": approval_channels(settings),
+        "path": path_hint(),
     }
     return info
+
+
+def path_hint(search_path: str | None = None) -> str | None:
+    """The line that puts this install's `axiom` on PATH; None when `axiom` already is it."""
+    found = shutil.which("axiom", path=search_path)
+    if found and Path(found).resolve() == (BIN / "axiom").resolve():
+        return None
+    return f'export PATH="{BIN}:$PATH"'
 
 
 def run(settings: Settings, console: Console) -> int:
@@ -336,8 +358,10 @@ def _print_banner(console: Console, info: dict) -> None:
         f"  Prefect UI   {info['prefect_ui']}\n"
         f"  {info['approvals']}\n"
         f"  health       {info['http']}/healthz   metrics {info['http']}/metrics\n"
+        f"  control      {info['control']}: /slack/interactivity, /healthz, /metrics\n"
         f"  send one:    {info['swaks']}\n"
-        "  stop:        Ctrl-C",
+        + (f"  PATH:        {info['path']}\n" if info["path"] else "")
+        + "  stop:        Ctrl-C",
         highlight=False,
         soft_wrap=True,
     )

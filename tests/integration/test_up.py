@@ -32,12 +32,16 @@ def _env(home: Path, db_url: str) -> dict[str, str]:
         AXIOM_SUBMISSION_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SUBMISSION_TLS_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_HTTP_LISTEN=f"127.0.0.1:{free_port()}",
+        AXIOM_CONTROL_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_INBOUND_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_PREFECT_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SANDBOX_DNS_LISTEN=f"127.0.0.1:{free_port()}",
         AXIOM_SANDBOX_MX_NETWORK=net,
         AXIOM_DELIVERY_PORT=str(free_port()),
-        PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        # A fresh shell, as a newcomer has it: the venv's bin is not on PATH.
+        PATH=":".join(
+            p for p in os.environ.get("PATH", "").split(":") if p and Path(p) != VENV_BIN
+        ),
     )
     return env
 
@@ -87,7 +91,15 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, db_url):
         _wait_for(log, "Axiom Send is ready", up, timeout=240)
         info = json.loads((home / "up.json").read_text())
         children = _descendants(up.pid)
-        assert len(children) >= 4  # prefect, sandbox, relay, flows (and their helpers)
+        assert len(children) >= 5  # prefect, sandbox, relay, control, flows (and helpers)
+
+        # The banner says where the control process is and how to get `axiom` on PATH.
+        banner = log.read_text()
+        assert f"control      http://{env['AXIOM_CONTROL_LISTEN']}: /slack/interactivity" in banner
+        assert f'  PATH:        export PATH="{VENV_BIN}:$PATH"' in banner
+        assert info["control"] == f"http://{env['AXIOM_CONTROL_LISTEN']}"
+        with urllib.request.urlopen(f"{info['control']}/healthz", timeout=5) as resp:
+            assert resp.status == 200
 
         # A second `axiom up` on the same home refuses instead of corrupting state.
         second = subprocess.run(
@@ -114,9 +126,16 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, db_url):
         text = delivered.read_text(errors="replace")
         assert f"dkim=pass header.d={info['domain']}" in text
         assert text.count("dkim=pass") == 2  # RSA and Ed25519
+        # The simulated MX writes the message before the relay has read its 250 and committed
+        # the attempt: wait for the row rather than race it.
         engine = make_engine(db_url)
-        with Session(engine) as s:
-            events = s.exec(select(DeliveryEvent)).all()
+        deadline = time.monotonic() + 30
+        while True:
+            with Session(engine) as s:
+                events = s.exec(select(DeliveryEvent)).all()
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
         engine.dispose()
         assert [(e.category, e.provider) for e in events] == [("delivered", "google")]
     finally:
@@ -149,3 +168,10 @@ def test_a_part_that_fails_stops_the_rest_with_the_reason(tmp_path, db_url):
         h, p = listen.split(":")
         with socket.socket() as probe:
             assert probe.connect_ex((h, int(p))) != 0, f"{listen} still listening"
+
+
+def test_the_path_line_is_printed_only_when_axiom_is_not_on_path():
+    from axiom.up import path_hint
+
+    assert path_hint(str(VENV_BIN)) is None
+    assert path_hint("/usr/bin:/bin") == f'export PATH="{VENV_BIN}:$PATH"'
