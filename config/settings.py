@@ -105,17 +105,29 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    environment: Literal["sandbox", "production"] = "sandbox"
-    home: Path = Path("./var")
+    environment: Literal["sandbox", "production"] = Field(
+        default="sandbox",
+        description="production refuses generated and placeholder secrets and the sandbox world",
+    )
+    home: Path = Field(
+        default=Path("./var"),
+        description="State directory: database, secret key, TLS files, logs; `axiom init` makes it",
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite file under AXIOM_HOME"
     )
     hostname: str = Field(
         default="relay.axiom.test", description="Name in the banner and Received header"
     )
-    submission_listen: HostPort = "127.0.0.1:2525"
-    submission_tls_listen: HostPort = "127.0.0.1:2465"
-    http_listen: HostPort = "127.0.0.1:8025"
+    submission_listen: HostPort = Field(
+        default="127.0.0.1:2525", description="Submission with STARTTLS (587 in production)"
+    )
+    submission_tls_listen: HostPort = Field(
+        default="127.0.0.1:2465", description="Submission with implicit TLS (465 in production)"
+    )
+    http_listen: HostPort = Field(
+        default="127.0.0.1:8025", description="The relay's /healthz and /metrics (Prometheus)"
+    )
     control_listen: HostPort = Field(
         default="127.0.0.1:8026",
         description="The control process (`axiom control`): POST /slack/interactivity, "
@@ -146,38 +158,80 @@ class Settings(BaseSettings):
     sandbox_demo_domain: str = Field(
         default="demo.axiom.test", description="The demo tenant's sending domain in sandbox mode"
     )
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(
+        default=None,
+        description="Listener certificate (TLS 1.2+, AEAD suites only); default "
+        "AXIOM_HOME/tls/cert.pem, self-signed by `axiom init` in sandbox",
+    )
+    tls_key: Path | None = Field(
+        default=None, description="Its private key; default AXIOM_HOME/tls/key.pem"
+    )
     secret_key: str | None = Field(
         default=None,
         description="Fernet key encrypting DKIM private keys and keying the credential cache; "
         "default: AXIOM_HOME/secret.key written by `axiom init`",
     )
-    relay_processes: int = Field(default=1, ge=1, le=64)
+    relay_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Relay processes in all. 1: one listens and delivers. N > 1: N-1 listener "
+        "processes share the ports (SO_REUSEPORT) and the main one delivers and serves HTTP; "
+        "on 2 cores 3 is fastest",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
         description="The relay's event loop: uvloop (libuv; about a third less CPU per message "
         "in bench/submission.py) or the standard library's asyncio",
     )
-    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
-    max_recipients: int = Field(default=100, ge=1)
-    auth_max_failures: int = Field(default=5, ge=1)
-    auth_failure_window_seconds: int = Field(default=300, ge=1)
-    auth_lockout_seconds: int = Field(default=900, ge=1)
-    max_connections_per_client: int = Field(default=20, ge=1)
-    max_commands_per_session: int = Field(default=1000, ge=10, description="per SMTP verb")
-    session_idle_timeout_seconds: int = Field(default=300, ge=5)
-    session_max_seconds: int = Field(default=1800, ge=10)
+    max_message_size: int = Field(
+        default=25 * 1024 * 1024, ge=1024, description="Bytes: the SIZE and DATA limit (552 5.3.4)"
+    )
+    max_recipients: int = Field(default=100, ge=1, description="Per message (452 4.5.3)")
+    auth_max_failures: int = Field(
+        default=5, ge=1, description="AUTH failures per client address before a lockout (421 4.7.0)"
+    )
+    auth_failure_window_seconds: int = Field(
+        default=300, ge=1, description="The window those failures are counted in"
+    )
+    auth_lockout_seconds: int = Field(
+        default=900, ge=1, description="How long the address is locked out (audited)"
+    )
+    max_connections_per_client: int = Field(
+        default=20, ge=1, description="Open connections per client address (421 4.7.0)"
+    )
+    max_commands_per_session: int = Field(
+        default=1000, ge=10, description="Commands per SMTP verb and session (421 4.7.0)"
+    )
+    session_idle_timeout_seconds: int = Field(
+        default=300, ge=5, description="Silence before 421 4.4.2 and close"
+    )
+    session_max_seconds: int = Field(
+        default=1800, ge=10, description="Whole-session limit, so a slowloris client is dropped"
+    )
     max_session_errors: int = Field(
         default=20,
         ge=1,
         description="Error replies (4xx/5xx) an SMTP session may get before it is closed with "
         "421 (Postfix's smtpd_hard_error_limit); an accepted message resets the count",
     )
-    max_header_fields: int = Field(default=1000, ge=10)
-    max_header_field_bytes: int = Field(default=102_400, ge=1000)
-    credential_cache_seconds: int = Field(default=60, ge=0, le=3600)
-    spool_batch_max: int = Field(default=256, ge=1)
+    max_header_fields: int = Field(
+        default=1000, ge=10, description="Header fields per message (552 5.3.4)"
+    )
+    max_header_field_bytes: int = Field(
+        default=102_400,
+        ge=1000,
+        description="Bytes per header field (552 5.3.4); Postfix's header_size_limit",
+    )
+    credential_cache_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="Verified credentials are cached under HMAC(secret, user+password)",
+    )
+    spool_batch_max: int = Field(
+        default=256, ge=1, description="Messages committed to the spool in one transaction at most"
+    )
     dns_nameservers: Nameservers = Field(
         default=(), description="Comma list of IP[:PORT] resolvers; empty: the system resolver"
     )
