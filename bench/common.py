@@ -290,10 +290,6 @@ class DeliveringRelay(AxiomRelay):
     def db_url(self) -> str:
         return self.extra_env.get("AXIOM_DATABASE_URL") or f"sqlite:///{self.home / 'axiom.db'}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
 
 class SpoolProbe:
     """Read-only questions about a relay's spool while it runs (SQLite WAL readers do not

@@ -159,7 +159,7 @@ def measure_backend(backend: str, args, stack: ExitStack) -> dict:
     last_print = time.monotonic()
     while time.monotonic() - started < args.seconds:
         time.sleep(args.interval)
-        if relay._proc is None or relay._proc.poll() is not None:
+        if not relay.running:
             raise RuntimeError(f"axiom relay exited:\n{relay.log.read_text()[-3000:]}")
         samples.append(sample_rss(relay.pid, started))
         if time.monotonic() - last_print >= 10:

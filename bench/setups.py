@@ -1,9 +1,9 @@
 """The systems under test and the load generator, for bench/submission.py.
 
-Postfix instances come from testbed/postfix.py (one implementation of a private Postfix);
-this module adds what only the benchmark needs: an `axiom relay` on a fresh AXIOM_HOME
-provisioned through the CLI, an OpenDKIM milter, smtp-source runs, and CPU accounting per
-process group read from /proc.
+Postfix instances come from testbed/postfix.py (one implementation of a private Postfix) and
+the axiom process wrapper from testbed/axiom.py; this module adds what only the benchmark
+needs: an `axiom relay` on a fresh AXIOM_HOME provisioned through the CLI, an OpenDKIM milter,
+smtp-source runs, and CPU accounting per process group read from /proc.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,9 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.axiom import VENV_BIN, AxiomProcess, answers, log_says
 from testbed.postfix import PostfixError, free_port
 
-VENV_BIN = Path(sys.executable).parent
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -191,8 +190,8 @@ class AxiomRelay:
         self.http_port = free_port()
         self.username = f"{tenant}-app"
         self.password = ""
-        self._proc: subprocess.Popen | None = None
         self.log = self.home / "relay.log"
+        self.process: AxiomProcess | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -245,45 +244,34 @@ class AxiomRelay:
         self.password = match.group(1)
 
     def start(self, timeout: float = 60) -> AxiomRelay:
-        logf = open(self.log, "ab")  # noqa: SIM115 (the child keeps it)
-        try:
-            self._proc = subprocess.Popen(
-                self.command,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its listener children share the group
-                cwd=self.code,
-            )
-        finally:
-            logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"axiom relay exited:\n{self.log.read_text()}")
-            # the parent says "ready" once every listener process listens
-            if b"axiom relay ready" in self.log.read_bytes():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"axiom relay not ready in {timeout}s:\n{self.log.read_text()}")
+        # the parent says "ready" once every listener process listens
+        self.process = AxiomProcess(
+            ["relay"],
+            self.env,
+            self.log,
+            ready=lambda p: log_says(b"axiom relay ready")(p) and answers(("127.0.0.1", self.port)),
+            command=self.command,
+            cwd=self.code,
+        ).start(timeout)
+        return self
 
     @property
     def pgid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        assert self.process is not None
+        return self.process.pgid
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.wait()
-        self._proc = None
+        if self.process is not None:
+            self.process.stop(timeout=20)
+            self.process = None
 
     def remove(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

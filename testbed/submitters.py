@@ -4,7 +4,7 @@ Each message carries a unique X-Test-Seq marker and Message-ID, so what a spool 
 receiver got can be traced back to the attempt that sent it and to the reply that attempt got.
 A client submits until told to stop, until its deadline, or until the ledger's budget of
 messages is spent (every load loop is bounded in count and time). Used by the kill -9
-durability test and by the fault matrix (bench/reliability.py).
+durability test and by the fault matrix (testbed/faults.py).
 
 Outcomes: "queued" (250 with a queue id), "refused" (the server answered DATA, or the DATA
 command, with anything else), "unknown" (DATA was sent and no reply came: the connection died;
@@ -284,7 +284,7 @@ def seed_clients(home, prefix: str, bound_source: str = "127.0.0.2"):
     STARTTLS + AUTH, PREFIXnet (PREFIX-net.example) from bound_source without either."""
     from models.db import make_engine, session_scope
     from protocol import tenants
-    from tests.conftest import seed_tenant
+    from testbed.axiom import seed_tenant
 
     authed = seed_tenant(home, f"{prefix}auth", f"{prefix}-auth.example")
     bound = seed_tenant(home, f"{prefix}net", f"{prefix}-net.example")

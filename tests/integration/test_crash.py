@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from models import Message, Recipient
 from models.db import make_engine, session_scope
+from testbed.axiom import AxiomHome, RelayProcess
 from testbed.submitters import (
     QUEUED,
     Attempt,
@@ -30,7 +31,6 @@ from testbed.submitters import (
     start_clients,
     wait_for_acks,
 )
-from tests.conftest import AxiomHome, RelayProcess
 
 pytestmark = pytest.mark.integration
 

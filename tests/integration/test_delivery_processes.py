@@ -8,10 +8,6 @@ has no PTR name, so EHLO carries the process's AXIOM_HOSTNAME), X-Client-Addr fr
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -22,9 +18,9 @@ from sqlalchemy import func, insert, select
 
 from models import Message, Recipient, RecipientState
 from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
+from testbed.axiom import AxiomHome, DeliverProcess
 from testbed.dns import knot  # noqa: F401  (fixture)
 from testbed.postfix import SmtpSink
-from tests.conftest import VENV_BIN, AxiomHome
 from tests.integration.delivery_world import DeliveryWorld, make_world
 
 pytestmark = pytest.mark.integration
@@ -32,64 +28,17 @@ pytestmark = pytest.mark.integration
 # Providers whose shaping has no per-minute limit, so pacing never postpones mail here.
 DOMAINS = ("gmail.com", "yahoo.com", "outlook.com")
 SOURCE_IPS = [f"127.0.0.{i}" for i in range(20, 24)]  # no PTR names: EHLO is the hostname
-READY = re.compile(r"axiom deliver ready pid=(\d+) node=(\S+)")
 
 
-class DeliverProcess:
-    """One `axiom deliver` subprocess, its output in a log file."""
-
-    def __init__(self, home: AxiomHome, world: DeliveryWorld, hostname: str, **extra: str):
-        self.hostname = hostname
-        self.log = home.path / f"deliver-{hostname}.log"
-        self.env = home.env | {
-            "AXIOM_DNS_NAMESERVERS": world.knot.nameserver,
-            "AXIOM_DELIVERY_PORT": str(world.port),
-            "AXIOM_HOSTNAME": hostname,
-            **extra,
-        }
-        self.proc: subprocess.Popen | None = None
-        self.node_id = ""
-
-    def start(self, timeout: float = 30) -> DeliverProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "axiom"), "deliver"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = READY.search(self.output())
-            if match:
-                self.node_id = match.group(2)
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"axiom deliver exited {self.proc.returncode}:\n{self.output()}"
-                )
-            time.sleep(0.05)
-        raise AssertionError(f"axiom deliver not ready in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def deliverer(home: AxiomHome, world: DeliveryWorld, hostname: str, **extra: str) -> DeliverProcess:
+    """One `axiom deliver` subprocess pointed at the world; `hostname` is its EHLO name."""
+    env = {
+        "AXIOM_DNS_NAMESERVERS": world.knot.nameserver,
+        "AXIOM_DELIVERY_PORT": str(world.port),
+        "AXIOM_HOSTNAME": hostname,
+        **extra,
+    }
+    return DeliverProcess(home, hostname, env)
 
 
 @pytest.fixture
@@ -160,7 +109,9 @@ def _wait_delivered(world: DeliveryWorld, total: int, timeout: float, procs) -> 
     started = time.monotonic()
     while (done := _delivered(world)) < total:
         for proc in procs:
-            assert proc.proc.poll() is None, f"{proc.hostname} exited:\n{proc.output()[-3000:]}"
+            assert proc.proc.poll() is None, (
+                f"{proc.env['AXIOM_HOSTNAME']} exited:\n{proc.output()[-3000:]}"
+            )
         assert time.monotonic() - started < timeout, (
             f"{done}/{total} delivered after {timeout}s:\n"
             + "\n".join(p.output()[-2000:] for p in procs)
@@ -197,7 +148,7 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_only_what_was_in_flight(
     total = 2000
     addresses = _spool(world, total)
     lease = {"AXIOM_DELIVERY_LEASE_SECONDS": "5"}
-    first = DeliverProcess(axiom_home, world, "node-a.axiom.test", **lease).start()
+    first = deliverer(axiom_home, world, "node-a.axiom.test", **lease).start()
     processes.append(first)
 
     deadline = time.monotonic() + 60
@@ -222,7 +173,7 @@ def test_kill9_mid_batch_loses_nothing_and_duplicates_only_what_was_in_flight(
     assert 0 < delivered_at_kill < total
     assert leased, "the kill fell between batches; nothing was in flight"
 
-    second = DeliverProcess(axiom_home, world, "node-b.axiom.test", **lease).start()
+    second = deliverer(axiom_home, world, "node-b.axiom.test", **lease).start()
     processes.append(second)
     _wait_delivered(world, total, timeout=90, procs=[second])
     recovered_in = time.monotonic() - killed_at
@@ -255,7 +206,7 @@ def test_a_job_slower_than_its_lease_keeps_it_and_is_sent_once(axiom_home, world
     world.sink("example.org", ["-w", "8"], capture=True)
     addresses = _spool(world, 10, per_message=10, domains=("example.org",))
     lease = {"AXIOM_DELIVERY_LEASE_SECONDS": "5"}
-    first = DeliverProcess(axiom_home, world, "node-a.axiom.test", **lease).start()
+    first = deliverer(axiom_home, world, "node-a.axiom.test", **lease).start()
     processes.append(first)
     deadline = time.monotonic() + 20
     while True:  # wait until node A holds all ten, then start node B beside it
@@ -265,7 +216,7 @@ def test_a_job_slower_than_its_lease_keeps_it_and_is_sent_once(axiom_home, world
             break
         assert time.monotonic() < deadline, owners
         time.sleep(0.02)
-    second = DeliverProcess(axiom_home, world, "node-b.axiom.test", **lease).start()
+    second = deliverer(axiom_home, world, "node-b.axiom.test", **lease).start()
     processes.append(second)
 
     _wait_delivered(world, len(addresses), timeout=30, procs=[first, second])
@@ -279,8 +230,8 @@ def test_a_job_slower_than_its_lease_keeps_it_and_is_sent_once(axiom_home, world
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_two_delivery_processes_share_10000_recipients_exactly_once(axiom_home, world, processes):
     total = 10_000
-    a = DeliverProcess(axiom_home, world, "node-a.axiom.test")
-    b = DeliverProcess(axiom_home, world, "node-b.axiom.test")
+    a = deliverer(axiom_home, world, "node-a.axiom.test")
+    b = deliverer(axiom_home, world, "node-b.axiom.test")
     processes.extend([a, b])
     a.start()
     b.start()

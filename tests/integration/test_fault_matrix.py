@@ -1,18 +1,18 @@
-"""The fault matrix in its short form: every scenario of bench/reliability.py with small counts.
+"""The fault matrix in its short form: every scenario of testbed/faults.py with small counts.
 
 Each test runs one scenario against real processes (relay, delivery processes, Knot, smtp-sink,
 PostgreSQL, Prefect) and asserts what the scenario promises: nothing acknowledged is lost, and
 the fault is met the way the Protocol says (4xx not 5xx, deferred not bounced, no receiver
 slowing another, mail flowing without the control plane). `make reliability` runs the same
-scenarios with FULL counts and prints the table.
+scenarios with FULL counts (bench/reliability.py) and prints the table.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench import reliability as fm
-from bench.reliability import SHORT, Row
+from testbed import faults as fm
+from testbed.faults import SHORT, Row
 
 pytestmark = pytest.mark.integration
 

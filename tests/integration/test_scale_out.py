@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +28,6 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlmodel import Session
 
-from config.tls import write_self_signed
 from models import (
     DeliveryEvent,
     IpAddress,
@@ -43,9 +41,10 @@ from models import (
 from models.db import make_engine, migrate, session_scope
 from protocol import domains, egress, tenants
 from relay.submission.keystore import KeyBox
+from testbed.axiom import VENV_BIN, RelayProcess, make_home
 from testbed.dns import knot  # noqa: F401  (fixture)
-from testbed.postfix import SmtpSink
-from tests.conftest import VENV_BIN, AxiomHome, _pg_schema_url, free_port
+from testbed.postfix import SmtpSink, free_port
+from tests.conftest import _pg_schema_url
 from tests.integration.delivery_world import RECEIVERS, SOURCE_IPS, world_zones
 
 pytestmark = pytest.mark.integration
@@ -57,70 +56,28 @@ EGRESS_TTL = 2.0  # relay/egress.py: how long a node trusts its snapshot of pool
 
 
 # ---------------------------------------------------------------------- the nodes
-class Node:
+class Node(RelayProcess):
     """One `axiom relay` process: its own home, submission address and port, one shared DB."""
 
     def __init__(self, name: str, host: str, db_url: str, secret: bytes, root: Path, **env: str):
         self.name = name
         self.host = host
-        self.home = AxiomHome(
+        home = make_home(
             root / name,
             db_url,
-            secret,
+            secret=secret,
+            host=host,
+            hostname=f"{name}.axiom.test",
+            database=False,  # _provision set up the shared schema
+        )
+        super().__init__(
+            home,
             {
-                "submission": free_port(host),
-                "submission_tls": free_port(host),
-                "http": free_port(host),
+                "AXIOM_HOSTNAME": f"{name}.axiom.test",
+                "AXIOM_MAX_CONNECTIONS_PER_CLIENT": "200",
+                **env,
             },
         )
-        self.home.path.mkdir(parents=True)
-        (self.home.path / "secret.key").write_bytes(secret)
-        tls = self.home.path / "tls"
-        write_self_signed(tls / "cert.pem", tls / "key.pem", f"{name}.axiom.test")
-        self.env = self.home.env | {
-            "AXIOM_SUBMISSION_LISTEN": f"{host}:{self.home.ports['submission']}",
-            "AXIOM_SUBMISSION_TLS_LISTEN": f"{host}:{self.home.ports['submission_tls']}",
-            "AXIOM_HTTP_LISTEN": f"{host}:{self.home.ports['http']}",
-            "AXIOM_INBOUND_LISTEN": f"{host}:{free_port(host)}",
-            "AXIOM_HOSTNAME": f"{name}.axiom.test",
-            "AXIOM_MAX_CONNECTIONS_PER_CLIENT": "200",
-            **env,
-        }
-        self.log = self.home.path / "relay.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def submission(self) -> tuple[str, int]:
-        return self.host, self.home.ports["submission"]
-
-    def start(self, timeout: float = 30) -> Node:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "axiom"), "relay"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            if b"axiom relay ready" in self.log.read_bytes():
-                with socket.create_connection(self.submission, timeout=2):
-                    return self
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(

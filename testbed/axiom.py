@@ -1,0 +1,338 @@
+"""Axiom's own processes as peers: a home to run them in, and one wrapper that starts any axiom
+command with its environment, waits until it says it is ready, and stops it.
+
+    home = make_home(tmp / "home", "sqlite:///…/axiom.db")       # what `axiom init` leaves
+    relay = RelayProcess(home, {"AXIOM_DELIVERY_ENABLED": "false"}).start()
+    relay.kill9(); relay.start()                                  # a crash and a restart
+    assert relay.stop() == 0                                      # SIGTERM: a clean exit
+
+Every process runs in its own session (process group), writes stdout and stderr to a log file
+in its home, and is stopped with SIGTERM, then SIGKILL of its whole group if it does not exit
+in time, so a test or benchmark leaves no listener behind. Tests (tests/conftest.py), the
+fault matrix (testbed/faults.py) and the benchmarks (bench/) all start axiom through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.postfix import free_port
+
+VENV_BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------- the home
+@dataclass
+class AxiomHome:
+    """An initialised AXIOM_HOME with its own database and free ports on `host`."""
+
+    path: Path
+    db_url: str
+    secret: bytes
+    ports: dict[str, int] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    @property
+    def inbound_listen(self) -> str:
+        """Each home's relay its own inbound listener (relay/inbound), so relays run side by
+        side; allocated on first use for homes built with the three submission ports."""
+        if "inbound" not in self.ports:
+            self.ports["inbound"] = free_port(self.host)
+        return f"{self.host}:{self.ports['inbound']}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AXIOM_")}
+        env.update(
+            AXIOM_HOME=str(self.path),
+            AXIOM_DATABASE_URL=self.db_url,
+            AXIOM_SUBMISSION_LISTEN=f"{self.host}:{self.ports['submission']}",
+            AXIOM_SUBMISSION_TLS_LISTEN=f"{self.host}:{self.ports['submission_tls']}",
+            AXIOM_HTTP_LISTEN=f"{self.host}:{self.ports['http']}",
+            AXIOM_INBOUND_LISTEN=self.inbound_listen,
+            AXIOM_CONFIG=str(self.path / "axiom.toml"),
+            PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        )
+        return env
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None, extra_env=None):
+        env = self.env | (extra_env or {})
+        result = subprocess.run(
+            [str(VENV_BIN / "axiom"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            input=input,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"axiom {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    @property
+    def keybox(self):
+        from relay.submission.keystore import KeyBox
+
+        return KeyBox(self.secret)
+
+
+def make_home(
+    path: Path,
+    db_url: str,
+    *,
+    extra_ips: Sequence[str] = (),
+    secret: bytes | None = None,
+    host: str = "127.0.0.1",
+    hostname: str = "relay.axiom.test",
+    database: bool = True,
+) -> AxiomHome:
+    """What `axiom init` leaves behind, written directly (faster than the CLI): secret key,
+    TLS pair, migrated database, default pool (127.0.0.1, plus extra_ips, active); and free
+    ports on `host` for the listeners. Homes that share a database share its secret; with
+    database=False the database is left as it is (another node's home set it up)."""
+    from sqlalchemy import select
+
+    from config.tls import write_self_signed
+    from models import IpAddress, IpPool, IpState
+    from models.db import make_engine, migrate, session_scope
+    from protocol.egress import ensure_default_pool
+    from relay.submission.keystore import KeyBox
+
+    path.mkdir(parents=True, exist_ok=True)
+    secret = secret if secret is not None else KeyBox.generate()
+    (path / "secret.key").write_bytes(secret)
+    write_self_signed(path / "tls" / "cert.pem", path / "tls" / "key.pem", hostname)
+    if database:
+        migrate(db_url)
+        engine = make_engine(db_url)
+        try:
+            with session_scope(engine) as s:
+                ensure_default_pool(s)
+                pool = s.exec(select(IpPool).where(IpPool.name == "default")).scalars().one()
+                for address in extra_ips:
+                    s.add(IpAddress(address=address, pool_id=pool.id, state=IpState.active))
+                s.commit()
+        finally:
+            engine.dispose()
+    ports = {name: free_port(host) for name in ("submission", "submission_tls", "http")}
+    return AxiomHome(path, db_url, secret, ports, host)
+
+
+@dataclass
+class Tenant:
+    name: str
+    domain: str
+    username: str
+    password: str
+
+
+def seed_tenant(home: AxiomHome, name: str, domain: str, *, activate: bool = True) -> Tenant:
+    """A tenant with one credential and one (by default active) sending domain."""
+    from models.db import make_engine, session_scope
+    from protocol import domains, tenants
+
+    engine = make_engine(home.db_url)
+    try:
+        with session_scope(engine) as s:
+            tenants.add_tenant(s, name)
+            password = tenants.add_credential(s, name, f"{name}-app")
+            domains.add_domain(s, home.keybox, name, domain)
+            if activate:
+                domains.mark_domain_active(s, domain, "tests", "fixture")
+            s.commit()
+    finally:
+        engine.dispose()
+    return Tenant(name, domain, f"{name}-app", password)
+
+
+# ---------------------------------------------------------------- the process wrapper
+class AxiomProcess:
+    """One axiom process: `command` (default `axiom ARGS…`) with `env`, its output in `log`.
+
+    `ready(process)` says when it may be used (a line in its log, a port that answers); start()
+    waits for it and fails with the log's tail if the process exits or the time runs out.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        log: Path,
+        *,
+        ready: Callable[[AxiomProcess], bool],
+        command: Sequence[str] | None = None,
+        cwd: Path | None = None,
+        name: str | None = None,
+    ):
+        self.command = list(command or [str(VENV_BIN / "axiom"), *args])
+        self.env = dict(env)
+        self.log = log
+        self.cwd = cwd
+        self.name = name or f"axiom {' '.join(args)}".strip()
+        self._ready = ready
+        self.proc: subprocess.Popen | None = None
+
+    def launch(self) -> AxiomProcess:
+        """Start the process without waiting for it (wait_ready() does)."""
+        with open(self.log, "ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its children (listener processes) share the group
+                cwd=self.cwd,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> AxiomProcess:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready(self):
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
+
+    def start(self, timeout: float = 30) -> AxiomProcess:
+        return self.launch().wait_ready(timeout)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def pgid(self) -> int:
+        """Its process group (it leads one), for CPU accounting of it and its children."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, size: int = 3000) -> str:
+        return self.output()[-size:]
+
+    def kill9(self) -> None:
+        """SIGKILL of the process itself, as a crash would; its group is left as a crash
+        leaves it."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM and wait for its exit status; SIGKILL of the whole group if it does not
+        exit within timeout. None if it never ran."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of its group, if anything
+        return self.proc.wait()
+
+
+def log_says(marker: bytes) -> Callable[[AxiomProcess], bool]:
+    return lambda process: marker in process.log.read_bytes() if process.log.exists() else False
+
+
+def answers(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- the processes
+class RelayProcess(AxiomProcess):
+    """`axiom relay` in a home: ready when it says so and its submission port answers."""
+
+    def __init__(
+        self,
+        home: AxiomHome,
+        extra_env: Mapping[str, str] | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        cwd: Path | None = None,
+        log: Path | None = None,
+    ):
+        self.home = home
+        self.extra_env = dict(extra_env or {})
+        super().__init__(
+            ["relay"],
+            home.env | self.extra_env,
+            log or home.path / "relay.log",
+            ready=lambda p: log_says(b"axiom relay ready")(p) and answers(self.submission),
+            command=command,
+            cwd=cwd,
+        )
+
+    @property
+    def submission(self) -> tuple[str, int]:
+        return self.home.host, self.home.ports["submission"]
+
+    @property
+    def submission_tls(self) -> tuple[str, int]:
+        return self.home.host, self.home.ports["submission_tls"]
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.home.host}:{self.home.ports['http']}"
+
+    @property
+    def inbound(self) -> tuple[str, int]:
+        host, _, port = self.home.inbound_listen.rpartition(":")
+        return host, int(port)
+
+    def start(self, timeout: float = 30) -> RelayProcess:
+        super().start(timeout)
+        return self
+
+
+class DeliverProcess(AxiomProcess):
+    """`axiom deliver` (delivery only, no listeners): ready when its own pid says so; node_id
+    is the name its claims carry (recipient.lease_owner)."""
+
+    READY = re.compile(r"axiom deliver ready pid=(\d+) node=(\S+)")
+
+    def __init__(self, home: AxiomHome, name: str, env: Mapping[str, str]):
+        self.node_id = ""
+        super().__init__(
+            ["deliver"],
+            home.env | dict(env),
+            home.path / f"deliver-{name}.log",
+            ready=lambda p: self._read_node_id(),
+        )
+
+    def _read_node_id(self) -> bool:
+        assert self.proc is not None
+        mine = [n for pid, n in self.READY.findall(self.output()) if int(pid) == self.proc.pid]
+        if mine:
+            self.node_id = mine[-1]
+        return bool(mine)
+
+    def start(self, timeout: float = 30) -> DeliverProcess:
+        super().start(timeout)
+        return self
