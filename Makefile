@@ -3,19 +3,32 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip -q --disable-pip-version-check
+LOCK    := requirements.lock
+# pytest for the fast loop: no cache directory, the 10 slowest tests named at the end
+FAST    := -q -p no:cacheprovider --durations=10
 
-.PHONY: install up test lint bench reliability clean
+.PHONY: install up test test-fast lint lock bench reliability clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh tests/js/package.json
+# The environment is the lock file (every package pinned, with hashes); pyproject.toml keeps
+# the ranges the code supports, and `make lock` resolves them again.
+$(STAMP): pyproject.toml $(LOCK) scripts/install-system-deps.sh tests/js/package.json
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(PIP) install -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import axiom, relay, prefect, aiosmtpd, dkim"  # fail here, not later
+	$(PIP) install --require-hashes -r $(LOCK) 2>&1 | grep -v '^WARNING: Location' || true
+	$(PIP) install --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import axiom, relay, testbed, prefect, aiosmtpd, dkim, importlinter"  # fail here, not later
 	./scripts/install-system-deps.sh
 	cd tests/js && npm install --silent --no-audit --no-fund
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges (with the dev extra) into the lock again, keeping every pin
+# that still fits; `make lock LOCK_FLAGS=--upgrade` moves each to the newest the ranges allow.
+lock:
+	test -x $(BIN)/uv || $(PIP) install uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	  --generate-hashes --quiet $(LOCK_FLAGS) -o $(LOCK)
 
 up: install
 	$(BIN)/axiom up
@@ -23,6 +36,12 @@ up: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache  # the layer contracts in .importlinter
+
+# Lint and the unit tests in under a minute; hypothesis properties run a tenth of their
+# examples (tests/examples.py) and tests marked integration stay for `make test`.
+test-fast: lint
+	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" $(FAST)
 
 test: lint
 	$(BIN)/pytest -q
@@ -30,8 +49,9 @@ test: lint
 bench: install
 	$(BIN)/python -m bench  # submission, end_to_end, memory, soak (10 min): bench/__main__.py
 
+# The fault matrix at full scale (testbed/faults.py); rows also in bench/out/reliability.json
 reliability: install
 	$(BIN)/python -m bench.reliability --json bench/out/reliability.json
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .import_linter_cache

@@ -3,6 +3,7 @@
 import itertools
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import text
 from sqlmodel import select
 
@@ -52,6 +53,7 @@ def test_deleted_entry_is_detected(session, engine):
     assert "prev_hash" in broken.reason
 
 
+@pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast
 def test_cli_lists_and_verifies(axiom_home):
     axiom_home.cli("tenant", "add", "acme")
     listed = axiom_home.cli("audit", "--json").stdout

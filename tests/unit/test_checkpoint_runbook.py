@@ -105,6 +105,7 @@ def test_slack_and_prefect_settings_are_checked_at_load():
     assert settings.prefect_ui() == "http://127.0.0.1:4999"
 
 
+@pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the CLI, not the backend
 def test_cli_operators_and_approvals(axiom_home):
     added = axiom_home.cli("operator", "add", "alice", "--role", "lead", "--slack-id", "U0ALICE")

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from axiom.cli import app
+from relay.delivery import classify as classify_module
 from relay.delivery.classify import (
     ACTIONS,
     CATEGORIES,
@@ -33,8 +34,8 @@ from relay.delivery.classify import (
     rules,
     split_replies,
 )
-from relay.delivery import classify as classify_module
 from runbooks.loader import RunbookError, load_all, load_file
+from tests.examples import examples
 
 IP = "192.0.2.10"
 
@@ -527,7 +528,7 @@ RULES_BY_ID = {r.rule.id: r.rule for r in rules().by_provider[None] + rules().co
 PROVIDER_NAMES = [None, "generic", *sorted({p for _, p in rules().mx_suffixes})]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(text=st.text(), provider=st.sampled_from(PROVIDER_NAMES))
 def test_any_string_gets_exactly_one_valid_classification(text, provider):
     result = classify(text, provider)
@@ -555,7 +556,7 @@ reply_strategy = st.builds(
 )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(reply=reply_strategy, provider=st.sampled_from(PROVIDER_NAMES))
 def test_permanence_follows_the_code_unless_a_rule_overrules_it(reply, provider):
     result = classify(reply, provider)
@@ -627,6 +628,7 @@ def test_cli_names_a_bad_argument():
     assert [r["category"] for r in _json_lines(result.stdout)] == ["delivered"]
 
 
+@pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast
 def test_cli_as_a_real_process():
     axiom = Path(sys.executable).parent / "axiom"
     result = subprocess.run(

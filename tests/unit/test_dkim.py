@@ -18,6 +18,7 @@ from relay.patches import dkimpy as dkimpy_patches
 from relay.submission import dkim as relay_dkim
 from relay.submission.dkim import SigningKey, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
+from tests.examples import examples
 from tests.patching import patched, published_dkimpy
 
 DOMAIN = "example.com"
@@ -246,7 +247,7 @@ def build_message(headers, lines, from_local: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n" + "\r\n".join(lines)).encode()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     headers=header_block,
     lines=body_lines,
@@ -443,7 +444,7 @@ _wire_bytes = st.binary(max_size=200) | st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(content=_wire_bytes)
 def test_canonicalisation_shortcuts_equal_dkimpys_regexes(content):
     assert dkimpy_patches._compress_whitespace(content) == dkimpy_patches._pure_compress_whitespace(
@@ -489,7 +490,7 @@ def _parsed(parse, message: bytes):
         return ("error", type(exc).__name__, str(exc))
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(message=_message_bytes)
 def test_header_split_shortcut_equals_dkimpys_rfc822_parse(message):
     assert _parsed(dkimpy_patches._rfc822_parse, message) == _parsed(

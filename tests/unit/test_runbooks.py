@@ -57,6 +57,7 @@ def test_bad_file_is_refused_with_file_path_reason(tmp_path, transform, path, re
     assert exc.value.reason.startswith(reason)
 
 
+@pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast
 def test_cli_validate(tmp_path):
     import subprocess
 

@@ -60,6 +60,7 @@ def test_unknown_setting_in_file_is_refused(monkeypatch, tmp_path):
         load_settings()
 
 
+@pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast
 def test_cli_stops_with_one_line(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "AXIOM_SUBMISSION_LISTEN": "nope", "AXIOM_HOME": str(tmp_path)}
     result = subprocess.run(

@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.patches import aiosmtplib as smtp_client
+from tests.examples import examples
 from tests.patching import patched
 
 
@@ -26,7 +27,7 @@ def test_the_shims_are_what_aiosmtplib_calls():
     )
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=examples(2000), deadline=None)
 @given(st.binary(max_size=60) | st.text("a.\r\n", max_size=60).map(str.encode))
 @example(b"a\r\nb\r\n")
 @example(b"a\r\nb")

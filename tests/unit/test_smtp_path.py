@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.submission.server import _SIMPLE_PATH, parse_path
+from tests.examples import examples
 
 _NEVER = re.compile(r"(?!)")
 
@@ -44,7 +45,7 @@ def paths(draw):
     )
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(st.one_of(paths(), st.text(max_size=40)), st.sampled_from([0, 3, 64]))
 @example("<a.b@c.d> SIZE=10", 0)
 @example("<a..b@c.d>", 0)
@@ -71,7 +72,7 @@ def test_the_common_case_takes_the_fast_path():
     assert parse_path("<@relay.example:a@shop.example>") == (None, None)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(st.binary(max_size=40) | st.text("ab.\r\n", max_size=40).map(str.encode))
 @example(b"a\r\nb\r\n")
 @example(b"a\rb")
