@@ -353,14 +353,16 @@ class Settings(BaseSettings):
         return bool(self.slack_bot_token and self.slack_channel)
 
     def prefect_api(self) -> str:
-        """Where paused runs are resumed: the setting, Prefect's own setting, or `axiom up`'s."""
+        """Where paused runs are resumed: the setting, PREFECT_API_URL, or `axiom up`'s server.
+
+        A Prefect profile is not consulted: config is the leaf the relay imports too, and the
+        relay never imports Prefect (the data-plane contract in .importlinter).
+        """
         if self.prefect_api_url:
             return self.prefect_api_url.rstrip("/")
         if os.environ.get("PREFECT_API_URL"):  # what `axiom up` gives its children
             return os.environ["PREFECT_API_URL"].rstrip("/")
-        from prefect.settings import PREFECT_API_URL  # a Prefect profile; prefect loads slowly
-
-        return (PREFECT_API_URL.value() or f"http://{self.prefect_listen}/api").rstrip("/")
+        return f"http://{self.prefect_listen}/api"
 
     def prefect_ui(self) -> str:
         return (self.prefect_ui_url or self.prefect_api().removesuffix("/api")).rstrip("/")
