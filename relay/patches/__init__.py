@@ -16,15 +16,19 @@ class PatchVersionError(RuntimeError):
     """An installed library is not a version its patch module was tested with."""
 
 
-def _modules() -> list[ModuleType]:
+LIBRARIES = ("dkimpy", "aiosmtpd", "aiosmtplib")  # one module of this package each
+
+
+def _modules(libraries: tuple[str, ...]) -> list[ModuleType]:
     from relay.patches import aiosmtpd, aiosmtplib, dkimpy
 
-    return [dkimpy, aiosmtpd, aiosmtplib]
+    by_name = {m.DISTRIBUTION: m for m in (dkimpy, aiosmtpd, aiosmtplib)}
+    return [by_name[name] for name in libraries or LIBRARIES]
 
 
-def check_versions() -> None:
+def check_versions(*libraries: str) -> None:
     """Raise PatchVersionError (one line) for the first library outside its tested range."""
-    for module in _modules():
+    for module in _modules(libraries):
         version = metadata.version(module.DISTRIBUTION)
         if not module.TESTED.contains(version, prereleases=True):
             path = module.__name__.replace(".", "/") + ".py"
@@ -34,17 +38,34 @@ def check_versions() -> None:
             )
 
 
-def install_all() -> None:
-    """Check every library's version, then install every patch module. Idempotent."""
-    check_versions()
-    for module in _modules():
+def install(*libraries: str) -> None:
+    """Check the versions of the libraries named (all when none is), then install their
+    patch modules. Idempotent."""
+    check_versions(*libraries)
+    for module in _modules(libraries):
         module.install()
 
 
-def uninstall_all() -> None:
-    """Every library as published again (for tests that installed in their own process)."""
-    for module in _modules():
+def uninstall(*libraries: str) -> None:
+    """The libraries named (all when none is) as published again; for tests that installed
+    patches in their own process and must not leave them to the next test."""
+    for module in _modules(libraries):
         module.uninstall()
+
+
+def installed(*libraries: str) -> list[str]:
+    """Which of the libraries named (all when none is) are patched now."""
+    return [m.DISTRIBUTION for m in _modules(libraries) if m.installed()]
+
+
+def install_all() -> None:
+    """What the relay calls at start: every library checked, every patch installed."""
+    install()
+
+
+def uninstall_all() -> None:
+    """Every library as published again (tests that installed in their own process)."""
+    uninstall()
 
 
 def install_all_or_exit() -> None:
