@@ -17,6 +17,7 @@ from models import DkimKey, Domain, Message, Recipient, RecipientState
 from models.db import make_engine, session_scope
 from relay.submission.dkim import txt_record_value
 from tests.conftest import AxiomHome, RelayProcess, Tenant, seed_tenant
+from tests.patching import published_dkimpy
 
 pytestmark = pytest.mark.integration
 
@@ -128,9 +129,10 @@ def assert_signed_and_spooled(home: AxiomHome, tenant: Tenant, result, proto: st
 
     # Both signatures verify against the published keys, as a receiver would check them.
     lookup = dkim_dns(home)
-    verifier = dkim.DKIM(data)
-    assert verifier.verify(idx=0, dnsfunc=lookup), "first DKIM-Signature does not verify"
-    assert verifier.verify(idx=1, dnsfunc=lookup), "second DKIM-Signature does not verify"
+    with published_dkimpy():  # never through the relay's patches
+        verifier = dkim.DKIM(data)
+        assert verifier.verify(idx=0, dnsfunc=lookup), "first DKIM-Signature does not verify"
+        assert verifier.verify(idx=1, dnsfunc=lookup), "second DKIM-Signature does not verify"
 
 
 def test_starttls_auth_plain(relay, axiom_home):
