@@ -214,10 +214,10 @@ class SubmissionSMTP(SMTP):
             recipients=recipients,
         )
 
+    max_errors = 20  # set by make_protocol_factory from SessionLimits
+    _errors = 0  # error replies since the session began or last accepted a message
     # The verb being answered and its argument, for the refusal log line (aiosmtpd passes
     # push() only the reply). DATA's envelope is kept: aiosmtpd resets it before the reply.
-    max_errors = 20  # set by make_protocol_factory from SessionLimits
-    _errors = 0
     _verb: str | None = None
     _verb_arg = ""
     _data_envelope: Envelope | None = None
