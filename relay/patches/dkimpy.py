@@ -194,3 +194,11 @@ def uninstall() -> None:
 
 def installed() -> bool:
     return all(getattr(ns, name) is ours for ns, name, _, ours in REPLACEMENTS)
+
+
+def takes_openssl_keys() -> bool:
+    """Whether dkimpy signs with an OpenSSL RSA key object now (without the patch it would
+    fail deep inside its PEM parser)."""
+    return dkim.parse_pem_private_key is _parse_private_key and (
+        dkim.RSASSA_PKCS1_v1_5_sign is _rsa_sign
+    )

@@ -86,7 +86,7 @@ class MalformedMessage(ValueError):
 def sign(data: bytes, keys: Sequence[SigningKey], spec: DkimSigningSpec) -> bytes:
     """The DKIM-Signature header fields (CRLF-terminated) to prepend to data, one per key.
     Raises MalformedMessage when dkimpy cannot parse the header."""
-    if not dkimpy_patches.installed():
+    if not dkimpy_patches.takes_openssl_keys():
         raise RuntimeError("dkimpy is not patched: call relay.patches.install_all() at start")
     try:
         signer = dkim.DKIM(data, linesep=b"\r\n")
