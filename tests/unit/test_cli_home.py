@@ -10,6 +10,9 @@ from testbed.axiom import VENV_BIN
 
 READERS = [("queue",), ("audit",), ("tenant", "add", "acme"), ("operator", "list"), ("relay",)]
 
+# the axiom CLI as a subprocess: `make test`, not test-fast
+pytestmark = pytest.mark.integration
+
 
 def _axiom(cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from sqlmodel import select
 
 from models import AuditEntry, Message, Recipient, Tenant
@@ -15,6 +16,9 @@ from relay.spool.writer import new_queue_id
 from testbed.axiom import seed_tenant
 
 NARROW = {"COLUMNS": "80"}
+
+# the axiom CLI as a subprocess: `make test`, not test-fast
+pytestmark = pytest.mark.integration
 
 
 def _spool(home, count: int, step: float = 1.0) -> list[str]:
