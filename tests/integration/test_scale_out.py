@@ -60,7 +60,6 @@ class Node(RelayProcess):
     """One `axiom relay` process: its own home, submission address and port, one shared DB."""
 
     def __init__(self, name: str, host: str, db_url: str, secret: bytes, root: Path, **env: str):
-        self.name = name
         self.host = host
         home = make_home(
             root / name,
@@ -78,6 +77,7 @@ class Node(RelayProcess):
                 **env,
             },
         )
+        self.name = name  # the load counts acknowledgements by it; set after the wrapper's
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
