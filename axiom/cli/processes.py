@@ -43,6 +43,11 @@ def keygen() -> None:
 def relay() -> None:
     """Run the relay: submission listeners, spool writer and the HTTP endpoint."""
     s = settings()
+    try:
+        # A bad setting is named before anything else, even before a missing home.
+        KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
     engine(s).dispose()  # an uninitialised home is one line here, not a traceback at start
     metrics_dir = s.home / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -50,10 +55,6 @@ def relay() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-    try:
-        KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
-    except (ConfigError, ValueError) as exc:
-        raise fail(str(exc), 2) from None
     from relay.service import run
 
     try:
