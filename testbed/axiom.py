@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,5 +335,51 @@ class DeliverProcess(AxiomProcess):
         return bool(mine)
 
     def start(self, timeout: float = 30) -> DeliverProcess:
+        super().start(timeout)
+        return self
+
+
+class ControlProcess(AxiomProcess):
+    """`axiom control` in a home on a port of its own: ready when it says so and /healthz
+    answers 200."""
+
+    def __init__(self, home: AxiomHome, extra_env: Mapping[str, str] | None = None):
+        self.home = home
+        self.port = free_port()
+        super().__init__(
+            ["control"],
+            home.env | {"AXIOM_CONTROL_LISTEN": f"127.0.0.1:{self.port}"} | dict(extra_env or {}),
+            home.path / "control.log",
+            ready=lambda p: log_says(b"axiom control ready")(p) and self._healthy(),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def refused(self, reason: str) -> float:
+        """axiom_slack_requests_refused_total{reason} read from /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith(f'axiom_slack_requests_refused_total{{reason="{reason}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no refusal counter for {reason}:\n{text}")
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def start(self, timeout: float = 30) -> ControlProcess:
         super().start(timeout)
         return self

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import select
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +20,7 @@ from models.db import make_engine, session_scope
 from protocol.approvals import ApprovalDesk
 from protocol.operators import add_operator
 from runbooks.loader import checkpoints
-from tests.conftest import VENV_BIN, RelayProcess, free_port
+from testbed.axiom import ControlProcess, RelayProcess
 from tests.fakes.slack import FakeSlack, button_click, sign
 
 pytestmark = pytest.mark.integration
@@ -31,79 +29,11 @@ SECRET = "0d7c5b4a3f2e1d0c9b8a7f6e5d4c3b2a"
 FIFTY_MB = 50 * 1024 * 1024
 
 
-class ControlProcess:
-    """`axiom control` in a home, on its own free port; ready when /healthz answers 200."""
-
-    def __init__(self, home, extra_env: dict[str, str] | None = None):
-        self.home = home
-        self.port = free_port()
-        self.env = home.env | {"AXIOM_CONTROL_LISTEN": f"127.0.0.1:{self.port}"} | (extra_env or {})
-        self.log: Path = home.path / "control.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30) -> ControlProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "axiom"), "control"],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"axiom control exited {self.proc.returncode}:\n{self.output}")
-            if b"axiom control ready" in self.log.read_bytes():
-                try:
-                    if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"axiom control not ready in {timeout}s:\n{self.output}")
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def rss_kib(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def refused(self, reason: str) -> float:
-        """axiom_slack_requests_refused_total{reason} read from /metrics."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(f'axiom_slack_requests_refused_total{{reason="{reason}"}}'):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"no refusal counter for {reason}:\n{text}")
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
 @pytest.fixture
 def control(axiom_home):
     process = ControlProcess(axiom_home, {"AXIOM_SLACK_SIGNING_SECRET": SECRET}).start()
     yield process
-    assert process.stop() == 0, process.output  # SIGTERM is a clean stop
+    assert process.stop() == 0, process.output()  # SIGTERM is a clean stop
 
 
 # ---------------------------------------------------------------- the wiring
@@ -183,7 +113,7 @@ def test_a_thousand_unsigned_requests_write_no_audit_row_and_are_counted(axiom_h
             )
     assert control.refused("unsigned") == 1000
     assert _audit_rows(axiom_home.db_url) == rows
-    lines = [line for line in control.output.splitlines() if "refused (unsigned)" in line]
+    lines = [line for line in control.output().splitlines() if "refused (unsigned)" in line]
     assert len(lines) == 1  # one rate-limited line, not one per request
 
 

@@ -919,21 +919,7 @@ main()
 
 
 def _start_verbose(home: AxiomHome, extra: dict[str, str]) -> RelayProcess:
-    relay = RelayProcess(home, extra)
-    with open(relay.log, "ab") as log:
-        relay.proc = subprocess.Popen(
-            [sys.executable, "-c", VERBOSE_RELAY],
-            env=home.env | extra,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 30
-    while b"axiom relay ready" not in relay.log.read_bytes():
-        assert relay.proc.poll() is None, relay.log.read_text()
-        assert time.monotonic() < deadline, relay.log.read_text()
-        time.sleep(0.05)
-    return relay
+    return RelayProcess(home, extra, command=[sys.executable, "-c", VERBOSE_RELAY]).start()
 
 
 def _secret_fragments(home: AxiomHome, logins: list[tuple[str, str]]) -> dict[str, bytes]:
