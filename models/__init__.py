@@ -5,6 +5,7 @@ from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
 from models.events import DeliveryEvent, Suppression
 from models.protocol import Approval, Incident, Operator, Suspension
+from models.sandbox_clock import SandboxClock
 from models.spool import Message, Recipient, RecipientState
 from models.tenancy import ClientNetwork, Credential, Tenant
 
@@ -27,6 +28,7 @@ __all__ = [
     "PoolKind",
     "Recipient",
     "RecipientState",
+    "SandboxClock",
     "Stream",
     "Suppression",
     "Suspension",
