@@ -33,6 +33,7 @@ from models.audit import as_utc
 from models.audit_trail import record
 from models.base import utcnow
 from models.db import session_scope
+from protocol.operators import operator_named, role_set
 from runbooks.schema_protocol import Checkpoint, SafeDefault
 
 log = logging.getLogger("axiom.approvals")
@@ -333,8 +334,8 @@ class ApprovalDesk:
                 raise ApprovalNotFound(f"approval #{answer.approval_id} does not exist")
             _still_open(approval, now)
             operator = _identify(session, answer)
-            allowed = _roles(approval.allowed_roles)
-            if not allowed & _roles(operator.roles):
+            allowed = role_set(approval.allowed_roles)
+            if not allowed & role_set(operator.roles):
                 raise NotAllowed(
                     f"operator {operator.name} holds roles [{operator.roles or 'none'}]; "
                     f"{approval.kind} needs one of [{', '.join(sorted(allowed)) or 'none'}]"
@@ -609,9 +610,9 @@ def _identify(session: Session, answer: Answer) -> Operator:
         if operator is None:
             raise UnknownOperator(f"Slack user {answer.claimed} is not a registered operator")
         return operator
-    name = (answer.operator or "").strip()
-    operator = session.exec(select(Operator).where(Operator.name == name)).first() if name else None
+    operator = operator_named(session, answer.operator or "")
     if operator is None:
+        name = (answer.operator or "").strip()
         raise UnknownOperator(f"{name or '(no name)'} is not a registered operator")
     return operator
 
@@ -621,10 +622,6 @@ def _describe(approval: Approval) -> str:
         return "it expired"
     when = f" at {as_utc(approval.decided_at):%Y-%m-%d %H:%M:%S} UTC" if approval.decided_at else ""
     return f"{approval.state} by {approval.decided_by} via {approval.decided_via}{when}"
-
-
-def _roles(text: str) -> set[str]:
-    return set(_roles_list(text))
 
 
 def _roles_list(text: str) -> list[str]:
