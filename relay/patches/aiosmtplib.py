@@ -25,6 +25,7 @@ import aiosmtplib.smtp as _smtp
 from packaging.specifiers import SpecifierSet
 
 from relay.delivery.pipelining import PipeliningProtocol
+from relay.patches.replacements import Replacements
 
 DISTRIBUTION = "aiosmtplib"
 TESTED = SpecifierSet(">=5.1.3,<5.2")
@@ -49,24 +50,13 @@ def normalize_message_line_endings(message: bytes) -> bytes:
 
 
 # (namespace, name, aiosmtplib's own, ours): where aiosmtplib looks each one up.
-REPLACEMENTS = (
+REPLACEMENTS = Replacements(
     (_smtp, "SMTPProtocol", _SMTPProtocol, PipeliningProtocol),
     (_smtp, "quote_address", _quote_address, quote_address),
     (_protocol, "normalize_message_line_endings", _normalize, normalize_message_line_endings),
 )
 
 
-def install() -> None:
-    """Idempotent."""
-    for namespace, name, _, ours in REPLACEMENTS:
-        setattr(namespace, name, ours)
-
-
-def uninstall() -> None:
-    """aiosmtplib as published again."""
-    for namespace, name, theirs, _ in REPLACEMENTS:
-        setattr(namespace, name, theirs)
-
-
-def installed() -> bool:
-    return all(getattr(ns, name) is ours for ns, name, _, ours in REPLACEMENTS)
+install = REPLACEMENTS.install
+uninstall = REPLACEMENTS.uninstall
+installed = REPLACEMENTS.installed

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from packaging.specifiers import SpecifierSet
 
+from relay.patches.replacements import Replacements
+
 DISTRIBUTION = "dkimpy"
 TESTED = SpecifierSet(">=1.1.8,<1.2")
 
@@ -163,7 +165,7 @@ def _rfc822_parse(message: bytes):
 
 
 # (namespace, name, dkimpy's own, ours): where dkimpy looks each one up when it signs.
-REPLACEMENTS = (
+REPLACEMENTS = Replacements(
     (dkim, "parse_pem_private_key", _pure_parse_pem, _parse_private_key),
     (dkim, "RSASSA_PKCS1_v1_5_sign", _pure_rsa_sign, _rsa_sign),
     (dkim, "nacl", dkim.nacl, _Nacl("nacl")),
@@ -180,20 +182,9 @@ REPLACEMENTS = (
 )
 
 
-def install() -> None:
-    """Idempotent."""
-    for namespace, name, _, ours in REPLACEMENTS:
-        setattr(namespace, name, ours)
-
-
-def uninstall() -> None:
-    """dkimpy as published again (tests that need the stock library in this process)."""
-    for namespace, name, theirs, _ in REPLACEMENTS:
-        setattr(namespace, name, theirs)
-
-
-def installed() -> bool:
-    return all(getattr(ns, name) is ours for ns, name, _, ours in REPLACEMENTS)
+install = REPLACEMENTS.install
+uninstall = REPLACEMENTS.uninstall
+installed = REPLACEMENTS.installed
 
 
 def takes_openssl_keys() -> bool:
