@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from models import (
+    AuditEntry,
     IpAddress,
     IpPool,
     IpState,
@@ -15,8 +16,12 @@ from models import (
 )
 from models.audit_trail import record
 from protocol.errors import DOMAIN_NAME, NAME, ServiceError
-from protocol.tenants import get_tenant
-from relay.delivery.egress import DEFAULT_POOL
+from protocol.tenants import get_tenant, queued_recipients
+from protocol.verbs import Act, of_pool, of_stream, wake
+from relay.delivery.egress import DEFAULT_POOL, SENDING_STATES
+
+# The empty pool the suspend-stream runbook binds a stream to (flows/suspend_stream.py).
+HOLD_POOL = "hold"
 
 
 def add_pool(session: Session, name: str, kind: str) -> IpPool:
@@ -119,3 +124,144 @@ def ensure_default_pool(session: Session) -> bool:
         evidence={"kind": "shared", "addresses": ["127.0.0.1"], "default": True},
     )
     return True
+
+
+def _latest_entry(session: Session, action: str, subject: str) -> AuditEntry | None:
+    return session.exec(
+        select(AuditEntry)
+        .where(AuditEntry.action == action, AuditEntry.subject == subject)
+        .order_by(col(AuditEntry.id).desc())
+        .limit(1)
+    ).first()
+
+
+def release_stream(
+    session: Session, tenant_name: str, stream: str, act: Act, pool_name: str | None = None
+) -> tuple[Stream, str, str | None, int]:
+    """Bind a held stream back to a pool and wake its waiting mail: to pool_name when given,
+    else to the pool (and overflow pool) the hold's audit entry says it left. Returns the
+    stream, its pool, its overflow pool and how many recipients woke."""
+    tenant = get_tenant(session, tenant_name)
+    subject = f"stream:{tenant_name}/{stream}"
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == tenant.id, Stream.name == stream)
+    ).first()
+    hold = session.exec(select(IpPool).where(IpPool.name == HOLD_POOL)).first()
+    if row is None or hold is None or row.pool_id != hold.id:
+        raise ServiceError(f"{tenant_name}/{stream} is not held (not bound to pool {HOLD_POOL})")
+    held_by = _latest_entry(session, "stream.suspend", subject)
+    fallback_name: str | None = None
+    if pool_name is None:
+        if held_by is None or not held_by.evidence.get("previous_pool"):
+            raise ServiceError(
+                f"no audit entry of the hold of {tenant_name}/{stream} names the pool it left; "
+                "say which with --pool"
+            )
+        pool_name = held_by.evidence["previous_pool"]
+        fallback_name = held_by.evidence.get("previous_fallback_pool")
+        source = f"audit entry {held_by.id} (stream.suspend)"
+    else:
+        source = "--pool"
+    if pool_name == HOLD_POOL:
+        raise ServiceError(f"releasing to pool {HOLD_POOL} would keep the stream held")
+    pool = get_pool(session, pool_name)
+    fallback = None
+    if fallback_name and fallback_name not in (HOLD_POOL, pool_name):
+        fallback = session.exec(select(IpPool).where(IpPool.name == fallback_name)).first()
+    row.pool_id = pool.id
+    row.fallback_pool_id = fallback.id if fallback else None
+    session.add(row)
+    session.flush()
+    woken = wake(session, act.now, messages=of_stream(tenant.id, stream))
+    act.audit(
+        session,
+        "stream.release",
+        subject,
+        {
+            "pool": pool.name,
+            "fallback_pool": fallback.name if fallback else None,
+            "pool_from": source,
+            "held_by_audit_id": held_by.id if held_by else None,
+            "queued_recipients": queued_recipients(session, tenant.id, stream),
+            "woken": woken,
+        },
+    )
+    return row, pool.name, fallback.name if fallback else None, woken
+
+
+def get_ip(session: Session, address: str) -> IpAddress:
+    try:
+        text = str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ServiceError(f"address {address!r} is not a valid IPv4 or IPv6 address") from None
+    ip = session.exec(select(IpAddress).where(IpAddress.address == text)).first()
+    if ip is None:
+        raise ServiceError(f"address {text} is not in any pool")
+    return ip
+
+
+def retire_ip(session: Session, address: str, act: Act) -> IpAddress:
+    """The address stops sending (state retired); its previous state goes into the audit entry,
+    which is where reinstate_ip reads it back."""
+    ip = get_ip(session, address)
+    if ip.state == IpState.retired:
+        raise ServiceError(f"{ip.address} is already retired")
+    previous = IpState(ip.state)
+    others = session.exec(
+        select(IpAddress).where(
+            IpAddress.pool_id == ip.pool_id,
+            IpAddress.id != ip.id,
+            col(IpAddress.state).in_([str(s) for s in SENDING_STATES]),
+        )
+    ).all()
+    ip.state = IpState.retired
+    session.add(ip)
+    pool = session.get(IpPool, ip.pool_id)
+    act.audit(
+        session,
+        "ip.retire",
+        f"ip:{ip.address}",
+        {
+            "from_state": str(previous),
+            "pool": pool.name if pool else None,
+            # None left: the pool's streams wait (or overflow) until an address sends again.
+            "pool_sending_addresses_left": [o.address for o in others],
+        },
+    )
+    return ip
+
+
+def reinstate_ip(session: Session, address: str, act: Act) -> tuple[IpAddress, int]:
+    """Return a retired address to the state it had before its retirement, read from that
+    audit entry; cold when no entry says (it warms up again rather than send at full rate).
+    Wakes the waiting mail of the streams that send from its pool."""
+    ip = get_ip(session, address)
+    if ip.state != IpState.retired:
+        raise ServiceError(f"{ip.address} is not retired (state {ip.state})")
+    retired_by = _latest_entry(session, "ip.retire", f"ip:{ip.address}")
+    recorded = retired_by.evidence.get("from_state") if retired_by else None
+    state = IpState(recorded) if recorded in IpState.__members__ else IpState.cold
+    if state == IpState.retired:
+        state = IpState.cold
+    ip.state = state
+    session.add(ip)
+    session.flush()
+    default = session.exec(select(IpPool).where(IpPool.name == DEFAULT_POOL)).first()
+    woken = 0
+    if state in SENDING_STATES:
+        woken = wake(
+            session, act.now, messages=of_pool(ip.pool_id, default.id if default else None)
+        )
+    act.audit(
+        session,
+        "ip.reinstate",
+        f"ip:{ip.address}",
+        {
+            "to_state": str(state),
+            "state_from": f"audit entry {retired_by.id} (ip.retire)"
+            if recorded
+            else "no record of its previous state: cold, to warm up again",
+            "woken": woken,
+        },
+    )
+    return ip, woken

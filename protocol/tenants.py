@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import ipaddress
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, func, select
 
 from models import (
     ClientNetwork,
     Credential,
+    Message,
+    Recipient,
+    RecipientState,
     Tenant,
 )
 from models.audit_trail import record
 from protocol.errors import NAME, ServiceError
+from protocol.verbs import Act, of_tenant, wake
+from relay.spool.claims import TENANT_PAUSED_WAIT
 from relay.submission.auth import generate_password, hash_password
 
 
@@ -83,3 +88,45 @@ def add_network(session: Session, tenant_name: str, cidr: str) -> ClientNetwork:
         evidence={"cidr": text},
     )
     return bound
+
+
+def queued_recipients(session: Session, tenant_id: int, stream: str | None = None) -> int:
+    query = (
+        select(func.count())
+        .select_from(Recipient)
+        .join(Message, col(Message.id) == Recipient.message_id)
+        .where(Message.tenant_id == tenant_id, Recipient.state == RecipientState.queued)
+    )
+    if stream is not None:
+        query = query.where(Message.stream == stream)
+    return session.exec(query).one()
+
+
+def pause_tenant(session: Session, name: str, act: Act) -> Tenant:
+    """Stop the tenant's sending: the relay answers its MAIL FROM with 451 4.7.1 (within the
+    policy cache's few seconds) and postpones its queued mail without spending attempts."""
+    tenant = get_tenant(session, name)
+    if tenant.paused:
+        raise ServiceError(f"tenant {name!r} is already paused")
+    tenant.paused = True
+    session.add(tenant)
+    act.audit(
+        session,
+        "tenant.pause",
+        f"tenant:{name}",
+        {"queued_recipients": queued_recipients(session, tenant.id)},
+    )
+    return tenant
+
+
+def resume_tenant(session: Session, name: str, act: Act) -> tuple[Tenant, int]:
+    """Let the tenant send again and wake its mail that waited; returns how many woke."""
+    tenant = get_tenant(session, name)
+    if not tenant.paused:
+        raise ServiceError(f"tenant {name!r} is not paused")
+    tenant.paused = False
+    session.add(tenant)
+    session.flush()
+    woken = wake(session, act.now, messages=of_tenant(tenant.id), reply_like=[TENANT_PAUSED_WAIT])
+    act.audit(session, "tenant.resume", f"tenant:{name}", {"woken": woken})
+    return tenant, woken

@@ -11,7 +11,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
-from runbooks.schema_protocol import CheckpointsRunbook
+from runbooks.schema_protocol import CheckpointsRunbook, OperatorVerbsRunbook
 
 # Every kind of runbook file; `kind` picks the schema.
 Runbook = Annotated[
@@ -20,7 +20,8 @@ Runbook = Annotated[
     | ProvidersRunbook
     | DeliveryRunbook
     | ShapingRunbook
-    | CheckpointsRunbook,
+    | CheckpointsRunbook
+    | OperatorVerbsRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -82,6 +83,10 @@ def shaping() -> ShapingRunbook:
 
 def checkpoints() -> CheckpointsRunbook:
     return _typed("checkpoints", CheckpointsRunbook)
+
+
+def operator_verbs() -> OperatorVerbsRunbook:
+    return _typed("operator-verbs", OperatorVerbsRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

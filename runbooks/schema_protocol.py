@@ -71,3 +71,45 @@ class CheckpointsSpec(Strict):
 class CheckpointsRunbook(RunbookBase):
     kind: Literal["checkpoints"]
     spec: CheckpointsSpec
+
+
+# --- the operator verbs (runbooks/operator-verbs.yaml, read by protocol/verbs.py) --------
+
+
+class OperatorVerb(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+$", description="noun.verb")
+    command: str = Field(description="The CLI command an operator types")
+    flow: str = Field(pattern=r"^[a-z][a-z0-9-]+$", description="The Prefect flow's name")
+    checkpoint: str = Field(description="The checkpoint kind whose roles may do it")
+    wakes: bool = Field(description="Whether it wakes the mail the lifted state postponed")
+    description: str
+
+
+class OperatorVerbsSpec(Strict):
+    # The relay re-reads egress state (pools, bindings, IP states, suspensions) at most this
+    # long after a change (relay/delivery/egress.py, Egress ttl). Mail woken sooner could be
+    # claimed against the old snapshot and postponed again for capped_wait_seconds.
+    wake_after_seconds: float = Field(
+        ge=0,
+        le=60,
+        description="Woken mail falls due this long after the change (the egress snapshot's age)",
+    )
+    verbs: list[OperatorVerb] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> OperatorVerbsSpec:
+        names = [v.name for v in self.verbs]
+        if len(names) != len(set(names)):
+            raise ValueError("verb names must be unique")
+        return self
+
+    def verb(self, name: str) -> OperatorVerb:
+        for verb in self.verbs:
+            if verb.name == name:
+                return verb
+        raise KeyError(f"no operator verb {name!r} in runbooks/operator-verbs.yaml")
+
+
+class OperatorVerbsRunbook(RunbookBase):
+    kind: Literal["operator-verbs"]
+    spec: OperatorVerbsSpec

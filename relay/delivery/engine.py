@@ -43,6 +43,7 @@ from relay.delivery.retry import has_expired, next_attempt_at
 from relay.delivery.shaping import PathGate, Shaper
 from relay.patches.aiosmtplib import quote_address as _quote_address  # remembered per address
 from relay.spool.claims import (
+    TENANT_PAUSED_WAIT,
     Attempt,
     Claim,
     QueuedMessage,
@@ -448,6 +449,13 @@ class DeliveryEngine:
 
     async def _deliver(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
         outcome = Settlement()
+        if message.tenant_paused:
+            # Like a hold: back to the queue without an attempt; resuming wakes it at once.
+            now = self.clock.now()
+            until = now + timedelta(seconds=self.spec.capped_wait_seconds)
+            outcome.postponed = [(c, until, TENANT_PAUSED_WAIT) for c in claims]
+            await self.outcomes.submit((now, outcome))
+            return
         mx = await self.resolver.resolve_mx(domain)
         if not mx.ok:
             failure = mx.failure

@@ -17,7 +17,15 @@ from sqlalchemy import Engine, bindparam, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from models import DeliveryEvent, Message, Recipient, RecipientState, Suppression, WarmupDay
+from models import (
+    DeliveryEvent,
+    Message,
+    Recipient,
+    RecipientState,
+    Suppression,
+    Tenant,
+    WarmupDay,
+)
 from models.audit_trail import record
 from models.bulk import FixedStatement, sqlite_write
 from models.db import is_sqlite
@@ -41,6 +49,13 @@ class QueuedMessage:
     mail_from: str
     data: bytes
     created_at: datetime
+    # Read with the message, not cached: a pause holds the tenant's mail from the next claim,
+    # and a resume releases it as soon as the woken recipients fall due.
+    tenant_paused: bool = False
+
+
+# The last_reply of a recipient postponed because its tenant is paused (`axiom queue` shows it).
+TENANT_PAUSED_WAIT = "waiting: sending for this tenant is paused by the operator"
 
 
 @dataclass
@@ -184,14 +199,19 @@ def renew_leases(
 def load_messages(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:
     if not ids:
         return {}
-    stmt = select(
-        Message.id,
-        Message.tenant_id,
-        Message.stream,
-        Message.mail_from,
-        Message.data,
-        Message.created_at,
-    ).where(Message.id.in_(ids))
+    stmt = (
+        select(
+            Message.id,
+            Message.tenant_id,
+            Message.stream,
+            Message.mail_from,
+            Message.data,
+            Message.created_at,
+            Tenant.paused,
+        )
+        .join(Tenant, Tenant.id == Message.tenant_id)
+        .where(Message.id.in_(ids))
+    )
     with engine.connect() as conn:
         return {row[0]: QueuedMessage(*row) for row in conn.execute(stmt)}
 

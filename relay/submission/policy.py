@@ -99,6 +99,9 @@ class PolicyStore:
             ttl
         )
         self._keys: TtlCache[str, list[SigningKey]] = TtlCache(ttl * 12)
+        # Every paused tenant's id in one entry: one small query per ttl for all tenants, a set
+        # lookup per MAIL; a pause reaches new submissions within ttl seconds.
+        self._paused: TtlCache[str, frozenset[int]] = TtlCache(ttl)
 
     # --- who ---
     def authenticate(self, username: bytes, password: bytes) -> Principal | None:
@@ -149,6 +152,23 @@ class PolicyStore:
             (ipaddress.ip_network(net.cidr, strict=False), Principal(t.id, t.name, None))
             for net, t in rows
         ]
+
+    def tenant_paused(self, tenant_id: int, *, without_waiting: bool = False):
+        """Whether the operator paused this tenant's sending (or WOULD_WAIT, see
+        without_waiting)."""
+        if without_waiting:
+            paused = self._paused.peek("all")
+            if paused is WOULD_WAIT:
+                return WOULD_WAIT
+        else:
+            paused = self._paused.get_or_load("all", self._load_paused)
+        return tenant_id in paused
+
+    def _load_paused(self) -> frozenset[int]:
+        with self._engine.connect() as conn:
+            return frozenset(
+                conn.execute(select(Tenant.id).where(Tenant.paused == True)).scalars()  # noqa: E712
+            )
 
     # --- which domains ---
     def sending_domain(self, name: str, *, without_waiting: bool = False):

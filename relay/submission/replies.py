@@ -22,6 +22,9 @@ SENDER_DOMAIN_NOT_ALLOWED = (
     "550 5.7.1 Sender domain {domain} is not an active domain of your account"
 )
 SENDER_NULL_NOT_ALLOWED = "550 5.7.1 A null sender is not accepted for submission"
+# RFC 3463 X.7.1: delivery not authorized, message refused; 4xx: the client keeps the mail and
+# retries, so a pause (`axiom tenant pause`) loses nothing.
+TENANT_PAUSED = "451 4.7.1 Sending for this account is paused by the operator; try again later"
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size ({limit} octets)"
 
 # --- RCPT ---

@@ -454,6 +454,8 @@ class SubmissionHandler:
         principal = await self._principal(session)
         if principal is None:
             return self._reject("auth_required", replies.AUTH_REQUIRED)
+        if await self._ask(self.ctx.policy.tenant_paused, principal.tenant_id):
+            return self._reject("tenant_paused", replies.TENANT_PAUSED)
         if address == "<>" or not address:
             return self._reject("null_sender", replies.SENDER_NULL_NOT_ALLOWED)
         local, at, domain = address.rpartition("@")
