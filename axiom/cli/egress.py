@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from axiom.cli.app import JsonFlag, admin, app, out, print_json, reading
+from axiom.cli.app import JsonFlag, admin, app, fail, out, print_json, reading
 from config.clock import SystemClock
-from protocol.egress import add_ip, add_pool, set_stream
-from protocol.suspensions import active_suspensions
+from protocol.egress import (
+    add_ip,
+    add_pool,
+    reinstate_ip,
+    release_stream,
+    retire_ip,
+    set_stream,
+)
+from protocol.suspensions import (
+    active_suspensions,
+    get_suspension,
+    lift_suspension,
+    shorten_suspension,
+)
+from protocol.verbs import by_operator
 
 pool_app = typer.Typer(no_args_is_help=True, help="IP pools (dedicated or shared).")
 ip_app = typer.Typer(no_args_is_help=True, help="Source IP addresses.")
 stream_app = typer.Typer(no_args_is_help=True, help="Tenant streams and their pools.")
 app.add_typer(pool_app, name="pool")
 app.add_typer(ip_app, name="ip")
+suspension_app = typer.Typer(
+    no_args_is_help=True, help="Lift or shorten a protective suspension (`axiom suspensions`)."
+)
 app.add_typer(stream_app, name="stream")
+app.add_typer(suspension_app, name="suspension")
+
+# The operator verbs: typing one with --as is the human decision itself (no checkpoint), so
+# it is allowed only to a registered operator holding a role of the verb's checkpoint kind.
+AsOption = Annotated[
+    str, typer.Option("--as", help="Your operator name (`axiom operator add`); checked.")
+]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit trail.")]
 
 
 @pool_app.command("add")
@@ -58,6 +84,123 @@ def stream_set(
     out.print(f"{tenant}/{stream} sends from pool [bold]{pool}[/bold]{extra}")
 
 
+@stream_app.command("release")
+def stream_release(
+    tenant: str,
+    stream: str,
+    operator: AsOption,
+    reason: ReasonOption,
+    pool: Annotated[
+        str | None,
+        typer.Option("--pool", help="Bind to this pool instead of the one the hold left."),
+    ] = None,
+) -> None:
+    """Release a held stream (pool hold) to the pool it left, and send its waiting mail."""
+    now = SystemClock().now()
+    with admin() as session:
+        act = by_operator(
+            session, operator, "stream.release", f"stream:{tenant}/{stream}", reason, now
+        )
+        _, bound, fallback, woken = release_stream(session, tenant, stream, act, pool)
+    extra = f", overflow to [bold]{fallback}[/bold]" if fallback else ""
+    out.print(
+        f"{tenant}/{stream} released: sends from pool [bold]{bound}[/bold]{extra}; "
+        f"{woken} waiting recipient(s) woken"
+    )
+
+
+@ip_app.command("retire")
+def ip_retire(address: str, operator: AsOption, reason: ReasonOption) -> None:
+    """Stop sending from ADDRESS (state retired); `axiom ip reinstate` undoes it."""
+    now = SystemClock().now()
+    with admin() as session:
+        act = by_operator(session, operator, "ip.retire", f"ip:{address}", reason, now)
+        ip = retire_ip(session, address, act)
+    out.print(f"{ip.address} retired")
+
+
+@ip_app.command("reinstate")
+def ip_reinstate(address: str, operator: AsOption, reason: ReasonOption) -> None:
+    """Return a retired ADDRESS to the state it had before its retirement."""
+    now = SystemClock().now()
+    with admin() as session:
+        act = by_operator(session, operator, "ip.reinstate", f"ip:{address}", reason, now)
+        ip, woken = reinstate_ip(session, address, act)
+    out.print(f"{ip.address} reinstated as [bold]{ip.state}[/bold]; {woken} recipient(s) woken")
+
+
+@suspension_app.command("lift")
+def suspension_lift(suspension_id: int, operator: AsOption, reason: ReasonOption) -> None:
+    """End suspension ID now and send the mail it held."""
+    now = SystemClock().now()
+    with admin() as session:
+        subject = _path(session, suspension_id)
+        act = by_operator(session, operator, "suspension.lift", subject, reason, now)
+        row, woken = lift_suspension(session, suspension_id, act)
+    out.print(
+        f"suspension {row.id} of {row.source_ip} for {row.provider} lifted; "
+        f"{woken} waiting recipient(s) woken"
+    )
+
+
+@suspension_app.command("shorten")
+def suspension_shorten(
+    suspension_id: int,
+    operator: AsOption,
+    reason: ReasonOption,
+    until: Annotated[
+        str | None, typer.Option("--until", help="New expiry, ISO 8601 (UTC unless it says).")
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", help="Shorten by this much: 90s, 30m, 2h, 1d.")
+    ] = None,
+) -> None:
+    """Bring suspension ID's expiry forward (--until TIME or --by DURATION)."""
+    if (until is None) == (by is None):
+        raise fail("say either --until TIME or --by DURATION")
+    now = SystemClock().now()
+    with admin() as session:
+        subject = _path(session, suspension_id)
+        act = by_operator(session, operator, "suspension.shorten", subject, reason, now)
+        if until is not None:
+            new_until = _moment(until)
+        else:
+            new_until = _aware(get_suspension(session, suspension_id).expires_at) - _duration(by)
+        row, woken = shorten_suspension(session, suspension_id, new_until, act)
+    out.print(
+        f"suspension {row.id} of {row.source_ip} for {row.provider} now ends "
+        f"{new_until:%Y-%m-%d %H:%M:%S}Z; {woken} waiting recipient(s) fall due then"
+    )
+
+
+def _path(session, suspension_id: int) -> str:
+    row = get_suspension(session, suspension_id)
+    return f"path:{row.source_ip}/{row.provider}"
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match or int(match[1]) == 0:
+        raise fail(f"--by {text!r} must be a number and a unit, e.g. 90s, 30m, 2h, 1d")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise fail(f"--until {text!r} is not an ISO 8601 time, e.g. 2026-11-26T15:30") from None
+    return _aware(moment)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 @app.command()
 def suspensions(json_output: JsonFlag = False) -> None:
     """Active protective suspensions and throttles of (IP, provider) paths."""
@@ -66,11 +209,12 @@ def suspensions(json_output: JsonFlag = False) -> None:
     if json_output:
         print_json([r.model_dump() for r in rows])
         return
-    table = Table("ip", "provider", "action", "limit/min", "until", "rule", "reason")
-    table.columns[0].no_wrap = True
-    table.columns[6].overflow = "fold"
+    table = Table("id", "ip", "provider", "action", "limit/min", "until", "rule", "reason")
+    table.columns[1].no_wrap = True
+    table.columns[7].overflow = "fold"
     for r in rows:
         table.add_row(
+            str(r.id),
             r.source_ip,
             r.provider,
             r.action,

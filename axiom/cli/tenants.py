@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 from axiom.cli.app import admin, app, err, out
-from protocol.tenants import add_credential, add_network, add_tenant
+from config.clock import SystemClock
+from protocol.tenants import add_credential, add_network, add_tenant, pause_tenant, resume_tenant
+from protocol.verbs import by_operator
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Customers.")
 credential_app = typer.Typer(
@@ -28,6 +30,39 @@ def tenant_add(
     with admin() as session:
         add_tenant(session, name, language)
     out.print(f"tenant [bold]{name}[/bold] added")
+
+
+# Typed with --as, a pause or resume is the human decision itself (no checkpoint); allowed
+# only to a registered operator holding a role of the tenant.pause checkpoint kind.
+AsOption = Annotated[
+    str, typer.Option("--as", help="Your operator name (`axiom operator add`); checked.")
+]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit trail.")]
+
+
+@tenant_app.command("pause")
+def tenant_pause(name: str, operator: AsOption, reason: ReasonOption) -> None:
+    """Pause NAME's sending: submissions get 451 4.7.1, queued mail waits; nothing is lost."""
+    with admin() as session:
+        act = by_operator(session, operator, "tenant.pause", f"tenant:{name}", reason, _now())
+        pause_tenant(session, name, act)
+    out.print(
+        f"tenant [bold]{name}[/bold] paused: new submissions get 451 4.7.1 within a few "
+        "seconds, queued mail waits; `axiom tenant resume` sends it"
+    )
+
+
+@tenant_app.command("resume")
+def tenant_resume(name: str, operator: AsOption, reason: ReasonOption) -> None:
+    """Resume NAME's sending and send the mail that waited."""
+    with admin() as session:
+        act = by_operator(session, operator, "tenant.resume", f"tenant:{name}", reason, _now())
+        _, woken = resume_tenant(session, name, act)
+    out.print(f"tenant [bold]{name}[/bold] resumed; {woken} waiting recipient(s) woken")
+
+
+def _now():
+    return SystemClock().now()
 
 
 @credential_app.command("add")
