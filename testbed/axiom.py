@@ -139,8 +139,11 @@ class Tenant:
     password: str
 
 
-def seed_tenant(home: AxiomHome, name: str, domain: str, *, activate: bool = True) -> Tenant:
-    """A tenant with one credential and one (by default active) sending domain."""
+def seed_tenant(
+    home: AxiomHome, name: str, domain: str, *, activate: bool = True, network: str | None = None
+) -> Tenant:
+    """A tenant with one credential and one (by default active) sending domain; with network,
+    connections from that CIDR act as the tenant without AUTH (plain sockets suffice)."""
     from models.db import make_engine, session_scope
     from protocol import domains, tenants
 
@@ -152,6 +155,8 @@ def seed_tenant(home: AxiomHome, name: str, domain: str, *, activate: bool = Tru
             domains.add_domain(s, home.keybox, name, domain)
             if activate:
                 domains.mark_domain_active(s, domain, "tests", "fixture")
+            if network:
+                tenants.add_network(s, name, network)
             s.commit()
     finally:
         engine.dispose()

@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-from models.db import make_engine, session_scope
-from protocol import tenants
 from tests.conftest import RelayProcess, seed_tenant
 
 pytestmark = pytest.mark.integration
@@ -27,12 +25,7 @@ LIMITS = {
 
 @pytest.fixture
 def limited(axiom_home):
-    seed_tenant(axiom_home, "acme", "acme.example")
-    engine = make_engine(axiom_home.db_url)
-    with session_scope(engine) as s:
-        tenants.add_network(s, "acme", "127.0.0.0/8")  # no AUTH needed: plain sockets suffice
-        s.commit()
-    engine.dispose()
+    seed_tenant(axiom_home, "acme", "acme.example", network="127.0.0.0/8")
     relay = RelayProcess(axiom_home, LIMITS).start()
     yield relay
     relay.stop()

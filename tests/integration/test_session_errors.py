@@ -9,8 +9,6 @@ import socket
 
 import pytest
 
-from models.db import make_engine, session_scope
-from protocol import tenants
 from tests.conftest import RelayProcess, seed_tenant
 from tests.integration.test_swaks import spool_count
 
@@ -30,12 +28,7 @@ def db_url(tmp_path) -> str:
 
 @pytest.fixture
 def relay(axiom_home):
-    seed_tenant(axiom_home, "acme", "acme.example")
-    engine = make_engine(axiom_home.db_url)
-    with session_scope(engine) as s:
-        tenants.add_network(s, "acme", "127.0.0.0/8")  # no AUTH needed: plain sockets suffice
-        s.commit()
-    engine.dispose()
+    seed_tenant(axiom_home, "acme", "acme.example", network="127.0.0.0/8")
     relay = RelayProcess(axiom_home, {"AXIOM_DELIVERY_ENABLED": "false"}).start()
     yield relay
     relay.stop()
