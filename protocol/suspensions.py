@@ -63,7 +63,12 @@ def lift_suspension(session: Session, suspension_id: int, act: Act) -> tuple[Sus
         session,
         "suspension.lift",
         f"path:{row.source_ip}/{row.provider}",
-        {"suspension_id": row.id, "was_until": was_until, "woken": woken, **_described(row)},
+        {
+            "suspension_id": row.id,
+            "was_until": was_until.isoformat(),
+            "woken": woken,
+            **_described(row),
+        },
     )
     return row, woken
 
@@ -95,8 +100,8 @@ def shorten_suspension(
         f"path:{row.source_ip}/{row.provider}",
         {
             "suspension_id": row.id,
-            "was_until": was_until,
-            "until": until,
+            "was_until": was_until.isoformat(),
+            "until": until.isoformat(),
             "woken": woken,
             **_described(row),
         },
