@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from config.settings import Settings
+from models.sandbox_clock import clock_for
 from notifications.slack import SlackNotifier
 from protocol.approvals import ApprovalDesk, PrefectResumer
 
@@ -21,4 +22,5 @@ def approval_desk(settings: Settings, engine: Engine) -> ApprovalDesk:
         resume=PrefectResumer(settings.prefect_api),
         notifier=SlackNotifier.from_settings(settings),
         retry_initial=settings.slack_retry_initial_seconds,
+        clock=clock_for(settings.environment, engine).now,  # the sandbox's shifted time there
     )

@@ -23,11 +23,12 @@ import sys
 
 from sqlalchemy import text
 
-from config.clock import SystemClock
+from config.clock import Clock, OffsetClock
 from config.settings import Settings, split_host_port
 from config.tls import server_context
 from models.audit_trail import record
 from models.db import make_engine, session_scope
+from models.sandbox_clock import clock_for
 from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
 from relay.metrics import build_inbound_metrics, build_metrics
 from relay.patches import install_all_or_exit
@@ -52,14 +53,14 @@ from runbooks.loader import dkim_signing
 log = logging.getLogger("axiom.relay")
 
 
-def build_context(settings: Settings, engine) -> RelayContext:
+def build_context(settings: Settings, engine, clock: Clock) -> RelayContext:
     secret = settings.load_secret_key()
     policy = PolicyStore(
         engine,
         KeyBox(secret),
         CredentialCache(secret, settings.credential_cache_seconds),
     )
-    spool = Spool(engine, batch_max=settings.spool_batch_max)
+    spool = Spool(engine, batch_max=settings.spool_batch_max, clock=clock)
 
     def on_lockout(client_ip: str) -> None:
         with session_scope(engine) as session:
@@ -94,9 +95,10 @@ def build_context(settings: Settings, engine) -> RelayContext:
     )
 
 
-def build_inbound_context(settings: Settings, engine) -> InboundContext:
+def build_inbound_context(settings: Settings, engine, clock: Clock) -> InboundContext:
     return InboundContext(
         engine=engine,
+        clock=clock,
         feedback=Mailbox.of(settings.feedback_mailbox),
         bounces=Mailbox.of(settings.bounce_mailbox),
         metrics=build_inbound_metrics(),
@@ -118,7 +120,9 @@ async def serve(
     wake this process's delivery engine; wake_parent: this listener process writes those
     bytes to its stdout."""
     engine = make_engine(settings.db_url)
-    ctx = build_context(settings, engine)
+    clock = clock_for(settings.environment, engine)
+    following = _follow(clock)
+    ctx = build_context(settings, engine, clock)
     ctx.spool.start()
     handler = SubmissionHandler(ctx)
     tls = server_context(settings.cert_path, settings.key_path)
@@ -154,7 +158,7 @@ async def serve(
     if settings.inbound_listen and listen:  # bounces and complaint reports for our own mailboxes
         host, port = split_host_port(settings.inbound_listen)
         factory = make_protocol_factory(
-            InboundHandler(build_inbound_context(settings, engine)),
+            InboundHandler(build_inbound_context(settings, engine, clock)),
             hostname=settings.hostname,
             data_size_limit=settings.inbound_max_message_size,
             starttls_context=tls,
@@ -208,7 +212,7 @@ async def serve(
 
     delivery_task = None
     if with_http and settings.delivery_enabled:
-        delivery = build_delivery_engine(settings, engine)
+        delivery = build_delivery_engine(settings, engine, clock)
         ctx.spool.on_commit = delivery.wake.set  # new mail starts out at once, not at the next poll
         for fd in wake_from:  # and so does mail the listener processes spooled
             os.set_blocking(fd, False)
@@ -236,10 +240,17 @@ async def serve(
         http_server.should_exit = True
         await http_task
     ctx.spool.stop()
+    if following is not None:
+        following.cancel()
     engine.dispose()
 
 
-def build_delivery_engine(settings: Settings, engine):
+def _follow(clock: Clock) -> asyncio.Task | None:
+    """The sandbox clock reads its shared offset from a worker thread, never on the loop."""
+    return asyncio.create_task(clock.follow()) if isinstance(clock, OffsetClock) else None
+
+
+def build_delivery_engine(settings: Settings, engine, clock: Clock | None = None):
     from relay.delivery.dns import Resolver
     from relay.delivery.engine import DeliveryEngine
     from runbooks import loader as runbooks
@@ -251,7 +262,7 @@ def build_delivery_engine(settings: Settings, engine):
     return DeliveryEngine(
         engine=engine,
         resolver=Resolver.from_settings(settings),
-        clock=SystemClock(),
+        clock=clock or clock_for(settings.environment, engine),
         hostname=settings.hostname,
         delivery_port=settings.delivery_port,
         delivery=delivery,
@@ -264,13 +275,17 @@ async def deliver_only(settings: Settings) -> None:
     """`axiom deliver`: a delivery process without listeners (scale-out, crash tests)."""
     install_all_or_exit()
     engine = make_engine(settings.db_url)
-    delivery = build_delivery_engine(settings, engine)
+    clock = clock_for(settings.environment, engine)
+    following = _follow(clock)
+    delivery = build_delivery_engine(settings, engine, clock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"axiom deliver ready pid={os.getpid()} node={delivery.node_id}", flush=True)
     await delivery.run(stop)
+    if following is not None:
+        following.cancel()
     engine.dispose()
 
 

@@ -180,6 +180,9 @@ class ReputationModel(Strict):
     losses: Losses
     block_below: float
     block_seconds: int = Field(ge=1)
+    # Points a day the score drifts back toward initial_score by itself: an IP that stops
+    # sending loses its standing, a damaged one recovers once the abuse stops.
+    decay_per_day: float = Field(default=0.0, ge=0)
     tiers: list[Tier] = Field(min_length=1)
     note: str = ""
     spam_rate: SpamRate

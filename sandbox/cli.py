@@ -46,6 +46,41 @@ def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _engine(settings):
+    """The relay's database; refuses rather than create one (a SQLite connect would)."""
+    from pathlib import Path
+
+    from models.db import make_engine, normalise_url
+
+    url = normalise_url(settings.db_url)
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1].split("?", 1)[0]).exists():
+        raise _fail(f"no database at {url}: run `axiom init` (or `axiom up`) first", 2)
+    return make_engine(url)
+
+
+def _sandbox_only(settings, what: str) -> None:
+    if settings.environment != "sandbox":
+        raise _fail(f"AXIOM_ENVIRONMENT=production: {what}", 2)
+
+
+def _sandbox_now(settings) -> float:
+    """The sandbox clock's time (epoch seconds), what the world judges blocks by."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from models.sandbox_clock import read_offset
+
+    try:
+        engine = _engine(settings)
+    except typer.Exit:
+        return time.time()
+    try:
+        return time.time() + read_offset(engine)
+    except SQLAlchemyError:
+        return time.time()
+    finally:
+        engine.dispose()
+
+
 # ---------------------------------------------------------------- run
 @sandbox_app.command("run")
 def run() -> None:
@@ -229,7 +264,7 @@ def status(json_output: JsonFlag = False) -> None:
     info = state.world()
     running = bool(info) and _alive(int(info.get("pid", 0)))
     model = behaviour().reputation
-    now = time.time()
+    now = _sandbox_now(settings)
     standings = [
         {
             **row.__dict__,
@@ -313,6 +348,161 @@ def status(json_output: JsonFlag = False) -> None:
             f"complaint reports: {data['complaints']} (last reply: {data['last_complaint_reply']})",
             highlight=False,
         )
+
+
+# ---------------------------------------------------------------- time and reset
+clock_app = typer.Typer(
+    help="The sandbox clock, shared by the relay, the world and the flows: show or advance it.",
+    invoke_without_command=True,
+)
+sandbox_app.add_typer(clock_app, name="clock")
+
+
+def _clock_view(settings, engine) -> dict:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from models.sandbox_clock import read_offset
+
+    try:
+        offset = read_offset(engine) if settings.environment == "sandbox" else 0.0
+    except SQLAlchemyError:
+        raise _fail(
+            "the database has no sandbox_clock table: run `axiom init` to migrate"
+        ) from None
+    system = datetime.now(UTC)
+    return {
+        "now": (system + timedelta(seconds=offset)).isoformat(timespec="seconds"),
+        "system_now": system.isoformat(timespec="seconds"),
+        "offset_seconds": offset,
+        "offset": _span(offset),
+        "movable": settings.environment == "sandbox",
+    }
+
+
+def _span(seconds: float) -> str:
+    whole = round(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if n]
+    return "+" + ("".join(parts) or "0s")
+
+
+def _print_clock(view: dict) -> None:
+    out.print(
+        f"sandbox time {view['now']} ({view['offset']} ahead of the system clock, "
+        f"{view['system_now']})"
+        if view["movable"]
+        else f"system clock {view['system_now']} (production: it cannot be moved)",
+        highlight=False,
+    )
+
+
+@clock_app.callback()
+def clock(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """Show the sandbox clock: its time and how far it runs ahead of the system clock."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        view = _clock_view(settings, engine)
+    finally:
+        engine.dispose()
+    _print_json(view) if json_output else _print_clock(view)
+
+
+@clock_app.command("advance")
+def clock_advance(
+    duration: Annotated[
+        str, typer.Argument(help="How far: 90s, 15m, 3h, 1d, 2w.", show_default=False)
+    ],
+    json_output: JsonFlag = False,
+) -> None:
+    """Move the sandbox's time forward: retries fall due, suspensions expire, warm-up days roll
+    over, reputations decay. The relay, the world and the flows see it within a second."""
+    from config.clock import parse_duration
+    from models.sandbox_clock import read_offset, set_offset
+
+    settings = _settings()
+    _sandbox_only(settings, "the clock is the system clock and cannot be moved")
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if seconds <= 0:
+        raise _fail(f"{duration!r}: time only moves forward (`axiom sandbox reset` returns it)")
+    engine = _engine(settings)
+    try:
+        _clock_view(settings, engine)  # the table is there
+        set_offset(engine, read_offset(engine) + seconds)
+        view = _clock_view(settings, engine)
+    finally:
+        engine.dispose()
+    if json_output:
+        _print_json(view)
+        return
+    out.print(f"advanced {_span(seconds)}", highlight=False)
+    _print_clock(view)
+
+
+@sandbox_app.command("reset")
+def reset(json_output: JsonFlag = False) -> None:
+    """Back to clean, so scenarios run one after another: suspensions and throttles lifted
+    (audited), held mail released, listings, DNS overrides and knobs removed, every
+    reputation back to cold, and the clock back to the present."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sandbox.reset import reset_relay
+    from sandbox.scenarios import _alive
+
+    settings = _settings()
+    _sandbox_only(settings, "`axiom sandbox reset` runs only in sandbox mode")
+    state = _state()
+    cleared = state.clear_steering()
+    engine = _engine(settings)
+    try:
+        relay = reset_relay(engine, datetime.now(UTC))
+    except SQLAlchemyError as exc:
+        raise _fail(f"the relay's state was not reset: {str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+    info = state.world()
+    if info and _alive(int(info.get("pid", 0))):
+        command = state.request("reset-world")
+        deadline = time.monotonic() + 10
+        while state.command_result(command) is None:
+            if time.monotonic() > deadline:
+                raise _fail("the sandbox world did not answer within 10 s; is it running?")
+            time.sleep(0.1)
+        world = state.command_result(command) or ""
+    else:  # no world to ask: forget what the last one wrote
+        state.delete_standings(None, None)
+        world = "standings cleared (the world is not running)"
+    data = {
+        "suspensions_lifted": relay.suspensions_lifted,
+        "held_mail_released": relay.woken,
+        "retries_moved_back": relay.retries_moved,
+        "clock_offset_was_seconds": relay.offset_was,
+        "listings_removed": cleared["listing"],
+        "dns_overrides_removed": cleared["dns_override"],
+        "knobs_removed": cleared["knob"],
+        "world": world,
+    }
+    if json_output:
+        _print_json(data)
+        return
+    out.print(
+        f"sandbox reset: {len(relay.suspensions_lifted)} suspension(s) lifted, "
+        f"{relay.woken} held recipient(s) released, {cleared['listing']} listing(s), "
+        f"{cleared['dns_override']} DNS override(s) and {cleared['knob']} knob(s) removed; "
+        f"world: {world}; clock back to the present (was {_span(relay.offset_was)})",
+        highlight=False,
+    )
 
 
 # ---------------------------------------------------------------- scenarios

@@ -5,6 +5,8 @@ most `max_gain_per_minute`, so only steady volume warms an IP; it falls with eve
 pushed into a limit, unknown mailbox, complaint or authentication failure. Its tier sets a
 token bucket (the accepted rate). Reaching `block_below` blocks the IP for `block_seconds`.
 A complaint rate above the published spam-rate line makes the IP "damaged" whatever its score.
+Left alone, the score drifts back toward the initial score at `decay_per_day`. Time is the
+world's clock (the sandbox clock: `axiom sandbox clock advance` moves blocks, windows, decay).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Standing:
     complaints: int = 0
     deliveries: deque[float] = field(default_factory=deque)  # times, within the spam window
     complained: deque[float] = field(default_factory=deque)
+    decayed_at: float = 0.0  # when decay was last applied
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,24 @@ class Reputation:
         found = self._standings.get(key)
         if found is None:
             tier = self.model.tier_for(self.model.initial_score)
-            found = Standing(provider, ip, self.model.initial_score, tier.burst, self.clock())
+            now = self.clock()
+            found = Standing(provider, ip, self.model.initial_score, tier.burst, now)
+            found.decayed_at = now
             self._standings[key] = found
+        else:
+            self._decay(found)
         return found
+
+    def _decay(self, s: Standing) -> None:
+        now = self.clock()
+        drift = self.model.decay_per_day * (now - s.decayed_at) / 86400.0
+        if drift <= 0:
+            return
+        s.decayed_at = now
+        gap = self.model.initial_score - s.score
+        if gap:
+            s.score += max(-drift, min(drift, gap))
+            self._touch(s)
 
     def tier(self, provider: str, ip: str) -> Tier:
         s = self.standing(provider, ip)
@@ -128,7 +146,7 @@ class Reputation:
             s.score = max(self.model.min_score, min(self.model.max_score, score))
             s.blocked_until = 0.0
             s.tokens = float(self.model.tier_for(s.score).burst)
-            s.refilled_at = self.clock()
+            s.refilled_at = s.decayed_at = self.clock()
             s.deliveries.clear()
             s.complained.clear()
             self._touch(s)
@@ -154,6 +172,7 @@ class Reputation:
             s.accepted, s.deferred, s.rejected = row.accepted, row.deferred, row.rejected
             s.complaints = row.complaints
             s.tokens = float(self.model.tier_for(row.score).burst)
+            s.decayed_at = row.updated_at  # the time it stood still counts toward decay
 
     def take_dirty(self) -> list[StandingRow]:
         rows = [self.row(*key) for key in sorted(self.dirty) if key in self._standings]

@@ -437,10 +437,10 @@ class ScenarioRunner:
     def _baseline(self) -> dict[str, Any]:
         from sqlmodel import Session, func, select
 
-        from config.clock import SystemClock
         from models import AuditEntry, Suspension
+        from models.sandbox_clock import clock_for
 
-        now = SystemClock().now()
+        now = clock_for(self.settings.environment, self.engine).now()
         with Session(self.engine) as session:
             active = session.exec(select(Suspension).where(Suspension.expires_at > now)).all()
             return {

@@ -187,6 +187,14 @@ class StateStore:
         with self._connect() as db:
             return {n: json.loads(v) for n, v in db.execute("SELECT name, value FROM knob")}
 
+    def clear_steering(self) -> dict[str, int]:
+        """Remove every listing, DNS override and knob (`axiom sandbox reset`); the counts."""
+        with self._change() as db:
+            return {
+                table: db.execute(f"DELETE FROM {table}").rowcount  # fixed table names
+                for table in ("listing", "dns_override", "knob")
+            }
+
     # --- commands for the running world ---
     def request(self, name: str, **args: Any) -> int:
         with self._change() as db:

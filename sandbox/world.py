@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import Any
 
 import aiosmtplib
 
+from config.clock import OffsetClock
 from config.settings import Settings, split_host_port
 from config.tls import server_context, write_self_signed
+from models.sandbox_clock import read_offset
 from sandbox.behaviour import Behaviour, behaviour
 from sandbox.dns import DnsServer
 from sandbox.feedback import FeedbackSender
@@ -92,7 +95,10 @@ class SandboxWorld:
         self.dns_host, self.dns_port = split_host_port(settings.sandbox_dns_listen)
         self.port = mx_port(settings)
         self.addresses = mx_addresses(self.behaviour, settings.sandbox_mx_network)
-        self.reputation = Reputation(self.behaviour.reputation)
+        # The sandbox clock, shared with the relay and the flows through the database: an
+        # advance expires blocks, ages the spam-rate window and lets reputations decay here.
+        self.clock = OffsetClock(self._read_clock_offset)
+        self.reputation = Reputation(self.behaviour.reputation, self.clock.timestamp)
         self._given_ips = dict(source_ips or {})
         self._customers = CustomerRecords(settings.hostname, self._given_ips)
         self._zone = Zone(self.behaviour, ())
@@ -107,10 +113,12 @@ class SandboxWorld:
         self.context: ReceiverContext | None = None
         self._announced = False
         self._engine = None
+        self._engine_lock = threading.Lock()
 
     # ------------------------------------------------------------ interface for `axiom up`
     async def start(self) -> None:
         await asyncio.to_thread(self.home.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.clock.refresh)
         await asyncio.to_thread(self._load_state)
         self.reputation.restore(await asyncio.to_thread(self.state.standings))
         await self._refresh_database()
@@ -138,6 +146,7 @@ class SandboxWorld:
                 addresses=self.addresses,
                 feedback=self._feedback,
                 knobs=lambda: self._knobs,
+                now=self.clock.now,
             )
             tls = await asyncio.to_thread(self._tls_context)
             for provider in self.behaviour.providers:
@@ -153,6 +162,7 @@ class SandboxWorld:
             await self.stop()
             raise
         self._tasks = [
+            asyncio.create_task(self.clock.follow()),
             asyncio.create_task(self._watch_state()),
             asyncio.create_task(self._watch_database()),
         ]
@@ -279,22 +289,36 @@ class SandboxWorld:
         self._customers = customers
         return True
 
+    def _database_engine(self):
+        """The read-only engine on the relay's database; None while it does not exist (a
+        SQLite connection would create the file)."""
+        from sandbox.database import reader
+
+        url = self.settings.db_url
+        if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).exists():
+            return None
+        with self._engine_lock:  # the clock's reads and the database poll run in threads
+            if self._engine is None:
+                self._engine = reader(url)
+            return self._engine
+
+    def _read_clock_offset(self) -> float:
+        engine = self._database_engine()
+        return 0.0 if engine is None else read_offset(engine)
+
     def _read_database(self) -> CustomerRecords | None:
         """Source IPs and sending domains from the relay's database (None: not there yet)."""
         from sqlalchemy.exc import SQLAlchemyError
         from sqlmodel import Session, select
 
         from models import IpAddress
-        from sandbox.database import reader
         from sandbox.published import published_records
 
-        url = self.settings.db_url
-        if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).exists():
+        engine = self._database_engine()
+        if engine is None:
             return None
-        if self._engine is None:
-            self._engine = reader(url)
         try:
-            with Session(self._engine) as session:
+            with Session(engine) as session:
                 ips = {ip.address: ip.ptr_name for ip in session.exec(select(IpAddress)).all()}
                 domains = published_records(session, self.settings.hostname)
         except SQLAlchemyError as exc:
@@ -319,7 +343,7 @@ class SandboxWorld:
                 result = self._apply(command.name, command.args)
             except (KeyError, ValueError) as exc:
                 result = f"error: {exc}"
-            if command.name == "reset-reputation":
+            if command.name in ("reset-reputation", "reset-world"):
                 await asyncio.to_thread(
                     self.state.delete_standings,
                     command.args.get("provider"),
@@ -336,6 +360,10 @@ class SandboxWorld:
         )
         for provider in providers:
             self.behaviour.provider(provider)  # KeyError for a provider we do not simulate
+        if name == "reset-world":  # `axiom sandbox reset`: every standing, today's volumes
+            if self.context is not None:
+                self.context.volume.clear()
+            return f"reset {self.reputation.reset(None, None)} standings"
         if name == "reset-reputation":
             return f"reset {self.reputation.reset(args.get('provider'), args.get('ip'))} standings"
         if name == "set-reputation":

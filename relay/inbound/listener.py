@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from config.clock import Clock, SystemClock
 from relay.inbound.feedback import Arrival, record_report
 from relay.inbound.reports import parse_report
 from relay.metrics import InboundMetrics
@@ -57,6 +57,7 @@ class InboundContext:
     max_recipients: int = 10
     max_header_fields: int = 1000
     max_header_field_bytes: int = 102_400
+    clock: Clock = field(default_factory=SystemClock)  # the sandbox's shifted time there
 
     @property
     def domains(self) -> set[str]:
@@ -127,7 +128,7 @@ class InboundHandler:
         arrival = Arrival(mail_from=sender, client_ip=_client_ip(session), tags=tags)
         try:
             outcome = await asyncio.to_thread(
-                record_report, self.ctx.engine, report, arrival, datetime.now(UTC)
+                record_report, self.ctx.engine, report, arrival, self.ctx.clock.now()
             )
         except SQLAlchemyError as exc:
             log.error("%s not recorded: %s", report.kind, exc)

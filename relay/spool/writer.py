@@ -13,11 +13,12 @@ import os
 import random
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert
 
+from config.clock import Clock, SystemClock
 from models import Message, Recipient, RecipientState
 from models.bulk import fixed_insert, sqlite_write
 from models.db import is_sqlite
@@ -49,7 +50,9 @@ class SpoolEntry:
     data: bytes
     client_address: str
     auth_user: str | None
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # None: the spool stamps it with its clock when it takes the entry (the sandbox's shifted
+    # time there, so retries and expiry count from the same time the delivery engine reads).
+    created_at: datetime | None = None
 
 
 class SpoolUnavailable(Exception):
@@ -57,8 +60,9 @@ class SpoolUnavailable(Exception):
 
 
 class Spool:
-    def __init__(self, engine: Engine, batch_max: int = 256):
+    def __init__(self, engine: Engine, batch_max: int = 256, clock: Clock | None = None):
         self._engine = engine
+        self._clock = clock or SystemClock()
         # On SQLite the batch goes through fixed sqlite3 statements (models/bulk.py).
         self._fixed = (
             (fixed_insert(engine, Message.__table__), fixed_insert(engine, Recipient.__table__))
@@ -86,6 +90,8 @@ class Spool:
 
     async def put(self, entry: SpoolEntry) -> str:
         """Returns the queue id once the entry is committed; raises SpoolUnavailable."""
+        if entry.created_at is None:
+            entry.created_at = self._clock.now()
         try:
             await self._writer.submit(entry)
         except Exception as exc:
@@ -107,6 +113,9 @@ class Spool:
 
 def spool_rows(entries: list[SpoolEntry]) -> tuple[list[dict], list[dict]]:
     """The Message and Recipient rows for entries (shared with the DSN writer)."""
+    for e in entries:
+        if e.created_at is None:
+            e.created_at = datetime.now(UTC)
     messages = [
         {
             "id": e.queue_id,
