@@ -350,3 +350,15 @@ def test_recipient_states_are_untouched_by_a_wake(engine, acme):
         tenants.pause_tenant(s, "acme", Act("operator:alice", "x", NOW))
         s.commit()
         assert tenants.resume_tenant(s, "acme", Act("operator:alice", "x", NOW))[1] == 0
+
+
+def test_every_verb_flow_is_deployed_with_a_form_whose_fields_explain_themselves():
+    from flows.deployments import deployments
+
+    verbs = {v.flow: v for v in operator_verbs().spec.verbs}
+    deployed = {d.flow_name: d for d in deployments()}
+    assert set(verbs) <= set(deployed)
+    for name in verbs:
+        fields = deployed[name]._parameter_openapi_schema.properties
+        assert "reason" in fields
+        assert all(field.get("description") for field in fields.values()), name
