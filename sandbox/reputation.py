@@ -72,7 +72,7 @@ class Reputation:
     def _decay(self, s: Standing) -> None:
         now = self.clock()
         drift = self.model.decay_per_day * (now - s.decayed_at) / 86400.0
-        if drift <= 0:
+        if drift < 0.01:  # let it build up: no rewrite of every standing 4 times a second
             return
         s.decayed_at = now
         gap = self.model.initial_score - s.score
@@ -173,6 +173,11 @@ class Reputation:
             s.complaints = row.complaints
             s.tokens = float(self.model.tier_for(row.score).burst)
             s.decayed_at = row.updated_at  # the time it stood still counts toward decay
+
+    def age(self) -> None:
+        """Apply decay to every standing, touched or not, so status shows what time did."""
+        for s in self._standings.values():
+            self._decay(s)
 
     def take_dirty(self) -> list[StandingRow]:
         rows = [self.row(*key) for key in sorted(self.dirty) if key in self._standings]

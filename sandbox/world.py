@@ -331,6 +331,7 @@ class SandboxWorld:
         if self.context is None:
             return
         verdicts = self.context.take_verdicts()
+        self.reputation.age()
         rows = self.reputation.take_dirty()
         if verdicts:
             await asyncio.to_thread(self.state.add_verdicts, verdicts)
