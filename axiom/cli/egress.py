@@ -105,7 +105,8 @@ def stream_release(
     extra = f", overflow to [bold]{fallback}[/bold]" if fallback else ""
     out.print(
         f"{tenant}/{stream} released: sends from pool [bold]{bound}[/bold]{extra}; "
-        f"{woken} waiting recipient(s) woken"
+        f"{woken} waiting recipient(s) woken",
+        soft_wrap=True,
     )
 
 
@@ -116,7 +117,7 @@ def ip_retire(address: str, operator: AsOption, reason: ReasonOption) -> None:
     with admin() as session:
         act = by_operator(session, operator, "ip.retire", f"ip:{address}", reason, now)
         ip = retire_ip(session, address, act)
-    out.print(f"{ip.address} retired")
+    out.print(f"{ip.address} retired", soft_wrap=True)
 
 
 @ip_app.command("reinstate")
@@ -126,7 +127,10 @@ def ip_reinstate(address: str, operator: AsOption, reason: ReasonOption) -> None
     with admin() as session:
         act = by_operator(session, operator, "ip.reinstate", f"ip:{address}", reason, now)
         ip, woken = reinstate_ip(session, address, act)
-    out.print(f"{ip.address} reinstated as [bold]{ip.state}[/bold]; {woken} recipient(s) woken")
+    out.print(
+        f"{ip.address} reinstated as [bold]{ip.state}[/bold]; {woken} recipient(s) woken",
+        soft_wrap=True,
+    )
 
 
 @suspension_app.command("lift")
@@ -139,7 +143,8 @@ def suspension_lift(suspension_id: int, operator: AsOption, reason: ReasonOption
         row, woken = lift_suspension(session, suspension_id, act)
     out.print(
         f"suspension {row.id} of {row.source_ip} for {row.provider} lifted; "
-        f"{woken} waiting recipient(s) woken"
+        f"{woken} waiting recipient(s) woken",
+        soft_wrap=True,
     )
 
 
@@ -169,7 +174,8 @@ def suspension_shorten(
         row, woken = shorten_suspension(session, suspension_id, new_until, act)
     out.print(
         f"suspension {row.id} of {row.source_ip} for {row.provider} now ends "
-        f"{new_until:%Y-%m-%d %H:%M:%S}Z; {woken} waiting recipient(s) fall due then"
+        f"{new_until:%Y-%m-%d %H:%M:%S}Z; {woken} waiting recipient(s) fall due then",
+        soft_wrap=True,
     )
 
 

@@ -48,7 +48,8 @@ def tenant_pause(name: str, operator: AsOption, reason: ReasonOption) -> None:
         pause_tenant(session, name, act)
     out.print(
         f"tenant [bold]{name}[/bold] paused: new submissions get 451 4.7.1 within a few "
-        "seconds, queued mail waits; `axiom tenant resume` sends it"
+        "seconds, queued mail waits; `axiom tenant resume` sends it",
+        soft_wrap=True,
     )
 
 
@@ -58,7 +59,9 @@ def tenant_resume(name: str, operator: AsOption, reason: ReasonOption) -> None:
     with admin() as session:
         act = by_operator(session, operator, "tenant.resume", f"tenant:{name}", reason, _now())
         _, woken = resume_tenant(session, name, act)
-    out.print(f"tenant [bold]{name}[/bold] resumed; {woken} waiting recipient(s) woken")
+    out.print(
+        f"tenant [bold]{name}[/bold] resumed; {woken} waiting recipient(s) woken", soft_wrap=True
+    )
 
 
 def _now():
