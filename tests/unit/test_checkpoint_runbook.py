@@ -73,8 +73,8 @@ def test_bad_declarations_are_refused(changes, message):
 
 
 def test_an_undeclared_kind_is_an_error_not_a_default():
-    with pytest.raises(KeyError, match=r"no checkpoint of kind 'ip\.retire'"):
-        checkpoints().spec.for_kind("ip.retire")
+    with pytest.raises(KeyError, match=r"no checkpoint of kind 'pool\.delete'"):
+        checkpoints().spec.for_kind("pool.delete")
 
 
 def test_operators_are_validated_and_audited(session):
