@@ -34,6 +34,7 @@ from notifications.slack import compact
 from notifications.templates import render
 from protocol.approvals import PENDING, Answer, ApprovalDesk, Refusal
 from runbooks.loader import checkpoints
+from runbooks.schema import RunbookBase
 
 # Prefect's own pause deadline is only a backstop behind our expiry timer: should the timer
 # fail to wake the run (API unreachable at that moment), the run still wakes and expires.
@@ -88,17 +89,21 @@ def request_approval(
     safe_default: str | None = None,
     *,
     settings: Settings,
+    runbook: RunbookBase | None = None,
 ) -> Decision:
     """Pause the current flow run until a person allowed for `kind` answers, or it expires.
 
     ttl and safe_default default to the kind's declaration in runbooks/checkpoints.yaml;
     settings are the run's (flows.resources.settings()), resolved once by the flow.
+    runbook is the procedure's own (its id and version go on the Approval row and on every
+    audit entry about it); without one, runbooks/checkpoints.yaml's.
     """
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         raise RuntimeError("request_approval() runs inside a flow run")
-    runbook = checkpoints()
-    checkpoint = runbook.spec.for_kind(kind)
+    declared = checkpoints()
+    checkpoint = declared.spec.for_kind(kind)
+    runbook = runbook or declared
     desk = approval_desk(settings, engine_for(settings))
     stop = threading.Event()
     timer: threading.Timer | None = None

@@ -90,13 +90,15 @@ def _verb(
         return VerbOutcome(
             verb=verb, subject=subject, outcome="nothing_to_do", detail={"why": str(exc)}
         )
-    spec = operator_verbs().spec.verb(verb)
+    runbook = operator_verbs()
+    spec = runbook.spec.verb(verb)
     decision = request_approval(
         kind=spec.checkpoint,
         subject=subject,
         proposal={"action": proposal, "reason": reason, "by hand": spec.command},
         evidence=evidence,
         settings=settings,
+        runbook=runbook,
     )
     base = {
         "verb": verb,

@@ -25,10 +25,9 @@ from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientSta
 from models.audit_trail import record
 from models.db import session_scope
 from relay.delivery.egress import DEFAULT_POOL
-from runbooks.loader import checkpoints
+from runbooks.loader import suspend_stream as rules
 
 HOLD_POOL = "hold"
-CHECKPOINT_KIND = "stream.suspend"
 
 
 class StreamState(BaseModel):
@@ -96,7 +95,7 @@ def hold_stream(
     """Bind the stream to the empty `hold` pool; audited with who approved and what it left."""
     run = FlowRunContext.get()
     actor = f"flow:{run.flow_run.id}" if run and run.flow_run else "flow"
-    governing = checkpoints()  # the declaration this change was approved under
+    governing = rules()  # this procedure's runbook: every audit entry names it
     with session_scope(resources.engine_for(settings)) as session:
         hold = _hold_pool(session, actor)
         owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
@@ -150,8 +149,9 @@ def suspend_stream(
     release = f"axiom stream set {tenant} {stream} --pool {state.pool}" + (
         f" --fallback {state.fallback_pool}" if state.fallback_pool else ""
     )
+    runbook = rules()
     decision = request_approval(
-        kind=CHECKPOINT_KIND,
+        kind=runbook.spec.checkpoint,
         subject=f"stream:{tenant}/{stream}",
         proposal={
             "action": f"hold all outgoing mail of {tenant}/{stream} (bind it to pool {HOLD_POOL})",
@@ -165,6 +165,7 @@ def suspend_stream(
             "queued recipients": state.queued_recipients,
         },
         settings=settings,
+        runbook=runbook,
     )
     outcome = {
         **base,
@@ -204,6 +205,8 @@ def _hold_pool(session: Session, actor: str) -> IpPool:
             action="pool.add",
             subject=f"pool:{HOLD_POOL}",
             evidence={"kind": "shared", "purpose": "holds suspended streams; must stay empty"},
+            runbook_id=rules().id,
+            runbook_version=rules().version,
         )
     has_addresses = session.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).first()
     if has_addresses is not None:

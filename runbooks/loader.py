@@ -11,7 +11,12 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
-from runbooks.schema_protocol import CheckpointsRunbook, OperatorVerbsRunbook
+from runbooks.schema_protocol import (
+    CheckpointsRunbook,
+    OperatorVerbsRunbook,
+    ProcedureRunbook,
+    SuspendStreamRunbook,
+)
 
 # Every kind of runbook file; `kind` picks the schema.
 Runbook = Annotated[
@@ -21,11 +26,14 @@ Runbook = Annotated[
     | DeliveryRunbook
     | ShapingRunbook
     | CheckpointsRunbook
-    | OperatorVerbsRunbook,
+    | OperatorVerbsRunbook
+    | SuspendStreamRunbook,
     Field(discriminator="kind"),
 ]
 
 RUNBOOK_DIR = Path(__file__).parent
+# What notifications/templates.py renders from: <language>/<name>.j2.
+TEMPLATE_DIR = RUNBOOK_DIR / "templates"
 _adapter: TypeAdapter[Runbook] = TypeAdapter(Runbook)
 
 
@@ -53,14 +61,45 @@ def load_file(file: Path) -> Runbook:
 
 
 def load_all(directory: Path = RUNBOOK_DIR) -> dict[str, Runbook]:
-    """Every *.yaml under directory, keyed by id; a duplicate id is an error."""
+    """Every *.yaml under directory, keyed by id; a duplicate id is an error, and so is a
+    procedure naming a checkpoint kind or a template that does not exist."""
     found: dict[str, Runbook] = {}
+    files: dict[str, Path] = {}
     for file in sorted(directory.glob("*.yaml")):
         runbook = load_file(file)
         if runbook.id in found:
             raise RunbookError(file, "id", f"duplicate runbook id {runbook.id!r}")
-        found[runbook.id] = runbook
+        found[runbook.id], files[runbook.id] = runbook, file
+    for runbook_id, runbook in found.items():
+        if isinstance(runbook, ProcedureRunbook):
+            _check_references(files[runbook_id], runbook, found)
     return found
+
+
+def _check_references(file: Path, runbook: ProcedureRunbook, found: dict[str, Runbook]) -> None:
+    declared = found.get("checkpoints")
+    if not isinstance(declared, CheckpointsRunbook):  # a directory of a few files: the shipped
+        declared = load_file(RUNBOOK_DIR / "checkpoints.yaml")
+    kinds = {c.kind for c in declared.spec.checkpoints}
+    for n, kind in enumerate(runbook.checkpoints):
+        if kind not in kinds:
+            raise RunbookError(
+                file, f"{runbook.id}.checkpoints.{n}", f"{kind} is not declared in checkpoints"
+            )
+    languages = sorted(p for p in TEMPLATE_DIR.iterdir() if p.is_dir())
+    for n, name in enumerate(runbook.templates):
+        missing = [lang.name for lang in languages if not (lang / f"{name}.j2").is_file()]
+        if missing:
+            raise RunbookError(
+                file,
+                f"{runbook.id}.templates.{n}",
+                f"no template {name}.j2 in {', '.join(missing)}",
+            )
+
+
+def procedures() -> dict[str, ProcedureRunbook]:
+    """The shipped runbooks that are procedures (a schedule, checkpoints, templates)."""
+    return {k: v for k, v in shipped().items() if isinstance(v, ProcedureRunbook)}
 
 
 @cache
@@ -87,6 +126,10 @@ def checkpoints() -> CheckpointsRunbook:
 
 def operator_verbs() -> OperatorVerbsRunbook:
     return _typed("operator-verbs", OperatorVerbsRunbook)
+
+
+def suspend_stream() -> SuspendStreamRunbook:
+    return _typed("suspend-stream", SuspendStreamRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

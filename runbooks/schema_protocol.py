@@ -6,9 +6,9 @@ roles allowed to answer, a time to live, and a safe default taken when no one an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runbooks.schema import RunbookBase, Strict
 
@@ -110,6 +110,152 @@ class OperatorVerbsSpec(Strict):
         raise KeyError(f"no operator verb {name!r} in runbooks/operator-verbs.yaml")
 
 
-class OperatorVerbsRunbook(RunbookBase):
+# --- procedures: the runbooks that are Prefect deployments (flows/registry.py) ----------
+
+# Names of months and weekdays as cron accepts them (Vixie cron, and croniter, which Prefect
+# uses to read the expression).
+_MONTHS = {
+    m: n
+    for n, m in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
+_WEEKDAYS = {d: n for n, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
+_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_FIELDS = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _WEEKDAYS),
+)
+
+
+def check_cron(expression: str) -> str:
+    """Refuse what is not a 5-field cron expression or macro, naming the field that is wrong.
+
+    Checked here, not with Prefect's parser, because the relay loads the runbooks too and
+    never imports Prefect; flows/registry.py hands the expression to Prefect's Cron, and a
+    test builds every shipped schedule with it.
+    """
+    if expression.strip().lower() in _CRON_MACROS:
+        return expression
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {expression!r}: needs 5 fields (minute hour day-of-month month day-of-week) "
+            "or a macro such as @daily"
+        )
+    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            span, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and int(step) > 0):
+                raise ValueError(f"cron {expression!r}: bad step in the {name} field {text!r}")
+            if span == "*":
+                continue
+            bounds = span.split("-")
+            values = [names.get(b.lower(), int(b) if b.isdigit() else None) for b in bounds]
+            if len(bounds) > 2 or any(v is None or not low <= v <= high for v in values):
+                raise ValueError(
+                    f"cron {expression!r}: the {name} field {text!r} is not within {low}-{high}"
+                )
+    return expression
+
+
+class Schedule(Strict):
+    """When a procedure runs by itself: a cron expression (UTC) or an interval, or off.
+
+    Off (`enabled: false`) the procedure runs only on demand; it may keep its cron or
+    interval, so switching it back on is one word.
+    """
+
+    enabled: bool = Field(default=True, description="false: on demand only")
+    cron: str | None = Field(default=None, description="5-field cron expression, in UTC")
+    interval_seconds: int | None = Field(default=None, ge=1, le=366 * 86400)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Schedule:
+        if self.cron is not None and self.interval_seconds is not None:
+            raise ValueError("give cron or interval_seconds, not both")
+        if self.enabled and self.cron is None and self.interval_seconds is None:
+            raise ValueError("an enabled schedule needs cron or interval_seconds")
+        return self
+
+    @property
+    def runs_by_itself(self) -> bool:
+        return self.enabled
+
+    def describe(self) -> str:
+        """For people: `cron 0 3 * * * UTC`, `every 15m`, `on demand`."""
+        if not self.enabled:
+            return "on demand"
+        if self.cron is not None:
+            return f"cron {self.cron} UTC"
+        seconds = self.interval_seconds or 0
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds % size == 0:
+                return f"every {seconds // size}{unit}"
+        return f"every {seconds}s"
+
+
+KIND_PATTERN = r"^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+$"
+
+
+class ProcedureRunbook(RunbookBase):
+    """What every procedure's runbook declares besides its own rules (`spec`).
+
+    The loader checks across files that each checkpoint kind is declared in
+    runbooks/checkpoints.yaml and each template exists in every language.
+    """
+
+    schedule: Schedule
+    checkpoints: list[Annotated[str, Field(pattern=KIND_PATTERN)]] = Field(
+        default_factory=list, description="Checkpoint kinds it may ask (runbooks/checkpoints.yaml)"
+    )
+    templates: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list, description="Its texts: runbooks/templates/<language>/<name>.j2"
+    )
+
+    @model_validator(mode="after")
+    def _unique_lists(self) -> ProcedureRunbook:
+        for name in ("checkpoints", "templates"):
+            values = getattr(self, name)
+            if len(values) != len(set(values)):
+                raise ValueError(f"{name} must be unique")
+        return self
+
+
+class SuspendStreamSpec(Strict):
+    checkpoint: str = Field(
+        pattern=KIND_PATTERN, description="The checkpoint asked before a stream is held"
+    )
+
+
+class SuspendStreamRunbook(ProcedureRunbook):
+    kind: Literal["suspend-stream"]
+    spec: SuspendStreamSpec
+
+    @model_validator(mode="after")
+    def _asks_a_declared_checkpoint(self) -> SuspendStreamRunbook:
+        if self.spec.checkpoint not in self.checkpoints:
+            raise ValueError(f"spec.checkpoint {self.spec.checkpoint} is not in checkpoints")
+        return self
+
+
+class OperatorVerbsRunbook(ProcedureRunbook):
     kind: Literal["operator-verbs"]
     spec: OperatorVerbsSpec
+
+    @model_validator(mode="after")
+    def _asks_declared_checkpoints(self) -> OperatorVerbsRunbook:
+        for verb in self.spec.verbs:
+            if verb.checkpoint not in self.checkpoints:
+                raise ValueError(
+                    f"verb {verb.name}: checkpoint {verb.checkpoint} not in checkpoints"
+                )
+        return self

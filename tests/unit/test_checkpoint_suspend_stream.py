@@ -57,7 +57,10 @@ def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme, settings)
     assert entry.subject == "stream:acme/marketing"
     assert entry.evidence["previous_pool"] == "default"
     assert (entry.evidence["approval_id"], entry.evidence["approved_by"]) == (7, "alice")
-    assert (entry.runbook_id, entry.runbook_version) == ("checkpoints", "1.0")
+    assert (entry.runbook_id, entry.runbook_version) == ("suspend-stream", "1.0")
+    with session_scope(engine) as s:
+        created = s.exec(select(AuditEntry).where(AuditEntry.subject == f"pool:{HOLD_POOL}")).one()
+    assert (created.action, created.runbook_id) == ("pool.add", "suspend-stream")
 
 
 def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme, settings):

@@ -1,0 +1,93 @@
+"""The registry of procedures: every Protocol flow, its runbook, and how it is deployed.
+
+flows/deployments.py builds every deployment from this list (`axiom flows serve`, started by
+`axiom up`, serves them) and `axiom runbooks list` reads it, so adding a procedure is one entry
+here plus its runbook file. A deployment takes from the procedure's runbook its version
+(`<runbook id>-<version>`) and its schedule (runbooks/<id>.yaml `schedule`: a cron expression
+in UTC or an interval, or `enabled: false` for on demand only); its parameters, with their
+descriptions, come from the flow's signature and become the form in the Prefect UI.
+
+The rule for a scheduled procedure: a run that finds nothing to do costs one query and
+writes nothing but its own flow-run record. It reads what it would act on first (one select,
+no locks), returns at once when that is empty, and only then opens transactions, asks
+checkpoints, creates artifacts or posts to Slack; "nothing to do" is a log line, not an audit
+entry. Scheduled runs of every procedure may then run all day beside the relay at no cost to
+it (issue 12 measures the relay's rate with every schedule running).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from prefect import Flow
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron, Interval
+from prefect.schedules import Schedule as PrefectSchedule
+
+from runbooks.loader import operator_verbs, suspend_stream
+from runbooks.schema_protocol import ProcedureRunbook, Schedule
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """One deployment: `<flow name>/<name>` in Prefect, governed by `runbook()`."""
+
+    name: str
+    flow: Flow
+    runbook: Callable[[], ProcedureRunbook]
+    description: str  # the deployment's; the parameters' are in the flow's signature
+    tags: tuple[str, ...] = field(default=("protocol",))
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.flow.name}/{self.name}"
+
+    def deployment(self) -> RunnerDeployment:
+        rules = self.runbook()
+        return self.flow.to_deployment(
+            name=self.name,
+            description=self.description,
+            tags=list(self.tags),
+            version=f"{rules.id}-{rules.version}",
+            schedules=prefect_schedules(rules.schedule),
+        )
+
+
+def prefect_schedules(schedule: Schedule) -> list[PrefectSchedule]:
+    """The runbook's schedule as Prefect's; switched off, none: the deployment runs on demand."""
+    if not schedule.enabled:
+        return []
+    if schedule.cron is not None:
+        return [Cron(schedule.cron, timezone="UTC")]
+    return [Interval(timedelta(seconds=schedule.interval_seconds or 0), timezone="UTC")]
+
+
+def procedures() -> list[Procedure]:
+    """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
+    from flows.operator_verbs import FLOWS
+    from flows.suspend_stream import suspend_stream as suspend_stream_flow
+
+    return [
+        Procedure(
+            name="on-demand",
+            flow=suspend_stream_flow,
+            runbook=suspend_stream,
+            description=(
+                "Hold a tenant stream's outgoing mail after an operator approves it in Slack, "
+                "in this run's Resume form, or with `axiom approve`."
+            ),
+            tags=("protocol", "checkpoint"),
+        ),
+        *(
+            Procedure(
+                name="on-demand",
+                flow=verb_flow,
+                runbook=operator_verbs,
+                description=f"{verb_flow.description} The CLI does the same by hand.",
+                tags=("protocol", "checkpoint", "operator-verb"),
+            )
+            for verb_flow in FLOWS
+        ),
+    ]
