@@ -160,3 +160,38 @@ def test_runbooks_list_when_prefect_is_gone(tmp_path):
     document = json.loads(listed.stdout)
     assert document["prefect_error"].startswith(gone)
     assert {r["prefect"] for r in document["runbooks"] if r["deployment"]} == {"unreachable"}
+
+
+def test_axiom_flows_serve_registers_every_deployment_of_the_registry(prefect, tmp_path):
+    """What `axiom up` starts: the served deployments are the registry's, read back via the API."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "AXIOM_HOME": str(tmp_path),
+        "AXIOM_CONFIG": str(tmp_path / "absent.toml"),
+        "PREFECT_API_URL": prefect.api_url,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    with get_client(sync_client=True) as client:  # what the other tests registered goes
+        for old in client.read_deployments():
+            client.delete_deployment(old.id)
+        assert client.read_deployments() == []
+    serve = subprocess.Popen(
+        [str(VENV_BIN / "axiom"), "flows", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        ready = serve.stdout.readline()
+        assert ready.startswith(f"flows ready: {len(procedures())} deployment(s)"), ready
+        with get_client(sync_client=True) as client:
+            for procedure in procedures():
+                stored = client.read_deployment_by_name(procedure.deployment_name)
+                rules = procedure.runbook()
+                assert stored.version == f"{rules.id}-{rules.version}"
+                assert stored.schedules == []
+    finally:
+        serve.terminate()
+        serve.wait(30)
