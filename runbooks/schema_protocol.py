@@ -186,10 +186,6 @@ class Schedule(Strict):
             raise ValueError("an enabled schedule needs cron or interval_seconds")
         return self
 
-    @property
-    def runs_by_itself(self) -> bool:
-        return self.enabled
-
     def describe(self) -> str:
         """For people: `cron 0 3 * * * UTC`, `every 15m`, `on demand`."""
         if not self.enabled:

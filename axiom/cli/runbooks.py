@@ -59,29 +59,21 @@ def runbooks_list(
     except RunbookError as exc:
         raise fail(str(exc), 2) from None
     registered = procedures()
-    runs, problem = _deployment_runs(
-        settings().prefect_api(), [p.deployment_name for p in registered]
-    )
-    rows: list[dict[str, Any]] = []
-    for procedure in registered:
-        rules = procedure.runbook()
-        rows.append(
-            _row(rules, procedure.deployment_name)
-            | {"prefect": "unreachable" if problem else runs[procedure.deployment_name]["prefect"]}
-            | {k: None if problem else runs[procedure.deployment_name][k] for k in _RUN_KEYS}
-        )
+    api = settings().prefect_api()
+    runs, problem = _deployment_runs(api, [p.deployment_name for p in registered])
+    unknown = {"prefect": "unreachable", "last_run": None, "next_run": None}
+    rows: list[dict[str, Any]] = [
+        _row(p.runbook(), p.deployment_name) | runs.get(p.deployment_name, unknown)
+        for p in registered
+    ]
     governing = {p.runbook().id for p in registered}
-    rows += [
+    rows += [  # the rules the relay and the procedures read: no deployment of their own
         _row(rb, None) | {"prefect": None, "last_run": None, "next_run": None}
         for rb in runbooks.values()
         if rb.id not in governing
     ]
     if as_json:
-        document = {
-            "prefect_api": settings().prefect_api(),
-            "prefect_error": problem,
-            "runbooks": rows,
-        }
+        document = {"prefect_api": api, "prefect_error": problem, "runbooks": rows}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return
     table = Table("runbook", "version", "deployment", "schedule", "last run", "next run")
@@ -99,9 +91,6 @@ def runbooks_list(
     out.print(table)
     if problem:
         err.print(f"[yellow]{UNREACHABLE}:[/yellow] {escape(problem)}", highlight=False)
-
-
-_RUN_KEYS = ("last_run", "next_run")
 
 
 def _row(rb, deployment: str | None) -> dict[str, Any]:
