@@ -16,7 +16,7 @@ import typer
 
 from axiom.cli.app import app, engine, fail, out, redact, settings
 from axiom.setup import initialise
-from config.settings import ConfigError
+from config.settings import ConfigError, Settings
 from relay.submission.keystore import KeyBox
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -43,12 +43,10 @@ def keygen() -> None:
 def relay() -> None:
     """Run the relay: submission listeners, spool writer and the HTTP endpoint."""
     s = settings()
-    try:
-        # A bad setting is named before anything else, even before a missing home.
-        KeyBox(s.load_secret_key())  # a bad key is one line here, not a traceback at start
-    except (ConfigError, ValueError) as exc:
-        raise fail(str(exc), 2) from None
+    if s.secret_key:  # a bad AXIOM_SECRET_KEY is named first, even before a missing home
+        _check_secret_key(s)
     engine(s).dispose()  # an uninitialised home is one line here, not a traceback at start
+    _check_secret_key(s)  # the key file `axiom init` wrote, now that the home exists
     metrics_dir = s.home / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
@@ -124,3 +122,11 @@ def flows_serve() -> None:
     sys.stdout.write(f"flows ready: {len(served)} deployment(s): {names}\n")
     sys.stdout.flush()
     asyncio.run(runner.start())
+
+
+def _check_secret_key(s: Settings) -> None:
+    """A bad secret key is one line and exit 2 here, not a traceback once the relay starts."""
+    try:
+        KeyBox(s.load_secret_key())
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
