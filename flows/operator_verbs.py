@@ -19,13 +19,13 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from config.clock import SystemClock
 from config.settings import Settings
 from flows import resources
 from flows.checkpoint import request_approval
 from models import IpAddress, IpPool, IpState, Stream, Suspension
 from models.audit import as_utc
 from models.db import session_scope
+from models.sandbox_clock import clock_for
 from protocol import egress, suspensions, tenants
 from protocol.errors import ServiceError
 from protocol.verbs import by_flow
@@ -361,4 +361,6 @@ FLOWS = [
 
 
 def _now() -> datetime:
-    return SystemClock().now()
+    """The Protocol's time: the sandbox clock in sandbox, the system's in production."""
+    s = resources.settings()
+    return clock_for(s.environment, resources.engine_for(s)).now()

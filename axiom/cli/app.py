@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -18,6 +19,7 @@ from sqlmodel import Session
 from axiom.cli.home import HomeMissing, require_home
 from config.settings import ConfigError, Settings, load_settings
 from models.db import make_engine, session_scope
+from models.sandbox_clock import clock_for
 from protocol.errors import ServiceError
 from protocol.listing import Page
 
@@ -94,3 +96,9 @@ def say_if_cut(page: Page, noun: str, json_output: bool) -> None:
 
 def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
+
+
+def clock_now() -> datetime:
+    """The Protocol's time: the sandbox clock (with its offset) in sandbox, else the system's."""
+    s = settings()
+    return clock_for(s.environment, engine(s)).now()

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from axiom.cli.app import JsonFlag, admin, app, fail, out, print_json, reading
-from config.clock import SystemClock
+from axiom.cli.app import JsonFlag, admin, app, clock_now, fail, out, print_json, reading
 from protocol.egress import (
     add_ip,
     add_pool,
@@ -96,7 +95,7 @@ def stream_release(
     ] = None,
 ) -> None:
     """Release a held stream (pool hold) to the pool it left, and send its waiting mail."""
-    now = SystemClock().now()
+    now = clock_now()
     with admin() as session:
         act = by_operator(
             session, operator, "stream.release", f"stream:{tenant}/{stream}", reason, now
@@ -113,7 +112,7 @@ def stream_release(
 @ip_app.command("retire")
 def ip_retire(address: str, operator: AsOption, reason: ReasonOption) -> None:
     """Stop sending from ADDRESS (state retired); `axiom ip reinstate` undoes it."""
-    now = SystemClock().now()
+    now = clock_now()
     with admin() as session:
         act = by_operator(session, operator, "ip.retire", f"ip:{address}", reason, now)
         ip = retire_ip(session, address, act)
@@ -123,7 +122,7 @@ def ip_retire(address: str, operator: AsOption, reason: ReasonOption) -> None:
 @ip_app.command("reinstate")
 def ip_reinstate(address: str, operator: AsOption, reason: ReasonOption) -> None:
     """Return a retired ADDRESS to the state it had before its retirement."""
-    now = SystemClock().now()
+    now = clock_now()
     with admin() as session:
         act = by_operator(session, operator, "ip.reinstate", f"ip:{address}", reason, now)
         ip, woken = reinstate_ip(session, address, act)
@@ -136,7 +135,7 @@ def ip_reinstate(address: str, operator: AsOption, reason: ReasonOption) -> None
 @suspension_app.command("lift")
 def suspension_lift(suspension_id: int, operator: AsOption, reason: ReasonOption) -> None:
     """End suspension ID now and send the mail it held."""
-    now = SystemClock().now()
+    now = clock_now()
     with admin() as session:
         subject = _path(session, suspension_id)
         act = by_operator(session, operator, "suspension.lift", subject, reason, now)
@@ -163,7 +162,7 @@ def suspension_shorten(
     """Bring suspension ID's expiry forward (--until TIME or --by DURATION)."""
     if (until is None) == (by is None):
         raise fail("say either --until TIME or --by DURATION")
-    now = SystemClock().now()
+    now = clock_now()
     with admin() as session:
         subject = _path(session, suspension_id)
         act = by_operator(session, operator, "suspension.shorten", subject, reason, now)
@@ -211,7 +210,7 @@ def _aware(moment: datetime) -> datetime:
 def suspensions(json_output: JsonFlag = False) -> None:
     """Active protective suspensions and throttles of (IP, provider) paths."""
     with reading() as session:
-        rows = active_suspensions(session, SystemClock().now())
+        rows = active_suspensions(session, clock_now())
     if json_output:
         print_json([r.model_dump() for r in rows])
         return

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from axiom.cli.app import admin, app, err, out
-from config.clock import SystemClock
+from axiom.cli.app import admin, app, clock_now, err, out
 from protocol.tenants import add_credential, add_network, add_tenant, pause_tenant, resume_tenant
 from protocol.verbs import by_operator
 
@@ -44,7 +43,7 @@ ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the au
 def tenant_pause(name: str, operator: AsOption, reason: ReasonOption) -> None:
     """Pause NAME's sending: submissions get 451 4.7.1, queued mail waits; nothing is lost."""
     with admin() as session:
-        act = by_operator(session, operator, "tenant.pause", f"tenant:{name}", reason, _now())
+        act = by_operator(session, operator, "tenant.pause", f"tenant:{name}", reason, clock_now())
         pause_tenant(session, name, act)
     out.print(
         f"tenant [bold]{name}[/bold] paused: new submissions get 451 4.7.1 within a few "
@@ -57,15 +56,11 @@ def tenant_pause(name: str, operator: AsOption, reason: ReasonOption) -> None:
 def tenant_resume(name: str, operator: AsOption, reason: ReasonOption) -> None:
     """Resume NAME's sending and send the mail that waited."""
     with admin() as session:
-        act = by_operator(session, operator, "tenant.resume", f"tenant:{name}", reason, _now())
+        act = by_operator(session, operator, "tenant.resume", f"tenant:{name}", reason, clock_now())
         _, woken = resume_tenant(session, name, act)
     out.print(
         f"tenant [bold]{name}[/bold] resumed; {woken} waiting recipient(s) woken", soft_wrap=True
     )
-
-
-def _now():
-    return SystemClock().now()
 
 
 @credential_app.command("add")
