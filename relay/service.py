@@ -33,7 +33,7 @@ from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
 from relay.metrics import build_inbound_metrics, build_metrics
 from relay.patches import install_all_or_exit
 from relay.spool.writer import Spool
-from relay.submission.auth import CredentialCache, LockoutTracker
+from relay.submission.auth import CredentialCache, LockoutTracker, dummy_hash
 from relay.submission.keystore import KeyBox
 from relay.submission.policy import PolicyStore
 from relay.submission.server import (
@@ -55,6 +55,7 @@ log = logging.getLogger("axiom.relay")
 
 def build_context(settings: Settings, engine, clock: Clock) -> RelayContext:
     secret = settings.load_secret_key()
+    dummy_hash()  # made now, so the first AUTH of an unknown user takes as long as any other
     policy = PolicyStore(
         engine,
         KeyBox(secret),

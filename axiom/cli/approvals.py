@@ -20,7 +20,6 @@ from axiom.cli.app import (
     reading,
     settings,
 )
-from notifications.slack import approval_channels
 from protocol.approvals import Answer, ApprovalDesk, Refusal
 from protocol.operators import add_operator, list_operators
 
@@ -63,6 +62,8 @@ def operator_list(json_output: JsonFlag = False) -> None:
 @app.command()
 def approvals(json_output: JsonFlag = False) -> None:
     """Pending checkpoint approvals, soonest to expire first."""
+    from notifications.slack import approval_channels  # slack_sdk: ~80 ms, for this only
+
     s = settings()
     rows = ApprovalDesk(engine(s)).pending()  # reads only: no Slack, no Prefect
     if json_output:

@@ -9,7 +9,6 @@ import typer
 
 from axiom.cli.app import JsonFlag, admin, app, fail, out, print_json, settings
 from config.settings import ConfigError
-from protocol.domains import activate_domain, add_domain, domain_records
 from relay.submission.keystore import KeyBox
 
 domain_app = typer.Typer(no_args_is_help=True, help="Sending domains and their DNS records.")
@@ -19,6 +18,9 @@ app.add_typer(domain_app, name="domain")
 @domain_app.command("add")
 def domain_add(tenant: str, domain: str) -> None:
     """Add a sending domain (pending) with RSA-2048 and Ed25519 DKIM keys; print its records."""
+    # DKIM and key libraries (~90 ms) load for the domain commands only
+    from protocol.domains import add_domain
+
     try:
         keybox = KeyBox(settings().load_secret_key())
     except (ConfigError, ValueError) as exc:
@@ -32,6 +34,9 @@ def domain_add(tenant: str, domain: str) -> None:
 @domain_app.command("records")
 def domain_records_command(domain: str, json_output: JsonFlag = False) -> None:
     """The DNS records the customer must publish for DOMAIN."""
+    # DKIM and key libraries (~90 ms) load for the domain commands only
+    from protocol.domains import domain_records
+
     with admin() as session:
         records = domain_records(session, domain, settings().hostname)
     if json_output:
@@ -56,6 +61,9 @@ def domain_activate(
     reason: Annotated[str, typer.Option("--reason", help="Why it is activated by hand.")],
 ) -> None:
     """Activate DOMAIN by hand (audited). The onboarding runbook is the normal path."""
+    # DKIM and key libraries (~90 ms) load for the domain commands only
+    from protocol.domains import activate_domain
+
     with admin() as session:
         activate_domain(session, domain, operator, reason)
     out.print(f"domain [bold]{domain.lower()}[/bold] is active; its DKIM keys now sign")

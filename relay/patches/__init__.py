@@ -28,9 +28,11 @@ def _modules(libraries: tuple[str, ...]) -> list[ModuleType]:
 
 def check_versions(*libraries: str) -> None:
     """Raise PatchVersionError (one line) for the first library outside its tested range."""
+    from packaging.specifiers import SpecifierSet  # ~50 ms: only when a relay starts
+
     for module in _modules(libraries):
         version = metadata.version(module.DISTRIBUTION)
-        if not module.TESTED.contains(version, prereleases=True):
+        if not SpecifierSet(module.TESTED).contains(version, prereleases=True):
             path = module.__name__.replace(".", "/") + ".py"
             raise PatchVersionError(
                 f"{module.DISTRIBUTION} {version} is not a version {path} was tested with "

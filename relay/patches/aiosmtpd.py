@@ -41,10 +41,9 @@ import types
 from functools import lru_cache
 
 import aiosmtpd.smtp as _aiosmtpd_smtp
-from packaging.specifiers import SpecifierSet
 
 DISTRIBUTION = "aiosmtpd"
-TESTED = SpecifierSet(">=1.4.6,<1.5")
+TESTED = ">=1.4.6,<1.5"  # a PEP 440 range, parsed only by the start-up check
 
 _PREFIXES = ("auth_", "handle_", "smtp_")
 

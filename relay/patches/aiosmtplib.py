@@ -22,13 +22,12 @@ import functools
 
 import aiosmtplib.protocol as _protocol
 import aiosmtplib.smtp as _smtp
-from packaging.specifiers import SpecifierSet
 
 from relay.delivery.pipelining import PipeliningProtocol
 from relay.patches.replacements import Replacements
 
 DISTRIBUTION = "aiosmtplib"
-TESTED = SpecifierSet(">=5.1.3,<5.2")
+TESTED = ">=5.1.3,<5.2"  # a PEP 440 range, parsed only by the start-up check
 
 _quote_address = _smtp.quote_address
 _normalize = _protocol.normalize_message_line_endings

@@ -29,12 +29,11 @@ import nacl.signing
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from packaging.specifiers import SpecifierSet
 
 from relay.patches.replacements import Replacements
 
 DISTRIBUTION = "dkimpy"
-TESTED = SpecifierSet(">=1.1.8,<1.2")
+TESTED = ">=1.1.8,<1.2"  # a PEP 440 range, parsed only by the start-up check
 
 _canon = dkim.canonicalization
 _pure_parse_pem = dkim.parse_pem_private_key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -15,8 +16,14 @@ from argon2.exceptions import InvalidHashError, VerificationError
 # argon2id with the library's RFC 9106 "low memory" profile: ~50 ms per verify here, which is
 # why verified credentials are cached (see CredentialCache).
 _hasher = PasswordHasher()
-# Verified against when the username is unknown, so timing does not reveal which users exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the username is unknown, so timing does not reveal which users
+    exist. Made on first use (a hash costs ~100 ms, which every CLI command paid at import);
+    the relay makes it at start (relay.service), so the first unknown user is not faster."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def hash_password(password: str) -> str:
@@ -35,7 +42,7 @@ def generate_password() -> str:
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _hasher.verify(stored_hash or dummy_hash(), password) and stored_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 
