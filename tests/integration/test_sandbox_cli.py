@@ -255,6 +255,9 @@ def stack(axiom_home, world):
     relay.stop()
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # scenarios: one backend each, both seen
 def test_blocklisted_ip_scenario_reports_refusals_and_the_suspensions_they_caused(stack):
     result = stack.cli("scenario", "blocklisted-ip", "--count", "20", "--timeout", "60", "--json")
     report = json.loads(result.stdout)
@@ -286,6 +289,9 @@ def test_blocklisted_ip_scenario_reports_refusals_and_the_suspensions_they_cause
     assert ("microsoft", "blocklisted") in outcomes and ("google", "unauthenticated") in outcomes
 
 
+@pytest.mark.parametrize(
+    "db_url", ["sqlite"], indirect=True
+)  # scenarios: one backend each, both seen
 def test_complaint_spike_then_cold_ip_campaign(stack):
     spike = json.loads(
         stack.cli(
@@ -334,6 +340,9 @@ def test_complaint_spike_then_cold_ip_campaign(stack):
 
 
 # ---------------------------------------------------------------- what the README promises
+# The scenarios' outcomes do not depend on the database: the four in the README's order run on
+# PostgreSQL, the single scenarios and the clock on SQLite, so each backend sees every scenario
+# (the suite's time: each of these takes 9-30 s).
 BROKEN_DKIM_REPLIES = {
     "google": "5.7.30",
     "yahoo": "5.7.9",
@@ -375,7 +384,11 @@ def assert_cold_ip_campaign(report: dict) -> None:
 def assert_blocklisted_ip(report: dict) -> None:
     """Providers consulting Spamhaus refuse with their blocklist replies; Gmail accepts."""
     by = {p["provider"]: p for p in report["providers"]}
-    assert by["google"]["blocked"] == 0 and by["google"]["delivered"] >= 1, by["google"]
+    # Gmail consults no public DNSBL: it never refuses these. Its mail goes out, unless the
+    # blocklisted-anywhere reaction to Microsoft's refusals suspended the IP for every provider
+    # first (a race of milliseconds): then it is held, not refused (a full run hit it).
+    google = by["google"]
+    assert google["blocked"] == 0 and google["delivered"] + google["held"] == google["sent"]
     for provider in ("microsoft", "yahoo", "apple"):
         assert by[provider]["delivered"] == 0, by[provider]
         assert by[provider]["blocked"] + by[provider]["held"] == by[provider]["sent"]
@@ -408,6 +421,9 @@ def assert_broken_dkim(report: dict) -> None:
     assert sum(p["blocked"] for p in by.values()) >= 6, by
 
 
+@pytest.mark.parametrize(
+    "db_url", ["postgresql"], indirect=True
+)  # scenarios: one backend each, both seen
 def test_the_readme_scenarios_run_in_its_order_with_a_reset_between(stack):
     cold = _scenario(stack, "cold-ip-campaign", "--count", "40")
     assert_cold_ip_campaign(cold)
@@ -466,6 +482,7 @@ def _submit(home, demo: dict, rcpt: str) -> None:
         )
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # clock reads: unit-tested on both
 def test_advancing_the_clock_ends_a_suspension_and_brings_retries_due(stack):
     """A 2-hour suspension ends when the clock moves 3 hours: the mail it held goes out at once,
     in the relay and at the world's simulated Gmail; the world ages reputations likewise."""
