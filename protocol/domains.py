@@ -15,11 +15,11 @@ from models import (
 )
 from models.audit_trail import record
 from protocol.errors import DOMAIN_NAME, ServiceError, operator_actor
-from protocol.operators import operator_named, role_set
+from protocol.operators import permitted
 from protocol.tenants import get_tenant
 from relay.submission.dkim import generate_key, selector_for, txt_record_value
 from relay.submission.keystore import KeyBox
-from runbooks.loader import checkpoints, dkim_signing
+from runbooks.loader import dkim_signing
 
 # The checkpoint kind whose roles may activate a domain, by hand or in the onboarding runbook.
 ACTIVATE = "domain.activate"
@@ -154,16 +154,8 @@ def mark_domain_active(
 
 
 def _check_may_activate(session: Session, name: str, domain: str, reason: str) -> None:
-    allowed = set(checkpoints().spec.for_kind(ACTIVATE).roles)
-    needed = f"{ACTIVATE} needs one of the roles [{', '.join(sorted(allowed))}]"
-    operator = operator_named(session, name)
-    if operator is None:
-        refusal = (
-            f"{name.strip()} is not a registered operator ({needed}; see `axiom operator add`)"
-        )
-    elif not allowed & role_set(operator.roles):
-        refusal = f"operator {operator.name} holds roles [{operator.roles or 'none'}]; {needed}"
-    else:
+    operator, refusal = permitted(session, name, ACTIVATE, ACTIVATE)
+    if operator is not None:
         return
     record(
         session,

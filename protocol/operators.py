@@ -60,6 +60,23 @@ def operator_named(session: Session, name: str) -> Operator | None:
     return session.exec(select(Operator).where(Operator.name == name)).first()
 
 
+def permitted(session: Session, name: str, kind: str, what: str) -> tuple[Operator | None, str]:
+    """The registered operator `name` when one of their roles may answer checkpoints of `kind`
+    (runbooks/checkpoints.yaml, deny by default), with ""; else None and the refusal, which
+    says that `what` needs one of the kind's roles."""
+    allowed = set(checkpoints().spec.for_kind(kind).roles)
+    needed = f"{what} needs one of the roles [{', '.join(sorted(allowed))}]"
+    operator = operator_named(session, name)
+    if operator is None:
+        return (
+            None,
+            f"{name.strip()} is not a registered operator ({needed}; see `axiom operator add`)",
+        )
+    if not allowed & role_set(operator.roles):
+        return None, f"operator {operator.name} holds roles [{operator.roles or 'none'}]; {needed}"
+    return operator, ""
+
+
 def role_set(roles: str) -> set[str]:
     """An operator's or a checkpoint's comma-separated roles as a set."""
     return {r.strip() for r in roles.split(",") if r.strip()}

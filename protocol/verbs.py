@@ -26,8 +26,8 @@ from sqlmodel import Session, select
 from models import Message, Recipient, RecipientState, Stream
 from models.audit_trail import record
 from protocol.errors import ServiceError, operator_actor
-from protocol.operators import operator_named, role_set
-from runbooks.loader import checkpoints, operator_verbs
+from protocol.operators import permitted
+from runbooks.loader import operator_verbs
 
 # The prefixes of a postponement's last_reply (relay/delivery/engine.py, relay/spool/claims.py).
 WAITING = "waiting: "
@@ -75,16 +75,8 @@ def by_operator(session: Session, name: str, verb: str, subject: str, reason: st
     if len(reason.strip()) < 3:
         raise ServiceError("--reason must say why (3 characters or more)")
     kind = operator_verbs().spec.verb(verb).checkpoint
-    allowed = set(checkpoints().spec.for_kind(kind).roles)
-    needed = f"{verb} needs one of the roles [{', '.join(sorted(allowed))}]"
-    operator = operator_named(session, name)
-    if operator is None:
-        refusal = (
-            f"{name.strip()} is not a registered operator ({needed}; see `axiom operator add`)"
-        )
-    elif not allowed & role_set(operator.roles):
-        refusal = f"operator {operator.name} holds roles [{operator.roles or 'none'}]; {needed}"
-    else:
+    operator, refusal = permitted(session, name, kind, verb)
+    if operator is not None:
         return Act(actor=operator_actor(operator.name), reason=reason.strip(), now=now)
     Act(actor=operator_actor(name.strip()), reason=reason, now=now).audit(
         session, f"{verb}.refused", subject, {"detail": refusal}
