@@ -26,15 +26,18 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from config.settings import Settings
+from flows.procedure import ProcedureRun
 from flows.resources import engine_for
 from models import Approval
 from models.audit import as_utc
 from notifications.desk import approval_desk
 from notifications.slack import compact
 from notifications.templates import render
+from protocol import procedures
 from protocol.approvals import PENDING, Answer, ApprovalDesk, Refusal
 from runbooks.loader import checkpoints
 from runbooks.schema import RunbookBase
+from runbooks.schema_protocol import Checkpoint
 
 # Prefect's own pause deadline is only a backstop behind our expiry timer: should the timer
 # fail to wake the run (API unreachable at that moment), the run still wakes and expires.
@@ -90,6 +93,7 @@ def request_approval(
     *,
     settings: Settings,
     runbook: RunbookBase | None = None,
+    procedure: ProcedureRun | None = None,
 ) -> Decision:
     """Pause the current flow run until a person allowed for `kind` answers, or it expires.
 
@@ -97,6 +101,9 @@ def request_approval(
     settings are the run's (flows.resources.settings()), resolved once by the flow.
     runbook is the procedure's own (its id and version go on the Approval row and on every
     audit entry about it); without one, runbooks/checkpoints.yaml's.
+    procedure: the durable procedure asking (flows/procedure.py). The request is then one of
+    its steps (asked once, however often the run starts again), and in a run of a deployment
+    the wait suspends the run: no process waits, and the sweep takes the expiry.
     """
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
@@ -105,6 +112,10 @@ def request_approval(
     checkpoint = declared.spec.for_kind(kind)
     runbook = runbook or declared
     desk = approval_desk(settings, engine_for(settings))
+    if procedure is not None:
+        return _durable_checkpoint(
+            desk, procedure, checkpoint, runbook, subject, proposal, evidence, ttl, safe_default
+        )
     stop = threading.Event()
     timer: threading.Timer | None = None
     try:
@@ -120,42 +131,154 @@ def request_approval(
             safe_default=safe_default,
         )
         assert approval.id is not None
-        logger = get_run_logger()
-        logger.info(
-            "approval #%s requested: %s on %s; answer in Slack, in this run's Resume form, "
-            "or with `axiom approve %s --as NAME [--reject]`",
-            approval.id,
-            kind,
-            subject,
-            approval.id,
-        )
+        _log_requested(approval)
         threading.Thread(
             target=desk.announce, args=(approval.id, stop), name="slack-announce", daemon=True
         ).start()
-        timer = threading.Timer(
-            _seconds_left(desk, approval) + 0.05, desk.expire_and_wake, args=(approval.id,)
-        )
-        timer.daemon = True
-        timer.start()
-        form = ApprovalAnswer.with_initial_data(
-            description=_form_description(checkpoint.title, approval, settings.slack_language)
-        )
+        timer = _expiry_timer(desk, approval)
+        form = _form(checkpoint.title, approval, settings.slack_language)
         final = _wait_for_decision(desk, approval.id, form, settings.checkpoint_poll_seconds)
-        logger.info(
-            "approval #%s %s%s",
-            final.id,
-            final.state,
-            f" by {final.decided_by} via {final.decided_via}" if final.decided_by else "",
-        )
-        return Decision.from_row(final)
+        return _decided(final)
     finally:
         stop.set()
         if timer is not None:
             timer.cancel()
 
 
+def _durable_checkpoint(
+    desk: ApprovalDesk,
+    procedure: ProcedureRun,
+    checkpoint: Checkpoint,
+    runbook: RunbookBase,
+    subject: str,
+    proposal: dict,
+    evidence: dict,
+    ttl: timedelta | None,
+    safe_default: str | None,
+) -> Decision:
+    """The checkpoint as a step of a durable procedure: asked once, waited for without a
+    process (in a deployment's run), answered through the same desk."""
+    step = f"checkpoint:{checkpoint.kind}:{subject}"
+    asked = procedure.done(step)
+    if asked is None:
+        try:
+            approval = desk.open(
+                checkpoint=checkpoint,
+                subject=subject,
+                proposal=proposal,
+                evidence=evidence,
+                runbook_id=runbook.id,
+                runbook_version=runbook.version,
+                flow_run_id=procedure.flow_run_id,
+                ttl=ttl,
+                safe_default=safe_default,
+                within=lambda session, row: procedures.record_step(
+                    session,
+                    procedure.id,
+                    step,
+                    {"approval_id": row.id},
+                    flow_run_id=procedure.flow_run_id,
+                    now=procedure.now(),
+                ),
+            )
+        except procedures.StepAlreadyDone as first:  # another run of it asked first
+            approval = _reread(desk, first.result["approval_id"])
+        else:
+            _log_requested(approval)
+            _announce_now(desk, approval, procedure)
+    else:
+        approval = _reread(desk, asked["approval_id"])
+    assert approval.id is not None
+    timer = None if procedure.durable else _expiry_timer(desk, approval)
+    stop = threading.Event()
+    if not procedure.durable and approval.state == PENDING:
+        threading.Thread(
+            target=desk.announce, args=(approval.id, stop), name="slack-announce", daemon=True
+        ).start()
+    try:
+        form = _form(checkpoint.title, approval, procedure.settings.slack_language)
+        pauses = 0
+        while True:
+            row = _reread(desk, approval.id)
+            if row.state != PENDING:
+                return _decided(row)
+            left = _seconds_left(desk, row)
+            if left <= 0:
+                return _decided(desk.expire(approval.id) or row)
+            pauses += 1
+            key = f"approval-{approval.id}-{pauses}"
+            waiting_for = f"approval #{approval.id} ({checkpoint.kind})"
+            until = as_utc(row.expires_at)
+            if procedure.durable:
+                answer = procedure.wait(
+                    key,
+                    waiting_for=waiting_for,
+                    until=until,
+                    approval_id=approval.id,
+                    wait_for_input=form,
+                )
+            else:
+                procedure.wait(key, waiting_for=waiting_for, until=until, approval_id=approval.id)
+                answer = _pause(approval.id, form, left, pauses, procedure.settings)
+            if answer is None or _reread(desk, approval.id).state != PENDING:
+                continue
+            if procedure.done(f"answered:{key}") is None:  # not yet put through the desk
+                _take_form_answer(desk, approval.id, answer)
+                handled = {"operator": answer.operator}
+                procedure.step(f"answered:{key}", lambda _session, done=handled: done)
+    finally:
+        stop.set()
+        if timer is not None:
+            timer.cancel()
+
+
+def _announce_now(desk: ApprovalDesk, approval: Approval, procedure: ProcedureRun) -> None:
+    """Post the request before the run suspends (its process is about to end); should Slack
+    be unavailable, the sweep posts it later. A run without a deployment keeps retrying in
+    its background thread instead."""
+    if procedure.durable and approval.id is not None:
+        desk.announce_once(approval.id)
+
+
+def _log_requested(approval: Approval) -> None:
+    get_run_logger().info(
+        "approval #%s requested: %s on %s; answer in Slack, in this run's Resume form, "
+        "or with `axiom approve %s --as NAME [--reject]`",
+        approval.id,
+        approval.kind,
+        approval.subject,
+        approval.id,
+    )
+
+
+def _decided(final: Approval) -> Decision:
+    get_run_logger().info(
+        "approval #%s %s%s",
+        final.id,
+        final.state,
+        f" by {final.decided_by} via {final.decided_via}" if final.decided_by else "",
+    )
+    return Decision.from_row(final)
+
+
+def _expiry_timer(desk: ApprovalDesk, approval: Approval) -> threading.Timer:
+    assert approval.id is not None
+    timer = threading.Timer(
+        _seconds_left(desk, approval) + 0.05, desk.expire_and_wake, args=(approval.id,)
+    )
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _form(title: str, approval: Approval, language: str):
+    return ApprovalAnswer.with_initial_data(
+        description=_form_description(title, approval, language)
+    )
+
+
 def _wait_for_decision(desk: ApprovalDesk, approval_id: int, form, poll_seconds: int) -> Approval:
-    logger = get_run_logger()
+    """In-process: pause (the process waits) until the row is decided or expires."""
     pauses = 0
     while True:
         row = _reread(desk, approval_id)
@@ -165,39 +288,58 @@ def _wait_for_decision(desk: ApprovalDesk, approval_id: int, form, poll_seconds:
         if left <= 0:
             return desk.expire(approval_id) or row
         pauses += 1
-        try:
-            answer = pause_flow_run(
-                wait_for_input=form,
-                timeout=math.ceil(left) + PAUSE_GRACE_SECONDS,
-                poll_interval=poll_seconds,
-                key=f"approval-{approval_id}-{pauses}",
-            )
-        except FlowPauseTimeout:
-            logger.warning("approval #%s: the expiry timer did not wake the run", approval_id)
+        answer = _pause(approval_id, form, left, pauses, None, poll_seconds)
+        if answer is None:
             continue
-        row = _reread(desk, approval_id)
-        if row.state != PENDING:
-            return row  # recorded by an answer path (Slack, CLI) or the expiry
-        # Woken with the row still pending: the Prefect UI form or a hand-made API call.
-        try:
-            desk.decide(
-                Answer(
-                    approval_id=approval_id,
-                    verdict=answer.decision,
-                    via="prefect-ui",
-                    operator=answer.operator,
-                    comment=answer.comment,
-                ),
-                resume_flow=False,
-            )
-        except Refusal as refusal:
-            logger.warning(
-                "approval #%s: resume by %r refused (%s: %s); waiting again",
-                approval_id,
-                answer.operator,
-                refusal.reason,
-                refusal.message,
-            )
+        if _reread(desk, approval_id).state != PENDING:
+            continue  # recorded by an answer path (Slack, CLI) or the expiry
+        _take_form_answer(desk, approval_id, answer)
+
+
+def _pause(
+    approval_id: int,
+    form,
+    left: float,
+    pauses: int,
+    settings: Settings | None,
+    poll_seconds: int | None = None,
+):
+    """Pause this run (its process waits); None when Prefect's backstop deadline woke it."""
+    poll = poll_seconds if poll_seconds is not None else settings.checkpoint_poll_seconds  # type: ignore[union-attr]
+    try:
+        return pause_flow_run(
+            wait_for_input=form,
+            timeout=math.ceil(left) + PAUSE_GRACE_SECONDS,
+            poll_interval=poll,
+            key=f"approval-{approval_id}-{pauses}",
+        )
+    except FlowPauseTimeout:
+        get_run_logger().warning("approval #%s: the expiry timer did not wake the run", approval_id)
+        return None
+
+
+def _take_form_answer(desk: ApprovalDesk, approval_id: int, answer: ApprovalAnswer) -> None:
+    """Woken with the row still pending: the Prefect UI form or a hand-made API call. The
+    answer goes through the desk's checks like any other; a refusal means waiting again."""
+    try:
+        desk.decide(
+            Answer(
+                approval_id=approval_id,
+                verdict=answer.decision,
+                via="prefect-ui",
+                operator=answer.operator,
+                comment=answer.comment,
+            ),
+            resume_flow=False,
+        )
+    except Refusal as refusal:
+        get_run_logger().warning(
+            "approval #%s: resume by %r refused (%s: %s); waiting again",
+            approval_id,
+            answer.operator,
+            refusal.reason,
+            refusal.message,
+        )
 
 
 def _reread(desk: ApprovalDesk, approval_id: int) -> Approval:

@@ -13,15 +13,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from config.settings import Settings
 from flows import resources
 from flows.checkpoint import request_approval
+from flows.procedure import ProcedureId, procedure
 from models import IpAddress, IpPool, IpState, Stream, Suspension
 from models.audit import as_utc
 from models.db import session_scope
@@ -48,31 +46,6 @@ class VerbOutcome(BaseModel):
     detail: dict = Field(default_factory=dict)
 
 
-@task(cache_policy=NO_CACHE)
-def read_state(settings: Settings, verb: str, read: Callable[[Session], dict]) -> dict:
-    """The evidence the approver sees; raises ServiceError when there is nothing to do."""
-    with session_scope(resources.engine_for(settings)) as session:
-        return read(session)
-
-
-@task(cache_policy=NO_CACHE)
-def perform(
-    settings: Settings,
-    verb: str,
-    reason: str,
-    approval_id: int,
-    approved_by: str,
-    act: Callable[..., dict],
-) -> dict:
-    """The change itself, in one transaction with its audit entry."""
-    run = FlowRunContext.get()
-    run_id = str(run.flow_run.id) if run and run.flow_run else "unknown"
-    with session_scope(resources.engine_for(settings)) as session:
-        done = act(session, by_flow(run_id, reason, _now(), approval_id, approved_by))
-        session.commit()
-        return done
-
-
 def _verb(
     verb: str,
     subject: str,
@@ -80,39 +53,52 @@ def _verb(
     reason: str,
     read: Callable[[Session], dict],
     act: Callable[..., dict],
+    procedure_id: int | None,
 ) -> VerbOutcome:
+    """read the state → checkpoint → act, as a durable procedure: each step once, the wait
+    for the approver held by no process (flows/procedure.py)."""
     logger = get_run_logger()
     settings = resources.settings()
-    try:
-        evidence = read_state(settings, verb, read)
-    except ServiceError as exc:
-        logger.info("%s on %s: nothing to do (%s)", verb, subject, exc)
-        return VerbOutcome(
-            verb=verb, subject=subject, outcome="nothing_to_do", detail={"why": str(exc)}
-        )
     runbook = operator_verbs()
     spec = runbook.spec.verb(verb)
-    decision = request_approval(
-        kind=spec.checkpoint,
-        subject=subject,
-        proposal={"action": proposal, "reason": reason, "by hand": spec.command},
-        evidence=evidence,
-        settings=settings,
-        runbook=runbook,
-    )
-    base = {
-        "verb": verb,
-        "subject": subject,
-        "approval_id": decision.approval_id,
-        "decision": decision.outcome,
-        "decided_by": decision.decided_by,
-    }
-    if not decision.approved:
-        logger.info("%s on %s not done: approval %s", verb, subject, decision.outcome)
-        return VerbOutcome(outcome="not_done", detail=evidence, **base)
-    done = perform(settings, verb, reason, decision.approval_id, decision.decided_by or "", act)
-    logger.info("%s on %s done: %s", verb, subject, done)
-    return VerbOutcome(outcome="done", detail=done, **base)
+    with procedure(runbook, subject=subject, procedure_id=procedure_id, settings=settings) as p:
+        try:
+            evidence = p.step("read", read)  # the evidence the approver sees
+        except ServiceError as exc:
+            logger.info("%s on %s: nothing to do (%s)", verb, subject, exc)
+            outcome = VerbOutcome(
+                verb=verb, subject=subject, outcome="nothing_to_do", detail={"why": str(exc)}
+            )
+            p.finish(outcome.model_dump())
+            return outcome
+        decision = request_approval(
+            kind=spec.checkpoint,
+            subject=subject,
+            proposal={"action": proposal, "reason": reason, "by hand": spec.command},
+            evidence=evidence,
+            settings=settings,
+            runbook=runbook,
+            procedure=p,
+        )
+        base = {
+            "verb": verb,
+            "subject": subject,
+            "approval_id": decision.approval_id,
+            "decision": decision.outcome,
+            "decided_by": decision.decided_by,
+        }
+        if not decision.approved:
+            logger.info("%s on %s not done: approval %s", verb, subject, decision.outcome)
+            outcome = VerbOutcome(outcome="not_done", detail=evidence, **base)
+        else:
+            who = by_flow(
+                p.flow_run_id, reason, p.now(), decision.approval_id, decision.decided_by or ""
+            )
+            done = p.step("act", lambda session: act(session, who))  # with its audit entry
+            logger.info("%s on %s done: %s", verb, subject, done)
+            outcome = VerbOutcome(outcome="done", detail=done, **base)
+        p.finish(outcome.model_dump())
+        return outcome
 
 
 # --- suspensions ---
@@ -139,12 +125,14 @@ def _path(suspension_id: int) -> str:
 def lift_suspension(
     suspension_id: Annotated[int, Field(description="The suspension's id (`axiom suspensions`)")],
     reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """End a protective suspension of an (IP, provider) path now, once a person approves.
 
     Args:
         suspension_id: The suspension's id, as `axiom suspensions` lists it.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
 
     def act(session: Session, who) -> dict:
@@ -158,6 +146,7 @@ def lift_suspension(
         reason,
         lambda s: _suspension(s, suspension_id),
         act,
+        procedure_id,
     )
 
 
@@ -166,6 +155,7 @@ def shorten_suspension(
     suspension_id: Annotated[int, Field(description="The suspension's id (`axiom suspensions`)")],
     until: Annotated[datetime, Field(description="Its new expiry (UTC), before the current one")],
     reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Bring a suspension's expiry forward, once a person approves.
 
@@ -173,6 +163,7 @@ def shorten_suspension(
         suspension_id: The suspension's id, as `axiom suspensions` lists it.
         until: Its new expiry (UTC when no offset is given), before the current one.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
     new_until = as_utc(until)
 
@@ -187,6 +178,7 @@ def shorten_suspension(
         reason,
         lambda s: _suspension(s, suspension_id),
         act,
+        procedure_id,
     )
 
 
@@ -200,13 +192,16 @@ def _tenant(session: Session, name: str, paused: bool) -> dict:
 
 @flow(name="pause-tenant")
 def pause_tenant(
-    tenant: Annotated[str, Field(description="The tenant (customer) name")], reason: Reason
+    tenant: Annotated[str, Field(description="The tenant (customer) name")],
+    reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Pause a tenant's sending (451 4.7.1 to new mail, queued mail waits), once approved.
 
     Args:
         tenant: The tenant (customer) name.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
     return _verb(
         "tenant.pause",
@@ -215,18 +210,22 @@ def pause_tenant(
         reason,
         lambda s: _tenant(s, tenant, paused=True),
         lambda s, who: {"paused": tenants.pause_tenant(s, tenant, who).name},
+        procedure_id,
     )
 
 
 @flow(name="resume-tenant")
 def resume_tenant(
-    tenant: Annotated[str, Field(description="The tenant (customer) name")], reason: Reason
+    tenant: Annotated[str, Field(description="The tenant (customer) name")],
+    reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Resume a paused tenant and send what waited, once approved.
 
     Args:
         tenant: The tenant (customer) name.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
     return _verb(
         "tenant.resume",
@@ -235,6 +234,7 @@ def resume_tenant(
         reason,
         lambda s: _tenant(s, tenant, paused=False),
         lambda s, who: {"woken": tenants.resume_tenant(s, tenant, who)[1]},
+        procedure_id,
     )
 
 
@@ -262,6 +262,7 @@ def release_stream(
         str | None,
         Field(description="Bind to this pool; empty: the pool the hold left (from its audit)"),
     ] = None,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Release a held stream to its previous pool (or `pool`), once a person approves.
 
@@ -270,6 +271,7 @@ def release_stream(
         stream: The held stream, e.g. marketing.
         reason: Why; shown to the approver and kept in the audit trail.
         pool: Bind to this pool; empty: the pool the hold left, read from the audit of the hold.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
 
     def act(session: Session, who) -> dict:
@@ -283,6 +285,7 @@ def release_stream(
         reason,
         lambda s: _held(s, tenant, stream),
         act,
+        procedure_id,
     )
 
 
@@ -306,13 +309,16 @@ def _ip(session: Session, address: str, retired: bool) -> dict:
 
 @flow(name="retire-ip")
 def retire_ip(
-    address: Annotated[str, Field(description="The source IP address")], reason: Reason
+    address: Annotated[str, Field(description="The source IP address")],
+    reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Retire a source IP (it stops sending), once a person approves.
 
     Args:
         address: The source IP address.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
     return _verb(
         "ip.retire",
@@ -321,18 +327,22 @@ def retire_ip(
         reason,
         lambda s: _ip(s, address, retired=True),
         lambda s, who: {"retired": egress.retire_ip(s, address, who).address},
+        procedure_id,
     )
 
 
 @flow(name="reinstate-ip")
 def reinstate_ip(
-    address: Annotated[str, Field(description="The retired source IP address")], reason: Reason
+    address: Annotated[str, Field(description="The retired source IP address")],
+    reason: Reason,
+    procedure_id: ProcedureId = None,
 ) -> VerbOutcome:
     """Return a retired source IP to its previous state, once a person approves.
 
     Args:
         address: The retired source IP address.
         reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
 
     def act(session: Session, who) -> dict:
@@ -346,6 +356,7 @@ def reinstate_ip(
         reason,
         lambda s: _ip(s, address, retired=False),
         act,
+        procedure_id,
     )
 
 

@@ -26,7 +26,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval
 from prefect.schedules import Schedule as PrefectSchedule
 
-from runbooks.loader import operator_verbs, suspend_stream
+from runbooks.loader import operator_verbs, procedures_sweep, suspend_stream
 from runbooks.schema_protocol import ProcedureRunbook, Schedule
 
 
@@ -68,8 +68,19 @@ def procedures() -> list[Procedure]:
     """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
     from flows.operator_verbs import FLOWS
     from flows.suspend_stream import suspend_stream as suspend_stream_flow
+    from flows.sweep import procedures_sweep_flow
 
     return [
+        Procedure(
+            name="scheduled",
+            flow=procedures_sweep_flow,
+            runbook=procedures_sweep,
+            description=(
+                "The engine's sweep: expires overdue checkpoints (safe default), wakes waiting "
+                "procedures whose answer or time has come, continues those whose run is gone."
+            ),
+            tags=("protocol", "engine"),
+        ),
         Procedure(
             name="on-demand",
             flow=suspend_stream_flow,

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, func, select
 
-from config.settings import Settings
 from flows import resources
 from flows.checkpoint import request_approval
+from flows.procedure import ProcedureId, ProcedureRun, procedure
 from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
 from models.audit_trail import record
-from models.db import session_scope
 from relay.delivery.egress import DEFAULT_POOL
 from runbooks.loader import suspend_stream as rules
 
@@ -57,71 +54,69 @@ class StreamHoldOutcome(BaseModel):
     release_with: str | None = None
 
 
-# The tasks read and change the database, so a cached result would be wrong; NO_CACHE also
-# keeps Prefect from hashing the settings (secrets included) into a cache key.
-@task(cache_policy=NO_CACHE)
-def read_stream(settings: Settings, tenant: str, stream: str) -> StreamState:
+def read_stream(session: Session, tenant: str, stream: str) -> StreamState:
     """The stream as the relay sees it now (a stream without a row uses the default pool)."""
-    with session_scope(resources.engine_for(settings)) as session:
-        owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
-        if owner is None:
-            raise ValueError(f"tenant {tenant!r} does not exist")
-        row = session.exec(
-            select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
-        ).first()
-        queued = session.exec(
-            select(func.count())
-            .select_from(Recipient)
-            .join(Message, col(Message.id) == Recipient.message_id)
-            .where(
-                Message.tenant_id == owner.id,
-                Message.stream == stream,
-                Recipient.state == RecipientState.queued,
-            )
-        ).one()
-        return StreamState(
-            tenant=tenant,
-            stream=stream,
-            pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
-            fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
-            queued_recipients=queued,
+    owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
+    if owner is None:
+        raise ValueError(f"tenant {tenant!r} does not exist")
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
+    ).first()
+    queued = session.exec(
+        select(func.count())
+        .select_from(Recipient)
+        .join(Message, col(Message.id) == Recipient.message_id)
+        .where(
+            Message.tenant_id == owner.id,
+            Message.stream == stream,
+            Recipient.state == RecipientState.queued,
         )
+    ).one()
+    return StreamState(
+        tenant=tenant,
+        stream=stream,
+        pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
+        fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
+        queued_recipients=queued,
+    )
 
 
-@task(cache_policy=NO_CACHE)
 def hold_stream(
-    settings: Settings, state: StreamState, approval_id: int, approved_by: str, reason: str
-) -> None:
-    """Bind the stream to the empty `hold` pool; audited with who approved and what it left."""
-    run = FlowRunContext.get()
-    actor = f"flow:{run.flow_run.id}" if run and run.flow_run else "flow"
+    session: Session,
+    state: StreamState,
+    approval_id: int,
+    approved_by: str,
+    reason: str,
+    actor: str,
+) -> dict:
+    """Bind the stream to the empty `hold` pool; audited with who approved and what it left.
+    Runs in the procedure's step transaction (done once however often the run starts)."""
     governing = rules()  # this procedure's runbook: every audit entry names it
-    with session_scope(resources.engine_for(settings)) as session:
-        hold = _hold_pool(session, actor)
-        owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
-        row = session.exec(
-            select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
-        ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
-        row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
-        session.add(row)
-        record(
-            session,
-            actor=actor,
-            action="stream.suspend",
-            subject=f"stream:{state.tenant}/{state.stream}",
-            evidence={
-                "approval_id": approval_id,
-                "approved_by": approved_by,
-                "reason": reason,
-                "previous_pool": state.pool,
-                "previous_fallback_pool": state.fallback_pool,
-                "queued_recipients": state.queued_recipients,
-                "flow": "suspend-stream",
-            },
-            runbook_id=governing.id,
-            runbook_version=governing.version,
-        )
-        session.commit()
+    hold = _hold_pool(session, actor)
+    owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
+    ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
+    row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
+    session.add(row)
+    record(
+        session,
+        actor=actor,
+        action="stream.suspend",
+        subject=f"stream:{state.tenant}/{state.stream}",
+        evidence={
+            "approval_id": approval_id,
+            "approved_by": approved_by,
+            "reason": reason,
+            "previous_pool": state.pool,
+            "previous_fallback_pool": state.fallback_pool,
+            "queued_recipients": state.queued_recipients,
+            "flow": "suspend-stream",
+        },
+        runbook_id=governing.id,
+        runbook_version=governing.version,
+    )
+    return {"held": f"{state.tenant}/{state.stream}"}
 
 
 @flow(name="suspend-stream", log_prints=False)
@@ -130,6 +125,7 @@ def suspend_stream(
     stream: str,
     reason: Annotated[str, Field(min_length=3)],
     dry_run: bool = False,
+    procedure_id: ProcedureId = None,
 ) -> StreamHoldOutcome:
     """Propose holding a tenant stream's outgoing mail; do it only once a person approves.
 
@@ -138,52 +134,68 @@ def suspend_stream(
         stream: The stream, e.g. marketing or transactional.
         reason: Why; shown to the approver and kept in the audit trail.
         dry_run: Ask for approval but change nothing.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
     """
     logger = get_run_logger()
-    settings = resources.settings()  # once for this run's process; tasks get them passed in
-    state = read_stream(settings, tenant, stream)
-    base = {"tenant": tenant, "stream": stream, "queued_recipients": state.queued_recipients}
-    if state.held:
-        logger.info("%s/%s is already held; nothing to do", tenant, stream)
-        return StreamHoldOutcome(outcome="already_held", **base)
-    release = f"axiom stream set {tenant} {stream} --pool {state.pool}" + (
-        f" --fallback {state.fallback_pool}" if state.fallback_pool else ""
-    )
+    settings = resources.settings()  # once for this run's process; steps get them passed in
     runbook = rules()
-    decision = request_approval(
-        kind=runbook.spec.checkpoint,
-        subject=f"stream:{tenant}/{stream}",
-        proposal={
-            "action": f"hold all outgoing mail of {tenant}/{stream} (bind it to pool {HOLD_POOL})",
-            "reason": reason,
-            "release with": release,
-            "dry run": dry_run,
-        },
-        evidence={
-            "current pool": state.pool,
-            "fallback pool": state.fallback_pool or "none",
-            "queued recipients": state.queued_recipients,
-        },
-        settings=settings,
-        runbook=runbook,
-    )
-    outcome = {
-        **base,
-        "approval_id": decision.approval_id,
-        "decision": decision.outcome,
-        "decided_by": decision.decided_by,
-        "previous_pool": state.pool,
-        "previous_fallback_pool": state.fallback_pool,
-    }
-    if not decision.approved:
-        logger.info("not holding %s/%s: approval %s", tenant, stream, decision.outcome)
-        return StreamHoldOutcome(outcome="not_held", **outcome)
-    if dry_run:
-        logger.info("dry run: %s/%s would now be held", tenant, stream)
-        return StreamHoldOutcome(outcome="dry_run", **outcome)
-    hold_stream(settings, state, decision.approval_id, decision.decided_by or "", reason)
-    logger.info("%s/%s is held; release with: %s", tenant, stream, release)
-    return StreamHoldOutcome(outcome="held", release_with=release, **outcome)
+    subject = f"stream:{tenant}/{stream}"
+    with procedure(runbook, subject=subject, procedure_id=procedure_id, settings=settings) as p:
+        state = StreamState(
+            **p.step("read", lambda session: read_stream(session, tenant, stream).model_dump())
+        )
+        base = {"tenant": tenant, "stream": stream, "queued_recipients": state.queued_recipients}
+        if state.held:
+            logger.info("%s/%s is already held; nothing to do", tenant, stream)
+            return _finish(p, StreamHoldOutcome(outcome="already_held", **base))
+        release = f"axiom stream set {tenant} {stream} --pool {state.pool}" + (
+            f" --fallback {state.fallback_pool}" if state.fallback_pool else ""
+        )
+        decision = request_approval(
+            kind=runbook.spec.checkpoint,
+            subject=subject,
+            proposal={
+                "action": f"hold all outgoing mail of {tenant}/{stream} (bind it to pool {HOLD_POOL})",
+                "reason": reason,
+                "release with": release,
+                "dry run": dry_run,
+            },
+            evidence={
+                "current pool": state.pool,
+                "fallback pool": state.fallback_pool or "none",
+                "queued recipients": state.queued_recipients,
+            },
+            settings=settings,
+            runbook=runbook,
+            procedure=p,
+        )
+        outcome = {
+            **base,
+            "approval_id": decision.approval_id,
+            "decision": decision.outcome,
+            "decided_by": decision.decided_by,
+            "previous_pool": state.pool,
+            "previous_fallback_pool": state.fallback_pool,
+        }
+        if not decision.approved:
+            logger.info("not holding %s/%s: approval %s", tenant, stream, decision.outcome)
+            return _finish(p, StreamHoldOutcome(outcome="not_held", **outcome))
+        if dry_run:
+            logger.info("dry run: %s/%s would now be held", tenant, stream)
+            return _finish(p, StreamHoldOutcome(outcome="dry_run", **outcome))
+        p.step(
+            "hold",
+            lambda session: hold_stream(
+                session, state, decision.approval_id, decision.decided_by or "", reason, p.actor
+            ),
+        )
+        logger.info("%s/%s is held; release with: %s", tenant, stream, release)
+        return _finish(p, StreamHoldOutcome(outcome="held", release_with=release, **outcome))
+
+
+def _finish(p: ProcedureRun, outcome: StreamHoldOutcome) -> StreamHoldOutcome:
+    p.finish(outcome.model_dump())
+    return outcome
 
 
 def _pool_name(session: Session, pool_id: int | None) -> str | None:

@@ -4,6 +4,7 @@ from models.audit import AuditEntry
 from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
 from models.events import DeliveryEvent, Suppression
+from models.procedures import Procedure, ProcedureState, ProcedureStep
 from models.protocol import Approval, Incident, Operator, Suspension
 from models.sandbox_clock import SandboxClock
 from models.spool import Message, Recipient, RecipientState
@@ -26,6 +27,9 @@ __all__ = [
     "Message",
     "Operator",
     "PoolKind",
+    "Procedure",
+    "ProcedureState",
+    "ProcedureStep",
     "Recipient",
     "RecipientState",
     "SandboxClock",

@@ -232,7 +232,10 @@ class ApprovalDesk:
         flow_run_id: str | None,
         ttl: timedelta | None = None,
         safe_default: str | None = None,
+        within: Callable[[Session, Approval], None] | None = None,
     ) -> Approval:
+        """Write the pending row and its audit entry; `within(session, approval)` adds to the
+        same transaction (a procedure records the checkpoint as its step there)."""
         if safe_default is not None and safe_default not in get_args(SafeDefault):
             raise ValueError(f"safe default {safe_default!r} is not one of {get_args(SafeDefault)}")
         if ttl is not None and ttl <= timedelta(0):
@@ -271,7 +274,10 @@ class ApprovalDesk:
                 runbook_id=runbook_id,
                 runbook_version=runbook_version,
             )
+            if within is not None:
+                within(session, approval)
             session.commit()
+            session.refresh(approval)
         return approval
 
     def get(self, approval_id: int) -> Approval | None:
@@ -407,15 +413,30 @@ class ApprovalDesk:
         )
 
     # ------------------------------------------------------------ expiry
-    def expire(self, approval_id: int) -> Approval | None:
+    def overdue(self) -> list[Approval]:
+        """Pending approvals past their expiry: the sweep's first question (one indexed query)."""
+        with session_scope(self.engine) as session:
+            return list(
+                session.exec(
+                    select(Approval)
+                    .where(Approval.state == PENDING, col(Approval.expires_at) <= self.clock())
+                    .order_by(col(Approval.id))
+                ).all()
+            )
+
+    def expire(self, approval_id: int, *, run_gone: str | None = None) -> Approval | None:
         """Past its time to live and still pending → expired, audited, Slack updated, escalated.
 
+        run_gone: the run that asked is gone and nothing can continue it (the reason, e.g.
+        "flow run 0f… is Crashed"): the row is expired now, before its time, with that reason.
         Returns the row as it stands; a row already decided (or not yet due) is left alone.
         """
         now = self.clock()
         with session_scope(self.engine) as session:
             approval = session.get(Approval, approval_id)
-            if approval is None or approval.state != PENDING or now < as_utc(approval.expires_at):
+            if approval is None or approval.state != PENDING:
+                return approval
+            if run_gone is None and now < as_utc(approval.expires_at):
                 return approval
             flipped = session.exec(
                 update(Approval)
@@ -437,6 +458,7 @@ class ApprovalDesk:
                     "expires_at": approval.expires_at,
                     "safe_default": approval.safe_default,
                     "flow_run_id": approval.flow_run_id,
+                    "reason": run_gone or "its time to live ran out",
                 },
                 runbook_id=approval.runbook_id,
                 runbook_version=approval.runbook_version,
@@ -496,43 +518,72 @@ class ApprovalDesk:
             return
         delay, attempt = self.retry_initial, 0
         while not stop.is_set():
-            approval = self.get(approval_id)
-            if approval is None or approval.state != PENDING:
-                return
             attempt += 1
-            try:
-                posted = self.notifier.post_approval(approval)
-            except NotifierUnavailable as exc:
-                if not exc.transient:
-                    log.error(
-                        "Slack refused approval #%s (%s); not retrying. Answer in the Prefect UI "
-                        "or with `axiom approve`",
-                        approval_id,
-                        exc,
-                    )
-                    return
-                log.warning(
-                    "Slack unavailable for approval #%s (attempt %d: %s); retrying in %.1f s; "
-                    "the Prefect UI and `axiom approve` work meanwhile",
-                    approval_id,
-                    attempt,
-                    exc,
-                    delay,
-                )
-                stop.wait(delay)
-                delay = min(delay * 2, 60.0)
-                continue
-            with session_scope(self.engine) as session:
+            if self._post(approval_id, attempt, retry_in=delay):
+                return
+            stop.wait(delay)
+            delay = min(delay * 2, 60.0)
+
+    def announce_once(self, approval_id: int) -> bool:
+        """One try at posting a pending request that has no Slack message yet (a run about to
+        suspend; the sweep for those whose post failed). True when nothing is left to do."""
+        if self.notifier is None:
+            return True
+        approval = self.get(approval_id)
+        if approval is None or approval.slack_ts:
+            return True
+        return self._post(approval_id, 1, retry_in=None)
+
+    def unposted(self) -> list[int]:
+        """Pending requests without a Slack message (Slack set up, and the post failed)."""
+        if self.notifier is None:
+            return []
+        with session_scope(self.engine) as session:
+            return list(
                 session.exec(
-                    update(Approval)
-                    .where(col(Approval.id) == approval_id)
-                    .values(slack_channel=posted.channel, slack_ts=posted.ts)
+                    select(Approval.id).where(
+                        Approval.state == PENDING, col(Approval.slack_ts).is_(None)
+                    )
+                ).all()
+            )
+
+    def _post(self, approval_id: int, attempt: int, *, retry_in: float | None) -> bool:
+        """Post once; True when done (posted, answered meanwhile, or refused for good)."""
+        assert self.notifier is not None
+        approval = self.get(approval_id)
+        if approval is None or approval.state != PENDING:
+            return True
+        try:
+            posted = self.notifier.post_approval(approval)
+        except NotifierUnavailable as exc:
+            if not exc.transient:
+                log.error(
+                    "Slack refused approval #%s (%s); not retrying. Answer in the Prefect UI "
+                    "or with `axiom approve`",
+                    approval_id,
+                    exc,
                 )
-                session.commit()
-            current = self.get(approval_id)
-            if current is not None and current.state != PENDING:
-                self._show_outcome(current)  # answered elsewhere while the post was in flight
-            return
+                return True
+            log.warning(
+                "Slack unavailable for approval #%s (attempt %d: %s); %s; "
+                "the Prefect UI and `axiom approve` work meanwhile",
+                approval_id,
+                attempt,
+                exc,
+                f"retrying in {retry_in:.1f} s" if retry_in else "the sweep tries again",
+            )
+            return False
+        with session_scope(self.engine) as session:
+            session.exec(
+                update(Approval)
+                .where(col(Approval.id) == approval_id)
+                .values(slack_channel=posted.channel, slack_ts=posted.ts)
+            )
+            session.commit()
+        current = self.get(approval_id)
+        if current is not None and current.state != PENDING:
+            self._show_outcome(current)  # answered elsewhere while the post was in flight
+        return True
 
     def _show_outcome(self, approval: Approval) -> None:
         if self.notifier is None or not approval.slack_ts:

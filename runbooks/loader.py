@@ -15,6 +15,7 @@ from runbooks.schema_protocol import (
     CheckpointsRunbook,
     OperatorVerbsRunbook,
     ProcedureRunbook,
+    ProceduresSweepRunbook,
     SuspendStreamRunbook,
 )
 
@@ -27,7 +28,8 @@ Runbook = Annotated[
     | ShapingRunbook
     | CheckpointsRunbook
     | OperatorVerbsRunbook
-    | SuspendStreamRunbook,
+    | SuspendStreamRunbook
+    | ProceduresSweepRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -130,6 +132,10 @@ def operator_verbs() -> OperatorVerbsRunbook:
 
 def suspend_stream() -> SuspendStreamRunbook:
     return _typed("suspend-stream", SuspendStreamRunbook)
+
+
+def procedures_sweep() -> ProceduresSweepRunbook:
+    return _typed("procedures-sweep", ProceduresSweepRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

@@ -33,7 +33,9 @@ class Checkpoint(Strict):
     description: str = ""
     # Who may answer; an operator needs at least one of these roles (deny by default).
     roles: list[str] = Field(min_length=1)
-    ttl_seconds: int = Field(ge=60, le=7 * 86400)
+    # Up to 90 days: a checkpoint waits in the database, not in a process (flows/procedure.py),
+    # so a procedure may give people weeks; the sweep takes the expiry.
+    ttl_seconds: int = Field(ge=60, le=90 * 86400)
     safe_default: SafeDefault
 
 
@@ -255,3 +257,23 @@ class OperatorVerbsRunbook(ProcedureRunbook):
                     f"verb {verb.name}: checkpoint {verb.checkpoint} not in checkpoints"
                 )
         return self
+
+
+class SweepSpec(Strict):
+    rewake_after_seconds: int = Field(
+        default=600,
+        ge=10,
+        le=86400,
+        description=(
+            "A procedure that has not moved for this long while Prefect shows its run as "
+            "running (the run's process was killed), or that was woken and not taken up, is "
+            "continued in a new run. A guess: longer than any step takes, short next to any wait"
+        ),
+    )
+
+
+class ProceduresSweepRunbook(ProcedureRunbook):
+    """The engine's own scheduled procedure: expiries, wake-ups, runs that are gone."""
+
+    kind: Literal["procedures-sweep"]
+    spec: SweepSpec

@@ -388,3 +388,64 @@ class ControlProcess(AxiomProcess):
     def start(self, timeout: float = 30) -> ControlProcess:
         super().start(timeout)
         return self
+
+
+class FlowsProcess(AxiomProcess):
+    """`axiom flows serve` in a home, against a Prefect server: the control plane's runner.
+
+    It polls Prefect every second (PREFECT_RUNNER_POLL_FREQUENCY; 10 s by default) so a test
+    waits seconds, not tens of seconds, for a run to be taken up.
+    """
+
+    def __init__(
+        self,
+        home: AxiomHome,
+        prefect_env: Mapping[str, str],
+        command: Sequence[str] | None = None,
+        **extra_env: str,
+    ):
+        """command: another runner printing "flows ready" (a test's own flows), run from
+        the checkout's root so that tests/ imports."""
+        env = home.env | dict(prefect_env) | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"} | extra_env
+        env["AXIOM_PREFECT_API_URL"] = env["PREFECT_API_URL"]
+        super().__init__(
+            ["flows", "serve"],
+            env,
+            home.path / "flows.log",
+            ready=log_says(b"flows ready"),
+            command=command,
+            cwd=Path(__file__).resolve().parent.parent if command else None,
+        )
+
+    def start(self, timeout: float = 60) -> FlowsProcess:
+        super().start(timeout)
+        return self
+
+    def kill_all(self) -> None:
+        """SIGKILL to the runner and every flow run it started, as a crash of the machine
+        would leave them."""
+        assert self.proc is not None
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children, theirs, …), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie is no process
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

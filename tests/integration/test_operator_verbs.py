@@ -14,8 +14,6 @@ import pytest
 from sqlalchemy import insert, select
 from sqlmodel import Session
 
-from config.settings import load_settings
-from flows import resources
 from flows.suspend_stream import hold_stream, read_stream
 from models import Message, Recipient, RecipientState, Suspension
 from models.audit import as_utc
@@ -106,12 +104,10 @@ def _delivered(engine, address: str):
 
 def test_a_held_stream_released_by_an_operator_delivers_within_seconds(setup):
     engine, home = setup["engine"], setup["home"]
-    settings = load_settings(database_url=home.db_url)
-    try:
-        state = read_stream.fn(settings, "acme", "transactional")
-        hold_stream.fn(settings, state, approval_id=1, approved_by="alice", reason="traps")
-    finally:
-        resources.forget()
+    with session_scope(engine) as s:
+        state = read_stream(s, "acme", "transactional")
+        hold_stream(s, state, 1, "alice", "traps", actor="flow:test")
+        s.commit()
     _submit(setup, "held@gmail.com")
     _wait(
         "postponed by the hold",

@@ -39,18 +39,25 @@ def test_tasks_share_one_engine_per_process_and_database(settings, tmp_path):
 
 
 def test_a_held_stream_waits_and_the_others_keep_sending(engine, acme, settings):
-    state = read_stream.fn(settings, "acme", "marketing")
-    assert state == StreamState(
-        tenant="acme", stream="marketing", pool="default", fallback_pool=None, queued_recipients=0
-    )
-    hold_stream.fn(settings, state, approval_id=7, approved_by="alice", reason="spam-trap hits")
+    with session_scope(engine) as s:
+        state = read_stream(s, "acme", "marketing")
+        assert state == StreamState(
+            tenant="acme",
+            stream="marketing",
+            pool="default",
+            fallback_pool=None,
+            queued_recipients=0,
+        )
+        hold_stream(s, state, 7, "alice", "spam-trap hits", actor="flow:test")
+        s.commit()
 
     egress = Egress(engine, SystemClock(), ttl=0)
     held = egress.choose(acme, "marketing", "gmail")
     assert held.source is None
     assert f"pool {HOLD_POOL} has no IP addresses" in held.wait_reason
     assert egress.choose(acme, "transactional", "gmail").source.address == "127.0.0.1"
-    assert read_stream.fn(settings, "acme", "marketing").held
+    with session_scope(engine) as s:
+        assert read_stream(s, "acme", "marketing").held
 
     with session_scope(engine) as s:
         entry = s.exec(select(AuditEntry).where(AuditEntry.action == "stream.suspend")).one()
@@ -68,11 +75,15 @@ def test_a_hold_pool_that_has_addresses_cannot_hold(engine, acme, settings):
         egress.add_pool(s, HOLD_POOL, "shared")
         egress.add_ip(s, "127.0.0.9", HOLD_POOL, None, 100)
         s.commit()
-    state = read_stream.fn(settings, "acme", "marketing")
-    with pytest.raises(RuntimeError, match="pool 'hold' has addresses"):
-        hold_stream.fn(settings, state, approval_id=1, approved_by="alice", reason="x")
+    with session_scope(engine) as s:
+        state = read_stream(s, "acme", "marketing")
+        with pytest.raises(RuntimeError, match="pool 'hold' has addresses"):
+            hold_stream(s, state, 1, "alice", "x", actor="flow:test")
 
 
-def test_an_unknown_tenant_is_a_clear_error(acme, settings):
-    with pytest.raises(ValueError, match="tenant 'nobody' does not exist"):
-        read_stream.fn(settings, "nobody", "marketing")
+def test_an_unknown_tenant_is_a_clear_error(engine, acme):
+    with (
+        session_scope(engine) as s,
+        pytest.raises(ValueError, match="tenant 'nobody' does not exist"),
+    ):
+        read_stream(s, "nobody", "marketing")

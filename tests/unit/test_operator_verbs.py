@@ -11,8 +11,6 @@ from sqlalchemy import insert
 from sqlmodel import col, select
 
 from config.clock import SystemClock
-from config.settings import load_settings
-from flows import resources
 from flows.suspend_stream import hold_stream, read_stream
 from models import (
     AuditEntry,
@@ -157,11 +155,9 @@ def test_the_policy_store_answers_a_pause_from_its_cache(engine, acme):
 
 # --- release a held stream ---
 def test_release_returns_a_held_stream_to_the_pool_the_hold_left_and_wakes_it(engine, acme, db_url):
-    settings = load_settings(database_url=db_url)
-    try:
-        hold_stream.fn(settings, read_stream.fn(settings, "acme", "news"), 3, "bob", "traps")
-    finally:
-        resources.forget()
+    with session_scope(engine) as s:
+        hold_stream(s, read_stream(s, "acme", "news"), 3, "bob", "traps", actor="flow:test")
+        s.commit()
     waiting, bounced_later = spool(
         engine, acme, "news", ["waiting: pool hold has no IP addresses", "421 4.7.0 slow down"]
     )

@@ -16,10 +16,11 @@ from flows import resources
 from flows.deployments import deployments
 from flows.registry import Procedure, prefect_schedules, procedures
 from models import Approval, AuditEntry
+from models import Procedure as ProcedureRow
 from models.db import session_scope
 from protocol import egress, tenants
 from runbooks.loader import procedures as procedure_runbooks
-from runbooks.loader import suspend_stream
+from runbooks.loader import procedures_sweep, suspend_stream
 from runbooks.schema_protocol import ProcedureRunbook, Schedule
 
 
@@ -43,11 +44,15 @@ def test_every_deployment_is_built_from_the_registry_with_described_parameters()
         assert deployment.version == f"{rules.id}-{rules.version}"
         assert deployment.description
         fields = deployment._parameter_openapi_schema.properties
-        assert fields, deployment.name
+        assert fields or rules.schedule.enabled, deployment.name  # only a schedule needs no form
         undescribed = [name for name, f in fields.items() if not f.get("description")]
         assert not undescribed, f"{procedure.deployment_name}: {undescribed}"
-        # the shipped procedures are all on demand today
-        assert deployment.schedules == [] and not rules.schedule.enabled
+        assert bool(deployment.schedules) == rules.schedule.enabled, deployment.name
+    sweep = next(d for d in built if d.flow_name == "procedures-sweep")
+    (every,) = sweep.schedules
+    assert every.schedule.interval == timedelta(
+        seconds=procedures_sweep().schedule.interval_seconds
+    )
     assert "suspend-stream/on-demand" in {p.deployment_name for p in procedures()}
 
 
@@ -106,13 +111,12 @@ def test_suspend_stream_asks_and_audits_under_its_own_runbook(
     monkeypatch.setenv("AXIOM_CONFIG", str(tmp_path / "absent.toml"))
     monkeypatch.setenv("AXIOM_DATABASE_URL", db_url)
     resources.forget()  # the flow reads its settings from this environment
-    monkeypatch.setattr(module, "read_stream", module.read_stream.fn)
     monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
-    monkeypatch.setattr(
-        flows.checkpoint.FlowRunContext,
-        "get",
-        classmethod(lambda cls: SimpleNamespace(flow_run=SimpleNamespace(id=run_id))),
+    context = SimpleNamespace(
+        flow=SimpleNamespace(name="suspend-stream"),
+        flow_run=SimpleNamespace(id=run_id, deployment_id=None, parameters={"tenant": "acme"}),
     )
+    monkeypatch.setattr(flows.checkpoint.FlowRunContext, "get", classmethod(lambda cls: context))
     monkeypatch.setattr(flows.checkpoint, "get_run_logger", stop)
     try:
         with pytest.raises(Stop):
@@ -125,3 +129,7 @@ def test_suspend_stream_asks_and_audits_under_its_own_runbook(
     assert (approval.kind, approval.flow_run_id) == ("stream.suspend", str(run_id))
     assert (approval.runbook_id, approval.runbook_version) == ("suspend-stream", "1.0")
     assert (entry.runbook_id, entry.runbook_version) == ("suspend-stream", "1.0")
+    with session_scope(engine) as s:
+        (procedure,) = s.exec(select(ProcedureRow)).all()
+    assert (procedure.name, procedure.flow_run_id) == ("suspend-stream", str(run_id))
+    assert (procedure.runbook_id, procedure.parameters) == ("suspend-stream", {"tenant": "acme"})

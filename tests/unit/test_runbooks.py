@@ -127,13 +127,14 @@ def test_schedule_refuses(fields, reason):
 
 
 def test_procedure_runbooks_carry_id_version_and_schedule():
-    from runbooks.loader import operator_verbs, procedures, suspend_stream
+    from runbooks.loader import operator_verbs, procedures, procedures_sweep, suspend_stream
 
     rules = suspend_stream()
     assert (rules.id, rules.version) == ("suspend-stream", "1.0")
     assert rules.spec.checkpoint in rules.checkpoints == ["stream.suspend"]
     assert not rules.schedule.enabled and not operator_verbs().schedule.enabled
-    assert set(procedures()) == {"suspend-stream", "operator-verbs"}
+    assert set(procedures()) == {"suspend-stream", "operator-verbs", "procedures-sweep"}
+    assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
 
 def _copy_procedure(tmp_path: Path, transform) -> Path:

@@ -1,0 +1,219 @@
+"""Durable procedures through a real Prefect server and `axiom flows serve` (issue 12 §1).
+
+Each test runs the control plane as it runs in production — `axiom flows serve` (or, for the
+clock wait, a runner of this package's own flow) against a private `prefect server` — kills it
+with SIGKILL (the runner and every flow run it started) in the middle of a wait, gives an
+answer or moves the sandbox clock while nothing of the control plane runs, starts it again,
+and checks that the procedure went on from where it was and that each decision was acted on
+exactly once. While a procedure waits, no process of the control plane holds it: the runner's
+descendants are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from sqlmodel import select
+
+from models import AuditEntry, IpPool, Procedure, ProcedureState, Stream
+from models.db import make_engine, session_scope
+from protocol import operators
+from testbed.axiom import FlowsProcess, descendants, make_home, seed_tenant
+from testbed.prefect import PrefectServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    server = PrefectServer().start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def plane(prefect, tmp_path):
+    """A sandbox home (SQLite) with tenant acme and operator alice, and its control plane."""
+    home = make_home(tmp_path / "home", f"sqlite:///{tmp_path / 'axiom.db'}")
+    seed_tenant(home, "acme", "acme.example")
+    engine = make_engine(home.db_url)
+    with session_scope(engine) as s:
+        operators.add_operator(s, "alice", ["deliverability"], None)
+        s.commit()
+    started: list[FlowsProcess] = []
+
+    def serve(command: list[str] | None = None) -> FlowsProcess:
+        process = FlowsProcess(home, prefect.env, command=command).start()
+        started.append(process)
+        return process
+
+    def cli(*args: str):  # the CLI of an operator whose Prefect is this server
+        return home.cli(*args, extra_env={"AXIOM_PREFECT_API_URL": prefect.api_url})
+
+    home.cli_prefect = cli
+    yield home, engine, serve
+    for process in started:
+        if process.running:
+            process.kill_all()
+    engine.dispose()
+
+
+def _until(what: str, check: Callable[[], object], timeout: float = 90, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not {what} within {timeout}s")
+
+
+def _procedure(engine, name: str) -> Procedure | None:
+    with session_scope(engine) as s:
+        return s.exec(select(Procedure).where(Procedure.name == name)).first()
+
+
+def _waiting(engine, name: str) -> Callable[[], Procedure | None]:
+    def check():
+        row = _procedure(engine, name)
+        return row if row is not None and row.state == ProcedureState.WAITING else None
+
+    return check
+
+
+def _run_state(flow_run_id: str) -> str:
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+    return f"{run.state.type.value}/{run.state.name}"
+
+
+def _audit(engine, action: str) -> list[AuditEntry]:
+    with session_scope(engine) as s:
+        return list(s.exec(select(AuditEntry).where(AuditEntry.action == action)).all())
+
+
+def _pool_of(engine, tenant_stream: str) -> str | None:
+    with session_scope(engine) as s:
+        stream = s.exec(select(Stream).where(Stream.name == tenant_stream)).first()
+        pool = s.get(IpPool, stream.pool_id) if stream else None
+        return pool.name if pool else None
+
+
+def _suspend_news() -> str:
+    run = run_deployment(
+        "suspend-stream/on-demand",
+        parameters={"tenant": "acme", "stream": "news", "reason": "spam-trap hits"},
+        timeout=0,
+    )
+    return str(run.id)
+
+
+def test_an_answer_given_while_the_control_plane_is_down_is_acted_on_once_when_it_returns(
+    plane,
+):
+    home, engine, serve = plane
+    flows = serve()
+    run_id = _suspend_news()
+    waiting = _until("waiting for its approval", _waiting(engine, "suspend-stream"))
+    assert waiting.flow_run_id == run_id and waiting.approval_id is not None
+    assert waiting.waiting_for == f"approval #{waiting.approval_id} (stream.suspend)"
+    _until("suspended in Prefect", lambda: _run_state(run_id) == "PAUSED/Suspended")
+    # the wait holds no process: the runner has no flow run running
+    _until("its run's process gone", lambda: descendants(flows.pid) == [], timeout=30)
+
+    listed = json.loads(home.cli("procedures", "--json").stdout)
+    assert [(p["procedure"], p["state"], p["subject"]) for p in listed] == [
+        ("suspend-stream", "waiting", "stream:acme/news")
+    ]
+
+    # The control plane dies; the answer comes meanwhile, by a CLI that cannot reach Prefect
+    # either (no API URL): it records the decision, the resume fails. Back, the scheduled
+    # sweep (procedures-sweep/scheduled, every minute) finds the answered approval and
+    # resumes the run.
+    flows.kill_all()
+    approved = home.cli("approve", str(waiting.approval_id), "--as", "alice")
+    assert "approved" in approved.stdout
+    assert _procedure(engine, "suspend-stream").state == ProcedureState.WAITING
+    assert _pool_of(engine, "news") is None  # nothing acted while the control plane is down
+
+    serve()  # it returns: the resumed run is taken up and goes on from the checkpoint
+    done = _until(
+        "finished",
+        lambda: (
+            (row := _procedure(engine, "suspend-stream")).state == ProcedureState.FINISHED and row
+        ),
+    )
+    assert done.outcome["outcome"] == "held" and done.outcome["decided_by"] == "alice"
+    assert _pool_of(engine, "news") == "hold"
+    assert len(_audit(engine, "stream.suspend")) == 1  # acted on once
+    assert len(_audit(engine, "approval.requested")) == 1  # asked once, over two processes
+    assert _run_state(run_id) == "COMPLETED/Completed"
+    assert json.loads(home.cli("procedures", "--json").stdout) == []
+
+
+def test_an_expiry_reached_while_the_control_plane_is_down_takes_the_safe_default_once(plane):
+    home, engine, serve = plane
+    flows = serve()
+    run_id = _suspend_news()
+    waiting = _until("waiting for its approval", _waiting(engine, "suspend-stream"))
+    _until("suspended in Prefect", lambda: _run_state(run_id) == "PAUSED/Suspended")
+    flows.kill_all()
+
+    home.cli("sandbox", "clock", "advance", "2h")  # past the checkpoint's 1 h time to live
+    swept = json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)
+    assert swept["expired"] == [waiting.approval_id] and swept["resumed"] == [waiting.id]
+    again = json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)
+    assert again["expired"] == [] and again["resumed"] == []  # taken once
+
+    serve()
+    done = _until(
+        "finished",
+        lambda: (
+            (row := _procedure(engine, "suspend-stream")).state == ProcedureState.FINISHED and row
+        ),
+    )
+    assert (done.outcome["outcome"], done.outcome["decision"]) == ("not_held", "expired")
+    assert _pool_of(engine, "news") is None  # the safe default: nothing done
+    (expiry,) = _audit(engine, "approval.expired")
+    assert expiry.evidence["reason"] == "its time to live ran out"
+    assert _audit(engine, "stream.suspend") == []
+
+
+def test_a_wait_of_thirty_sandbox_days_holds_no_process_and_survives_a_restart(plane):
+    home, engine, serve = plane
+    own_runner = [sys.executable, "-m", "tests.integration.durable_flows"]
+    flows = serve(own_runner)
+    run = run_deployment("wait-days/test", parameters={"days": 30}, timeout=0)
+    waiting = _until("waiting 30 days", _waiting(engine, "wait-days"))
+    assert waiting.waiting_for == "30 days"
+    assert abs((waiting.wait_until - waiting.wait_since).total_seconds() - 30 * 86400) < 60
+    _until("suspended in Prefect", lambda: _run_state(str(run.id)) == "PAUSED/Suspended")
+    _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=30)
+
+    home.cli("sandbox", "clock", "advance", "29d")
+    assert json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)["resumed"] == []
+    flows.kill_all()  # a restart in the middle of the wait
+    flows = serve(own_runner)
+    assert descendants(flows.pid) == []  # still nothing holds it
+    home.cli("sandbox", "clock", "advance", "1d")
+    swept = json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)
+    assert swept["resumed"] == [waiting.id]
+    done = _until(
+        "finished",
+        lambda: (row := _procedure(engine, "wait-days")).state == ProcedureState.FINISHED and row,
+    )
+    from datetime import datetime
+
+    began = datetime.fromisoformat(done.outcome["began"])
+    went_on = datetime.fromisoformat(done.outcome["went_on"])
+    assert 30 <= (went_on - began).total_seconds() / 86400 < 30.1
