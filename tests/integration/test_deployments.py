@@ -62,9 +62,12 @@ def test_registered_deployments_come_back_through_the_api_with_their_schedules(p
             rules = procedure.runbook()
             stored = client.read_deployment_by_name(procedure.deployment_name)
             assert stored.version == f"{rules.id}-{rules.version}"
-            assert stored.schedules == []  # on demand
+            assert [s.schedule.interval.total_seconds() for s in stored.schedules] == (
+                [rules.schedule.interval_seconds] if rules.schedule.enabled else []
+            )  # the sweep every minute; the others on demand
             fields = stored.parameter_openapi_schema["properties"]
-            assert fields and all(f.get("description") for f in fields.values())
+            assert fields or rules.schedule.enabled
+            assert all(f.get("description") for f in fields.values())
         listed = {d.name for d in client.read_deployments()}
         assert {p.name for p in procedures()} <= listed
 
@@ -191,7 +194,9 @@ def test_axiom_flows_serve_registers_every_deployment_of_the_registry(prefect, t
                 stored = client.read_deployment_by_name(procedure.deployment_name)
                 rules = procedure.runbook()
                 assert stored.version == f"{rules.id}-{rules.version}"
-                assert stored.schedules == []
+                assert bool(stored.schedules) == rules.schedule.enabled
+            sweep = client.read_deployment_by_name("procedures-sweep/scheduled")
+            assert [s.schedule.interval for s in sweep.schedules] == [timedelta(seconds=60)]
     finally:
         serve.terminate()
         serve.wait(30)
