@@ -1,25 +1,31 @@
 """SQLModel tables shared by the data plane and the control plane."""
 
+from models.announcements import Announcement, ControlCursor
 from models.audit import AuditEntry
 from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
 from models.events import DeliveryEvent, Suppression
+from models.incidents import Incident, IncidentEvent, IncidentState
 from models.procedures import Procedure, ProcedureState, ProcedureStep
-from models.protocol import Approval, Incident, Operator, Suspension
+from models.protocol import Approval, Operator, Suspension
 from models.sandbox_clock import SandboxClock
 from models.spool import Message, Recipient, RecipientState
 from models.tenancy import ClientNetwork, Credential, Tenant
 
 __all__ = [
+    "Announcement",
     "Approval",
     "AuditEntry",
     "ClientNetwork",
+    "ControlCursor",
     "Credential",
     "DeliveryEvent",
     "DkimKey",
     "Domain",
     "DomainState",
     "Incident",
+    "IncidentEvent",
+    "IncidentState",
     "IpAddress",
     "IpPool",
     "IpState",

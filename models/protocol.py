@@ -1,4 +1,4 @@
-"""Protocol state: automatic suspensions, incidents, operators and approval checkpoints."""
+"""Protocol state: automatic suspensions, operators and approval checkpoints."""
 
 from datetime import datetime
 
@@ -19,17 +19,6 @@ class Suspension(SQLModel, table=True):
     rule_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = created_at_field()
     expires_at: datetime = Field(index=True)
-
-
-class Incident(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(max_length=64)
-    subject: str = Field(max_length=255)
-    state: str = Field(default="open", max_length=16)
-    summary: str = ""
-    evidence: dict = json_field()
-    opened_at: datetime = created_at_field()
-    closed_at: datetime | None = timestamp_field()
 
 
 class Operator(SQLModel, table=True):

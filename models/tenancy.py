@@ -10,7 +10,8 @@ from models.base import created_at_field
 class Tenant(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, index=True, min_length=1, max_length=64)
-    language: str = Field(default="it", max_length=8)
+    language: str = Field(default="it", max_length=8)  # of the notices it is sent: it | en
+    contact_email: str | None = Field(default=None, max_length=254)  # where notices go
     paused: bool = False
     created_at: datetime = created_at_field()
 
