@@ -53,9 +53,59 @@ CONTEXTS = {
     "slack_alert_escalation": dict(
         approval=sample_approval(state="expired"), expired_at="10:00", roles=["lead"]
     ),
-    "slack_alert_incident": dict(
-        incident=Incident(id=3, kind="complaints", subject="stream:acme/news", summary="s"),
-        evidence=[("rate", "0.4%")],
+    "slack_incident": dict(
+        incident=Incident(
+            id=3,
+            key="repeated-reactions:path:127.0.0.2/gmail",
+            subject="path:127.0.0.2/gmail",
+            cause="repeated-reactions",
+            severity="warning",
+            summary="3 reactions in 24 h",
+        ),
+        cause="repeated protective reactions",
+        opened="2026-03-02 09:00 UTC",
+        timeline=[
+            dict(at="09:00", kind="signal", actor="relay:reaction:r", summary="suspend"),
+        ],
+        hidden=2,
+    ),
+    "prefect_incident_report": dict(
+        incident=Incident(
+            id=3,
+            key="repeated-reactions:path:127.0.0.2/gmail",
+            subject="path:127.0.0.2/gmail",
+            cause="repeated-reactions",
+            severity="critical",
+            summary="s",
+        ),
+        cause="repeated protective reactions",
+        opened="2026-03-02 09:00",
+        updated="2026-03-02 10:00",
+        timeline=[
+            dict(
+                at="09:00",
+                kind="signal",
+                actor="relay:reaction:r",
+                summary="suspend",
+                audit_entry_id=12,
+            ),
+        ],
+    ),
+    "slack_reactions": dict(
+        subject="path:127.0.0.2/gmail",
+        count=2,
+        since="09:00",
+        reactions=[
+            dict(
+                at="09:00",
+                action="suspend",
+                limit_per_minute=None,
+                until="10:00",
+                rule="gmail-unusual-rate",
+                reply="421 4.7.28",
+            )
+        ],
+        incident_id=None,
     ),
     "slack_alert_reaction": dict(
         suspension=Suspension(
