@@ -17,7 +17,8 @@ from config.clock import Clock, OffsetClock, SystemClock
 from models.base import created_at_field
 
 CLOCK_ROW = 1
-_READ = text("SELECT offset_seconds FROM sandbox_clock WHERE id = 1")
+_SQL = "SELECT offset_seconds FROM sandbox_clock WHERE id = 1"
+_READ = text(_SQL)
 
 
 class SandboxClock(SQLModel, table=True):
@@ -29,7 +30,24 @@ class SandboxClock(SQLModel, table=True):
 
 
 def read_offset(engine: Engine) -> float:
-    """Seconds the sandbox clock runs ahead (0 when the row was never written)."""
+    """Seconds the sandbox clock runs ahead (0 when the row was never written).
+
+    On SQLite the read goes straight to the pooled sqlite3 connection, which is in autocommit
+    (models/db.py): a lone SELECT that sees committed data and takes no lock. Through
+    engine.connect() it began with models/db.py's BEGIN IMMEDIATE, i.e. queued for the write
+    lock behind every spool commit and claim, once a second in every relay process, and held
+    the lock itself meanwhile, with every writer of every process waiting behind it."""
+    if engine.dialect.name == "sqlite":
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.driver_connection.execute(_SQL)
+            try:
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+        return float(row[0] if row is not None and row[0] is not None else 0.0)
     with engine.connect() as conn:
         value = conn.execute(_READ).scalar()
     return float(value or 0.0)
