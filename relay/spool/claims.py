@@ -10,6 +10,7 @@ writer still holds the lease, so a worker that lost its lease cannot overwrite n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -196,24 +197,75 @@ def renew_leases(
     return renewed
 
 
-def load_messages(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:
+_LOADED = (
+    Message.id,
+    Message.tenant_id,
+    Message.stream,
+    Message.mail_from,
+    Message.data,
+    Message.created_at,
+    Tenant.paused,
+)
+
+
+def load_messages(
+    engine: Engine, ids: set[str], *, fixed_statements: bool = True
+) -> dict[str, QueuedMessage]:
+    """The claimed messages, each with whether its tenant is paused now. On SQLite one fixed
+    statement read in autocommit: a read needs no write turn (engine.connect() would begin
+    with models/db.py's BEGIN IMMEDIATE and queue behind every spool commit of every relay
+    process, then hold the write lock while it reads). fixed_statements=False sends
+    SQLAlchemy's own (tests compare them)."""
     if not ids:
         return {}
-    stmt = (
-        select(
-            Message.id,
-            Message.tenant_id,
-            Message.stream,
-            Message.mail_from,
-            Message.data,
-            Message.created_at,
-            Tenant.paused,
-        )
-        .join(Tenant, Tenant.id == Message.tenant_id)
-        .where(Message.id.in_(ids))
-    )
+    if fixed_statements and is_sqlite(engine):
+        return _load_sqlite(engine, ids)
+    stmt = select(*_LOADED).join(Tenant, Tenant.id == Message.tenant_id).where(Message.id.in_(ids))
     with engine.connect() as conn:
         return {row[0]: QueuedMessage(*row) for row in conn.execute(stmt)}
+
+
+class _FixedRead:
+    """SELECT of _LOADED for the ids in one JSON array parameter (SQLite's json_each), so one
+    statement text serves every batch size; each column goes through the result processor
+    SQLAlchemy would apply (created_at to a datetime, paused to a bool)."""
+
+    def __init__(self, engine: Engine):
+        dialect = engine.dialect
+        joined = select(*_LOADED).join(Tenant, Tenant.id == Message.tenant_id)
+        self.sql = (
+            f"{joined.compile(dialect=dialect)} "
+            f"WHERE {Message.__tablename__}.id IN (SELECT value FROM json_each(?))"
+        )
+        self._processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in _LOADED
+        ]
+
+    def messages(self, raw_rows) -> dict[str, QueuedMessage]:
+        processors = self._processors
+        out = {}
+        for raw in raw_rows:
+            row = [v if p is None else p(v) for p, v in zip(processors, raw, strict=True)]
+            out[row[0]] = QueuedMessage(*row)
+        return out
+
+
+_fixed_reads: dict[str, _FixedRead] = {}
+
+
+def _load_sqlite(engine: Engine, ids: set[str]) -> dict[str, QueuedMessage]:
+    read = _fixed_reads.get(engine.dialect.name)
+    if read is None:
+        read = _fixed_reads[engine.dialect.name] = _FixedRead(engine)
+    raw = engine.raw_connection()  # autocommit (models/db.py): the SELECT alone, no lock
+    try:
+        cursor = raw.driver_connection.execute(read.sql, (json.dumps(sorted(ids)),))
+        try:
+            return read.messages(cursor.fetchall())
+        finally:
+            cursor.close()
+    finally:
+        raw.close()
 
 
 def add_suppression(
