@@ -26,7 +26,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval
 from prefect.schedules import Schedule as PrefectSchedule
 
-from runbooks.loader import operator_verbs, procedures_sweep, suspend_stream
+from runbooks.loader import operator_verbs, procedures_sweep, reactions_watch, suspend_stream
 from runbooks.schema_protocol import ProcedureRunbook, Schedule
 
 
@@ -69,6 +69,7 @@ def procedures() -> list[Procedure]:
     from flows.operator_verbs import FLOWS
     from flows.suspend_stream import suspend_stream as suspend_stream_flow
     from flows.sweep import procedures_sweep_flow
+    from flows.watch_reactions import reactions_watch_flow
 
     return [
         Procedure(
@@ -80,6 +81,16 @@ def procedures() -> list[Procedure]:
                 "procedures whose answer or time has come, continues those whose run is gone."
             ),
             tags=("protocol", "engine"),
+        ),
+        Procedure(
+            name="scheduled",
+            flow=reactions_watch_flow,
+            runbook=reactions_watch,
+            description=(
+                "Announces the relay's automatic suspensions and throttles in Slack, grouped "
+                "per path and window; opens an incident when they recur on a path."
+            ),
+            tags=("protocol", "signals"),
         ),
         Procedure(
             name="on-demand",

@@ -201,6 +201,23 @@ class SlackNotifier:
         )
         return Posted(reply["channel"], reply["ts"])
 
+    def message(self, template: str, *, at: Posted | None = None, **context: Any) -> Posted:
+        """A message kept up to date: posted the first time, then edited in place (chat.update)
+        so an incident or a run of reactions is one message that changes, not a storm."""
+        text = render(template, self.language, **context)
+        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}]
+        if at is None:
+            reply = self._call(
+                "chat.postMessage",
+                channel=self.channel,
+                text=text,
+                blocks=blocks,
+                unfurl_links=False,
+            )
+            return Posted(reply["channel"], reply["ts"])
+        self._call("chat.update", channel=at.channel, ts=at.ts, text=text, blocks=blocks)
+        return at
+
     # ------------------------------------------------------------ layout
     def approval_blocks(self, approval: Approval) -> list[dict]:
         blocks: list[dict] = [

@@ -16,6 +16,7 @@ from runbooks.schema_protocol import (
     OperatorVerbsRunbook,
     ProcedureRunbook,
     ProceduresSweepRunbook,
+    ReactionsWatchRunbook,
     SuspendStreamRunbook,
 )
 
@@ -29,7 +30,8 @@ Runbook = Annotated[
     | CheckpointsRunbook
     | OperatorVerbsRunbook
     | SuspendStreamRunbook
-    | ProceduresSweepRunbook,
+    | ProceduresSweepRunbook
+    | ReactionsWatchRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -136,6 +138,10 @@ def suspend_stream() -> SuspendStreamRunbook:
 
 def procedures_sweep() -> ProceduresSweepRunbook:
     return _typed("procedures-sweep", ProceduresSweepRunbook)
+
+
+def reactions_watch() -> ReactionsWatchRunbook:
+    return _typed("reactions-watch", ReactionsWatchRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

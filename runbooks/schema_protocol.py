@@ -277,3 +277,33 @@ class ProceduresSweepRunbook(ProcedureRunbook):
 
     kind: Literal["procedures-sweep"]
     spec: SweepSpec
+
+
+class ReactionsWatchSpec(Strict):
+    window_seconds: int = Field(
+        ge=60,
+        le=86400,
+        description="Reactions on one subject within this window share one Slack message",
+    )
+    recur_window_seconds: int = Field(
+        ge=3600, le=30 * 86400, description="How far back recurrences are counted"
+    )
+    recur_threshold: int = Field(
+        ge=2, le=100, description="This many reactions on one subject in the window: an incident"
+    )
+    critical_threshold: int = Field(
+        ge=2, le=1000, description="This many: the incident is critical"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReactionsWatchSpec:
+        if self.critical_threshold < self.recur_threshold:
+            raise ValueError("critical_threshold must be at least recur_threshold")
+        return self
+
+
+class ReactionsWatchRunbook(ProcedureRunbook):
+    """Announce the relay's automatic reactions; open incidents when they recur."""
+
+    kind: Literal["reactions-watch"]
+    spec: ReactionsWatchSpec

@@ -11,6 +11,7 @@ from axiom.cli import (  # noqa: F401  (imported for the commands they register)
     audit,
     domains,
     egress,
+    incidents,
     procedures,
     processes,
     queue,

@@ -133,7 +133,12 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
     assert (rules.id, rules.version) == ("suspend-stream", "1.0")
     assert rules.spec.checkpoint in rules.checkpoints == ["stream.suspend"]
     assert not rules.schedule.enabled and not operator_verbs().schedule.enabled
-    assert set(procedures()) == {"suspend-stream", "operator-verbs", "procedures-sweep"}
+    assert set(procedures()) == {
+        "suspend-stream",
+        "operator-verbs",
+        "procedures-sweep",
+        "reactions-watch",
+    }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
 
