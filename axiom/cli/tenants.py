@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from axiom.cli.app import admin, app, clock_now, err, out
-from protocol.tenants import add_credential, add_network, add_tenant, pause_tenant, resume_tenant
+from axiom.cli.app import JsonFlag, admin, app, clock_now, err, out, print_json, reading
+from protocol.tenants import (
+    add_credential,
+    add_network,
+    add_tenant,
+    list_tenants,
+    pause_tenant,
+    resume_tenant,
+    set_tenant,
+)
 from protocol.verbs import by_operator
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Customers.")
@@ -18,17 +27,74 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(credential_app, name="credential")
 
 
+ContactOption = Annotated[
+    str | None,
+    typer.Option("--contact", help="Where customer notices go: one email address."),
+]
+LanguageOption = Annotated[
+    str | None,
+    typer.Option("--language", help="Language of customer-facing texts: it or en."),
+]
+
+
 @tenant_app.command("add")
-def tenant_add(
-    name: str,
-    language: Annotated[
-        str, typer.Option(help="Language of customer-facing texts: it or en.")
-    ] = "it",
-) -> None:
+def tenant_add(name: str, contact: ContactOption = None, language: LanguageOption = None) -> None:
     """Add a customer."""
     with admin() as session:
-        add_tenant(session, name, language)
-    out.print(f"tenant [bold]{name}[/bold] added")
+        tenant = add_tenant(session, name, language or "it", contact)
+    out.print(
+        f"tenant [bold]{name}[/bold] added; notices in {tenant.language}"
+        + (f" to {tenant.contact_email}" if tenant.contact_email else ", none sent (no --contact)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@tenant_app.command("set")
+def tenant_set(
+    name: str,
+    contact: ContactOption = None,
+    clear_contact: Annotated[
+        bool, typer.Option("--clear-contact", help="Remove the contact: no notices are sent.")
+    ] = False,
+    language: LanguageOption = None,
+) -> None:
+    """Change where NAME's notices go (--contact, --clear-contact) and their --language."""
+    with admin() as session:
+        tenant = set_tenant(
+            session, name, contact=contact, clear_contact=clear_contact, language=language
+        )
+    out.print(
+        f"tenant [bold]{name}[/bold]: notices in {tenant.language} "
+        + (f"to {tenant.contact_email}" if tenant.contact_email else "not sent (no contact)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@tenant_app.command("list")
+def tenant_list(json_output: JsonFlag = False) -> None:
+    """Customers: language and contact of their notices, and whether they are paused."""
+    with reading() as session:
+        rows = [
+            {
+                "name": t.name,
+                "language": t.language,
+                "contact": t.contact_email,
+                "paused": t.paused,
+                "created_at": t.created_at,
+            }
+            for t in list_tenants(session)
+        ]
+    if json_output:
+        print_json(rows)
+        return
+    table = Table("name", "language", "contact", "paused")
+    table.columns[0].no_wrap = True
+    table.columns[2].overflow = "fold"
+    for r in rows:
+        table.add_row(r["name"], r["language"], r["contact"] or "", "paused" if r["paused"] else "")
+    out.print(table)
 
 
 # Typed with --as, a pause or resume is the human decision itself (no checkpoint); allowed
