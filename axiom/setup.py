@@ -1,4 +1,5 @@
-"""`axiom init`: a home, secrets, a sandbox certificate, the schema and the default pool."""
+"""`axiom init`: a home, secrets, a sandbox certificate, the schema, the default pool and the
+sender of customer notices."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ def initialise(settings: Settings, say: Callable[[str], None] = lambda _: None) 
     """Idempotent: safe on every start. Raises ConfigError naming the setting at fault."""
     from config.tls import write_self_signed
     from models.db import make_engine, migrate, session_scope
+    from notifications.customer_mail import ensure_notice_sender
     from protocol.egress import ensure_default_pool
     from relay.submission.keystore import KeyBox
 
@@ -44,6 +46,8 @@ def initialise(settings: Settings, say: Callable[[str], None] = lambda _: None) 
         with session_scope(engine) as session:
             if ensure_default_pool(session):
                 say("pool 'default' (shared) created with 127.0.0.1; new streams deliver from it")
+            for line in ensure_notice_sender(session, s):  # customer notices' system sender
+                say(line)
             session.commit()
     finally:
         engine.dispose()

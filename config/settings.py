@@ -147,6 +147,17 @@ class Settings(BaseSettings):
         description="Where asynchronous bounces (DSNs) are accepted, also as "
         "local+tag@domain; default bounces@HOSTNAME",
     )
+    notice_sender: Mailbox = Field(
+        default=None,
+        description="From address of customer notices, sent through this relay as the system "
+        "tenant axiom-notices (its domain is DKIM-signed like any other); default "
+        "notices@HOSTNAME",
+    )
+    notice_reply_to: Mailbox = Field(
+        default=None,
+        description="Reply-To of customer notices and the address they tell customers to "
+        "write to; empty: the notice says replies are not read",
+    )
     inbound_max_message_size: int = Field(
         default=26 * 1024 * 1024,
         ge=1024,
@@ -335,6 +346,10 @@ class Settings(BaseSettings):
     @property
     def bounce_mailbox(self) -> str:
         return self.bounce_address or f"bounces@{self.hostname}"
+
+    @property
+    def notice_mailbox(self) -> str:
+        return self.notice_sender or f"notices@{self.hostname}"
 
     @property
     def cert_path(self) -> Path:

@@ -42,8 +42,10 @@ from sslyze.connection_helpers.opportunistic_tls_helpers import (
     ProtocolWithOpportunisticTlsEnum,
 )
 
+from config.settings import load_settings
 from models import Credential, DkimKey, Domain, Message, Recipient
 from models.db import make_engine, migrate, session_scope
+from notifications.customer_mail import NOTICE_USERNAME, notice_password
 from protocol import domains, tenants
 from relay.submission.dkim import txt_record_value
 from relay.submission.keystore import KeyBox
@@ -996,10 +998,14 @@ def test_no_secret_in_verbose_logs_cli_output_or_database(axiom_home):
     ):
         result = axiom_home.cli(*args)
         outputs["axiom " + " ".join(args)] = (result.stdout + result.stderr).encode()
+    # `axiom init` above provisioned the sender of customer notices, its password derived
+    # from the secret key: never written anywhere either.
+    notices = (NOTICE_USERNAME, notice_password(load_settings(home=axiom_home.path)))
     logins = [
         (acme.username, acme.password),
         (other.username, other.password),
         (acme.username, acme.password + "-wrong"),
+        notices,
     ]
     fragments = _secret_fragments(axiom_home, logins)
     leaks = _leaks(fragments, "relay log", log)
@@ -1014,9 +1020,13 @@ def test_no_secret_in_verbose_logs_cli_output_or_database(axiom_home):
     with session_scope(engine) as s:
         hashes = {c.username: c.password_hash for c in s.exec(select(Credential)).all()}
     engine.dispose()
-    assert set(hashes) == {"acme-app", "other-app"}
+    assert set(hashes) == {"acme-app", "other-app", NOTICE_USERNAME}
     hasher = PasswordHasher()
-    for username, password in (("acme-app", acme.password), ("other-app", other.password)):
+    for username, password in (
+        ("acme-app", acme.password),
+        ("other-app", other.password),
+        notices,
+    ):
         assert hashes[username].startswith("$argon2id$")
         assert hasher.verify(hashes[username], password)
 
