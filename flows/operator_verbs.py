@@ -24,6 +24,7 @@ from models import IpAddress, IpPool, IpState, Stream, Suspension
 from models.audit import as_utc
 from models.db import session_scope
 from models.sandbox_clock import clock_for
+from notifications import customer_mail
 from protocol import egress, suspensions, tenants
 from protocol.errors import ServiceError
 from protocol.verbs import by_flow
@@ -54,9 +55,10 @@ def _verb(
     read: Callable[[Session], dict],
     act: Callable[..., dict],
     procedure_id: int | None,
+    notify: Callable[[Session, str, dict], dict] | None = None,
 ) -> VerbOutcome:
-    """read the state → checkpoint → act, as a durable procedure: each step once, the wait
-    for the approver held by no process (flows/procedure.py)."""
+    """read the state → checkpoint → act → notify the customer, as a durable procedure: each
+    step once, the wait for the approver held by no process (flows/procedure.py)."""
     logger = get_run_logger()
     settings = resources.settings()
     runbook = operator_verbs()
@@ -96,6 +98,10 @@ def _verb(
             )
             done = p.step("act", lambda session: act(session, who))  # with its audit entry
             logger.info("%s on %s done: %s", verb, subject, done)
+            if notify is not None:  # the mail is sent once; the step records what was sent
+                notice = p.step("notify", lambda session: notify(session, p.actor, done))
+                logger.info("%s", notice["said"])
+                done = {**done, "notice": notice}
             outcome = VerbOutcome(outcome="done", detail=done, **base)
         p.finish(outcome.model_dump())
         return outcome
@@ -209,8 +215,14 @@ def pause_tenant(
         f"pause {tenant}: new submissions get 451 4.7.1, queued mail waits in the spool",
         reason,
         lambda s: _tenant(s, tenant, paused=True),
-        lambda s, who: {"paused": tenants.pause_tenant(s, tenant, who).name},
+        lambda s, who: {
+            "paused": tenants.pause_tenant(s, tenant, who).name,
+            "queued_recipients": tenants.queued_recipients(s, tenants.get_tenant(s, tenant).id),
+        },
         procedure_id,
+        notify=lambda s, actor, done: _notice(
+            s, actor, tenant, "email_tenant_paused", queued_recipients=done["queued_recipients"]
+        ),
     )
 
 
@@ -235,6 +247,9 @@ def resume_tenant(
         lambda s: _tenant(s, tenant, paused=False),
         lambda s, who: {"woken": tenants.resume_tenant(s, tenant, who)[1]},
         procedure_id,
+        notify=lambda s, actor, done: _notice(
+            s, actor, tenant, "email_tenant_resumed", woken=done["woken"]
+        ),
     )
 
 
@@ -286,6 +301,9 @@ def release_stream(
         lambda s: _held(s, tenant, stream),
         act,
         procedure_id,
+        notify=lambda s, actor, done: _notice(
+            s, actor, tenant, "email_stream_released", stream=stream, woken=done["woken"]
+        ),
     )
 
 
@@ -369,6 +387,19 @@ FLOWS = [
     retire_ip,
     reinstate_ip,
 ]
+
+
+def _notice(session: Session, actor: str, tenant: str, notice: str, **variables) -> dict:
+    """Tell the tenant's contact, in its language, through the relay (never raises)."""
+    return customer_mail.send_notice(
+        session,
+        resources.settings(),
+        tenant,
+        notice,
+        actor=actor,
+        at=f"{_now():%Y-%m-%d %H:%M} UTC",
+        **variables,
+    )
 
 
 def _now() -> datetime:

@@ -21,6 +21,7 @@ from flows.checkpoint import request_approval
 from flows.procedure import ProcedureId, ProcedureRun, procedure
 from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
 from models.audit_trail import record
+from notifications import customer_mail
 from relay.delivery.egress import DEFAULT_POOL
 from runbooks.loader import suspend_stream as rules
 
@@ -52,6 +53,7 @@ class StreamHoldOutcome(BaseModel):
     previous_fallback_pool: str | None = None
     queued_recipients: int = 0
     release_with: str | None = None
+    notice: dict | None = None  # what the customer was told (notifications/customer_mail.py)
 
 
 def read_stream(session: Session, tenant: str, stream: str) -> StreamState:
@@ -190,7 +192,23 @@ def suspend_stream(
             ),
         )
         logger.info("%s/%s is held; release with: %s", tenant, stream, release)
-        return _finish(p, StreamHoldOutcome(outcome="held", release_with=release, **outcome))
+        notice = p.step(  # the mail is sent once; the step records what was sent
+            "notify",
+            lambda session: customer_mail.send_notice(
+                session,
+                settings,
+                tenant,
+                "email_stream_held",
+                actor=p.actor,
+                at=f"{p.now():%Y-%m-%d %H:%M} UTC",
+                stream=stream,
+                queued_recipients=state.queued_recipients,
+            ),
+        )
+        logger.info("%s", notice["said"])
+        return _finish(
+            p, StreamHoldOutcome(outcome="held", release_with=release, notice=notice, **outcome)
+        )
 
 
 def _finish(p: ProcedureRun, outcome: StreamHoldOutcome) -> StreamHoldOutcome:
