@@ -221,7 +221,11 @@ def pause_tenant(
         },
         procedure_id,
         notify=lambda s, actor, done: _notice(
-            s, actor, tenant, "email_tenant_paused", queued_recipients=done["queued_recipients"]
+            s,
+            actor,
+            tenant,
+            "email_tenant_paused",
+            queued_recipients=done.get("queued_recipients", 0),
         ),
     )
 
@@ -248,7 +252,7 @@ def resume_tenant(
         lambda s, who: {"woken": tenants.resume_tenant(s, tenant, who)[1]},
         procedure_id,
         notify=lambda s, actor, done: _notice(
-            s, actor, tenant, "email_tenant_resumed", woken=done["woken"]
+            s, actor, tenant, "email_tenant_resumed", woken=done.get("woken", 0)
         ),
     )
 
@@ -302,7 +306,7 @@ def release_stream(
         act,
         procedure_id,
         notify=lambda s, actor, done: _notice(
-            s, actor, tenant, "email_stream_released", stream=stream, woken=done["woken"]
+            s, actor, tenant, "email_stream_released", stream=stream, woken=done.get("woken", 0)
         ),
     )
 
