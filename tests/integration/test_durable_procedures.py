@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -25,8 +26,9 @@ from sqlmodel import select
 from models import AuditEntry, IpPool, Procedure, ProcedureState, Stream
 from models.db import make_engine, session_scope
 from protocol import operators
-from testbed.axiom import FlowsProcess, descendants, make_home, seed_tenant
+from testbed.axiom import ControlProcess, FlowsProcess, descendants, make_home, seed_tenant
 from testbed.prefect import PrefectServer
+from tests.fakes.slack import FakeSlack, button_click, sign
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +54,8 @@ def plane(prefect, tmp_path):
         s.commit()
     started: list[FlowsProcess] = []
 
-    def serve(command: list[str] | None = None) -> FlowsProcess:
-        process = FlowsProcess(home, prefect.env, command=command).start()
+    def serve(command: list[str] | None = None, **env: str) -> FlowsProcess:
+        process = FlowsProcess(home, prefect.env, command=command, **env).start()
         started.append(process)
         return process
 
@@ -217,3 +219,55 @@ def test_a_wait_of_thirty_sandbox_days_holds_no_process_and_survives_a_restart(p
     began = datetime.fromisoformat(done.outcome["began"])
     went_on = datetime.fromisoformat(done.outcome["went_on"])
     assert 30 <= (went_on - began).total_seconds() / 86400 < 30.1
+
+
+def test_a_slack_click_while_the_runner_is_down_is_acted_on_when_it_returns(plane, prefect):
+    """The request is in Slack before the run suspends; the click reaches the control process
+    (`axiom control`, separate from the runner) which records it and resumes the run; the
+    runner, back, takes the run up; the Slack message shows the outcome."""
+    home, engine, serve = plane
+    slack = FakeSlack()
+    secret = "5f4dcc3b5aa765d61d8327deb882cf99"
+    slack_env = {
+        "AXIOM_SLACK_BOT_TOKEN": slack.token,
+        "AXIOM_SLACK_CHANNEL": "C0APPROVALS",
+        "AXIOM_SLACK_API_URL": slack.base_url,
+        "AXIOM_SLACK_SIGNING_SECRET": secret,
+        "AXIOM_PREFECT_API_URL": prefect.api_url,
+    }
+    with session_scope(engine) as s:
+        operators.add_operator(s, "bob", ["lead"], "U0BOB")
+        s.commit()
+    control = ControlProcess(home, slack_env).start()
+    try:
+        flows = serve(**slack_env)
+        run_id = _suspend_news()
+        waiting = _until("waiting for its approval", _waiting(engine, "suspend-stream"))
+        (posted,) = slack.wait_for("chat.postMessage")  # posted before the run suspended
+        assert f"approval:{waiting.approval_id}" in json.dumps(posted.args)
+        _until("suspended in Prefect", lambda: _run_state(run_id) == "PAUSED/Suspended")
+        flows.kill_all()
+
+        body = button_click(waiting.approval_id, "approve", "U0BOB")
+        answer = httpx.post(
+            f"{control.url}/slack/interactivity", content=body, headers=sign(secret, body)
+        )
+        assert answer.status_code == 200
+        _until("resumed in Prefect", lambda: _run_state(run_id).startswith("SCHEDULED"))
+
+        serve(**slack_env)
+        done = _until(
+            "finished",
+            lambda: (
+                (row := _procedure(engine, "suspend-stream")).state == ProcedureState.FINISHED
+                and row
+            ),
+        )
+        assert (done.outcome["outcome"], done.outcome["decided_by"]) == ("held", "bob")
+        assert _pool_of(engine, "news") == "hold"
+        assert len(_audit(engine, "stream.suspend")) == 1
+        (update,) = slack.wait_for("chat.update")
+        assert "bob" in json.dumps(update.args)
+    finally:
+        control.stop()
+        slack.close()
