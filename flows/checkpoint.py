@@ -112,24 +112,13 @@ def request_approval(
     checkpoint = declared.spec.for_kind(kind)
     runbook = runbook or declared
     desk = approval_desk(settings, engine_for(settings))
+    request = _Request(checkpoint, runbook, subject, proposal, evidence, ttl, safe_default)
     if procedure is not None:
-        return _durable_checkpoint(
-            desk, procedure, checkpoint, runbook, subject, proposal, evidence, ttl, safe_default
-        )
+        return _durable_checkpoint(desk, procedure, request)
     stop = threading.Event()
     timer: threading.Timer | None = None
     try:
-        approval = desk.open(
-            checkpoint=checkpoint,
-            subject=subject,
-            proposal=proposal,
-            evidence=evidence,
-            runbook_id=runbook.id,
-            runbook_version=runbook.version,
-            flow_run_id=str(context.flow_run.id),
-            ttl=ttl,
-            safe_default=safe_default,
-        )
+        approval = request.open(desk, str(context.flow_run.id))
         assert approval.id is not None
         _log_requested(approval)
         threading.Thread(
@@ -145,33 +134,44 @@ def request_approval(
             timer.cancel()
 
 
-def _durable_checkpoint(
-    desk: ApprovalDesk,
-    procedure: ProcedureRun,
-    checkpoint: Checkpoint,
-    runbook: RunbookBase,
-    subject: str,
-    proposal: dict,
-    evidence: dict,
-    ttl: timedelta | None,
-    safe_default: str | None,
-) -> Decision:
+@dataclass(frozen=True)
+class _Request:
+    """What a checkpoint asks, before it is an Approval row."""
+
+    checkpoint: Checkpoint
+    runbook: RunbookBase
+    subject: str
+    proposal: dict
+    evidence: dict
+    ttl: timedelta | None
+    safe_default: str | None
+
+    def open(self, desk: ApprovalDesk, flow_run_id: str, within=None) -> Approval:
+        return desk.open(
+            checkpoint=self.checkpoint,
+            subject=self.subject,
+            proposal=self.proposal,
+            evidence=self.evidence,
+            runbook_id=self.runbook.id,
+            runbook_version=self.runbook.version,
+            flow_run_id=flow_run_id,
+            ttl=self.ttl,
+            safe_default=self.safe_default,
+            within=within,
+        )
+
+
+def _durable_checkpoint(desk: ApprovalDesk, procedure: ProcedureRun, request: _Request) -> Decision:
     """The checkpoint as a step of a durable procedure: asked once, waited for without a
     process (in a deployment's run), answered through the same desk."""
-    step = f"checkpoint:{checkpoint.kind}:{subject}"
+    checkpoint = request.checkpoint
+    step = f"checkpoint:{checkpoint.kind}:{request.subject}"
     asked = procedure.done(step)
     if asked is None:
         try:
-            approval = desk.open(
-                checkpoint=checkpoint,
-                subject=subject,
-                proposal=proposal,
-                evidence=evidence,
-                runbook_id=runbook.id,
-                runbook_version=runbook.version,
-                flow_run_id=procedure.flow_run_id,
-                ttl=ttl,
-                safe_default=safe_default,
+            approval = request.open(
+                desk,
+                procedure.flow_run_id,
                 within=lambda session, row: procedures.record_step(
                     session,
                     procedure.id,
