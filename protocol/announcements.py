@@ -24,7 +24,7 @@ from models import Announcement, AuditEntry, ControlCursor
 from models.audit import as_utc
 from models.db import session_scope
 from protocol import incidents
-from runbooks.schema_protocol import ReactionsWatchRunbook
+from runbooks.schema_protocol import ReactionsWatchRunbook, ReactionsWatchSpec
 
 CURSOR = "reactions-watch"
 REACTIONS = ("path.suspend", "path.throttle")
@@ -98,9 +98,9 @@ def record_reactions(
             recent = _recent_reactions(
                 session, subject, now - timedelta(seconds=spec.recur_window_seconds)
             )
-            if recent < spec.recur_threshold:
+            severity = decide(recent, spec)
+            if severity is None:
                 continue
-            severity = "critical" if recent >= spec.critical_threshold else "warning"
             hours = spec.recur_window_seconds // 3600
             for entry in news:
                 reported = incidents.report(
@@ -124,6 +124,13 @@ def record_reactions(
             session.add(announcement)
         session.commit()
     return result
+
+
+def decide(recent: int, spec: ReactionsWatchSpec) -> str | None:
+    """The incident a path's recent reactions call for: none, warning or critical."""
+    if recent < spec.recur_threshold:
+        return None
+    return "critical" if recent >= spec.critical_threshold else "warning"
 
 
 def _advance(session: Session, first: int, last: int, now: datetime) -> bool:

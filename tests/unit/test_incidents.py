@@ -21,7 +21,7 @@ from models.db import session_scope
 from notifications.announce import announce_reactions, incident_report, publish_incident
 from notifications.slack import SlackNotifier
 from protocol import incidents
-from protocol.announcements import read_reactions, record_reactions
+from protocol.announcements import decide, read_reactions, record_reactions
 from protocol.errors import ServiceError
 from protocol.operators import add_operator
 from relay.delivery.reactions import Reaction, ReactionEngine
@@ -275,3 +275,13 @@ def test_the_cli_lists_shows_and_moves_incidents_with_exact_errors(engine, db_ur
     assert shown["timeline"][1]["actor"] == "operator:alice"
     missing = axiom("incidents", "show", "9")
     assert "incident #9 does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("recent", "severity"),
+    [(0, None), (2, None), (3, "warning"), (5, "warning"), (6, "critical"), (40, "critical")],
+)
+def test_the_reactions_on_a_path_call_for_an_incident_at_the_runbooks_thresholds(recent, severity):
+    spec = reactions_watch().spec  # recur_threshold 3, critical_threshold 6
+    assert (spec.recur_threshold, spec.critical_threshold) == (3, 6)
+    assert decide(recent, spec) == severity
