@@ -43,8 +43,9 @@ lint: install
 test-fast: lint
 	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" $(FAST)
 
+# Two workers: most integration tests wait on processes and peers (README, "Tests").
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist worksteal
 
 bench: install
 	$(BIN)/python -m bench  # submission, end_to_end, memory, soak (10 min): bench/__main__.py

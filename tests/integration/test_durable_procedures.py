@@ -139,16 +139,18 @@ def test_an_answer_given_while_the_control_plane_is_down_is_acted_on_once_when_i
     ]
 
     # The control plane dies; the answer comes meanwhile, by a CLI that cannot reach Prefect
-    # either (no API URL): it records the decision, the resume fails. Back, the scheduled
-    # sweep (procedures-sweep/scheduled, every minute) finds the answered approval and
-    # resumes the run.
+    # either (no API URL): it records the decision, the resume fails. Back, the sweep
+    # (procedures-sweep/scheduled, served by the runner; its every-minute schedule is checked
+    # in test_deployments, here a run of it is asked for at once) finds the answered approval
+    # and resumes the run.
     flows.kill_all()
     approved = home.cli("approve", str(waiting.approval_id), "--as", "alice")
     assert "approved" in approved.stdout
     assert _procedure(engine, "suspend-stream").state == ProcedureState.WAITING
     assert _pool_of(engine, "news") is None  # nothing acted while the control plane is down
 
-    serve()  # it returns: the resumed run is taken up and goes on from the checkpoint
+    serve()  # it returns: the sweep resumes the run, which goes on from the checkpoint
+    run_deployment("procedures-sweep/scheduled", timeout=0)
     done = _until(
         "finished",
         lambda: (

@@ -193,7 +193,12 @@ def test_runbooks_list_says_prefect_unreachable_in_the_run_columns(monkeypatch, 
     from typer.testing import CliRunner
 
     from axiom.cli import app
+    from axiom.cli.app import out
     from tests.conftest import free_port
+
+    # The console is made once per process: another test in this process may have fixed its
+    # width before COLUMNS is set here (pytest-xdist runs many tests in one worker).
+    monkeypatch.setattr(out, "width", 200)
 
     monkeypatch.setenv("AXIOM_HOME", str(tmp_path))
     monkeypatch.setenv("AXIOM_CONFIG", str(tmp_path / "absent.toml"))
