@@ -53,6 +53,22 @@ from runbooks.loader import dkim_signing
 log = logging.getLogger("axiom.relay")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The relay's logging: stderr in LOG_FORMAT, less the record fields that format never
+    shows. The caller's file and line (a stack walk), thread and process names cost ~4 us of
+    the ~13 us of each record (the logging HOWTO's "Optimization"), and the maillog writes
+    two records per message."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging._srcfile = None  # no sys._getframe() per record (documented in the HOWTO)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+
 def build_context(settings: Settings, engine, clock: Clock) -> RelayContext:
     secret = settings.load_secret_key()
     dummy_hash()  # made now, so the first AUTH of an unknown user takes as long as any other
@@ -375,9 +391,7 @@ if __name__ == "__main__":  # the extra listener processes
     from config.settings import load_settings
 
     # The parent's format (axiom relay), and its maillog lines: they share the parent's stderr.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(logging.WARNING)
     logging.getLogger("axiom.maillog").setLevel(logging.INFO)
     install_all_or_exit()
     listener_settings = load_settings()

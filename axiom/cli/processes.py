@@ -51,9 +51,9 @@ def relay() -> None:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus_client loads
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-    from relay.service import run
+    from relay.service import configure_logging, run
+
+    configure_logging()
 
     try:
         run(s)
@@ -82,8 +82,9 @@ def deliver() -> None:
     """Run only the delivery engine (no listeners): more delivery processes on one spool."""
     s = settings()
     engine(s).dispose()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    from relay.service import deliver_only, run_event_loop
+    from relay.service import configure_logging, deliver_only, run_event_loop
+
+    configure_logging()
 
     run_event_loop(s, deliver_only(s))
 
