@@ -261,3 +261,27 @@ def test_open_procedures_say_what_they_wait_for_and_until_when(engine, desk):
     assert (waiting.since, waiting.until) == (T0, T0 + timedelta(days=21))
     procedures.finish(engine, proc.id, {"outcome": "held"}, now=T0)
     assert procedures.open_procedures(engine).items == []
+
+
+def test_an_idle_sweep_is_two_selects_and_an_idle_watch_one(engine, desk, clock):
+    """RUNBOOKS.md: a scheduled run with nothing to do is cheap — counted at the driver."""
+    from sqlalchemy import event
+
+    from protocol.announcements import read_reactions
+
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert _sweep(desk, engine, FakeRuns(), clock).idle
+        sweep_statements = list(statements)
+        statements.clear()
+        assert read_reactions(engine) == []
+        watch_statements = list(statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert [s for s in sweep_statements if s not in ("BEGIN",)] == ["SELECT", "SELECT"]
+    assert [s for s in watch_statements if s not in ("BEGIN",)] == ["SELECT"]
