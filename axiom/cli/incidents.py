@@ -64,9 +64,7 @@ def incidents_list(
             str(r["occurrences"]),
             r["updated_at"][:16].replace("T", " "),
         )
-    out.print(table)
-    if not rows:
-        out.print("no open incidents" if not show_all else "no incidents")
+    out.print(table if rows else ("no incidents" if show_all else "no open incidents"))
     say_if_cut(page, "incidents", json_output)
 
 

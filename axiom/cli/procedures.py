@@ -56,9 +56,7 @@ def procedures(ctx: typer.Context, json_output: JsonFlag = False, limit: LimitOp
             _when(w.until),
             w.flow_run_id or "",
         )
-    out.print(table)
-    if not page.items:
-        out.print("no open procedures")
+    out.print(table if page.items else "no open procedures")
     say_if_cut(page, "procedures", json_output)
 
 
