@@ -41,7 +41,7 @@ lint: install
 # Lint and the unit tests in under a minute; hypothesis properties run a tenth of their
 # examples (tests/examples.py) and tests marked integration stay for `make test`.
 test-fast: lint
-	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" $(FAST)
+	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" -n 2 $(FAST)
 
 # Two workers: most integration tests wait on processes and peers (README, "Tests").
 test: lint

@@ -230,6 +230,7 @@ def test_slack_gets_one_message_per_incident_edited_in_place(engine):
     assert "# Incidente #" in report and report.count("| signal |") == 3
 
 
+@pytest.mark.integration  # real `axiom` processes, a dozen of them: make test, not test-fast
 def test_the_cli_lists_shows_and_moves_incidents_with_exact_errors(engine, db_url, tmp_path):
     with session_scope(engine) as s:
         add_operator(s, "alice", ["deliverability"], None)
