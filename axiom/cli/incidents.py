@@ -14,6 +14,7 @@ from axiom.cli.app import (
     app,
     clock_now,
     engine,
+    err,
     out,
     print_json,
     reading,
@@ -152,12 +153,33 @@ def _operator(session, name: str) -> None:
 
 
 def _publish(incident_id: int) -> None:
-    """The incident's Slack message shows the change (edited in place) when Slack is set up."""
-    from notifications.announce import publish_incident
+    """The change shows where people look: the incident's Slack message (edited in place, when
+    Slack is set up) and its Prefect artifact (a new version; skipped, with a note, when
+    Prefect cannot be reached — the next change or watch run brings it up to date)."""
+    from notifications.announce import incident_report, publish_incident
     from notifications.slack import SlackNotifier
 
     s = settings()
-    publish_incident(engine(s), SlackNotifier.from_settings(s), incident_id)
+    eng = engine(s)
+    publish_incident(eng, SlackNotifier.from_settings(s), incident_id)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_CLIENT_MAX_RETRIES,
+            temporary_settings,
+        )
+
+        # One try: a person waits on this command, and the database already has the change.
+        once = {PREFECT_API_URL: s.prefect_api(), PREFECT_CLIENT_MAX_RETRIES: 0}
+        with temporary_settings(updates=once):
+            create_markdown_artifact(
+                key=f"incident-{incident_id}",
+                markdown=incident_report(eng, incident_id, s.slack_language),
+                description=f"Incident #{incident_id} and its timeline",
+            )
+    except Exception as exc:  # Prefect down or unreachable: the database has the change
+        err.print(f"note: Prefect artifact incident-{incident_id} not updated ({exc})")
 
 
 def _row(incident) -> dict:

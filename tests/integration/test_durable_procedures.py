@@ -273,3 +273,33 @@ def test_a_slack_click_while_the_runner_is_down_is_acted_on_when_it_returns(plan
     finally:
         control.stop()
         slack.close()
+
+
+def test_moving_an_incident_by_hand_updates_its_prefect_artifact(plane):
+    """The incident's artifact follows a change made with the CLI (a new version)."""
+    from datetime import UTC, datetime
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from protocol import incidents
+
+    home, engine, _serve = plane
+    with session_scope(engine) as s:
+        incidents.report(
+            s,
+            subject="path:127.0.0.10/google",
+            cause="repeated-reactions",
+            severity="warning",
+            summary="3 automatic reactions in 24 h",
+            actor="flow:test",
+            now=datetime.now(UTC),
+        )
+        s.commit()
+    moved = home.cli_prefect("incidents", "set", "1", "mitigating", "--as", "alice")
+    assert "not updated" not in moved.stderr, moved.stderr
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["incident-1"]))
+        )
+    assert "# Incident #1: repeated protective reactions" in artifact.data
+    assert "| open → mitigating |" in artifact.data
