@@ -55,6 +55,22 @@ def _pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
+@pytest.fixture(scope="module")
+def prefect():
+    """A private Prefect server for the module's tests (testbed/prefect.py), this process's
+    Prefect client pointed at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from testbed.prefect import PrefectServer
+
+    server = PrefectServer().start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server
+    finally:
+        server.destroy()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a private schema in PostgreSQL."""

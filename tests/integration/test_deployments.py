@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Running, Scheduled
 
 from flows.deployments import deployments
@@ -24,20 +23,9 @@ from flows.registry import Procedure, procedures
 from flows.suspend_stream import suspend_stream as suspend_stream_flow
 from runbooks.loader import suspend_stream
 from runbooks.schema_protocol import Schedule
-from testbed.prefect import PrefectServer
 from tests.conftest import VENV_BIN, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect():
-    server = PrefectServer().start()
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server
-    finally:
-        server.destroy()
 
 
 def _with_schedule(schedule: Schedule, name: str) -> Procedure:

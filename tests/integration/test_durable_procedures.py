@@ -20,27 +20,15 @@ import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlmodel import select
 
 from models import AuditEntry, IpPool, Procedure, ProcedureState, Stream
 from models.db import make_engine, session_scope
 from protocol import operators
 from testbed.axiom import ControlProcess, FlowsProcess, descendants, make_home, seed_tenant
-from testbed.prefect import PrefectServer
 from tests.fakes.slack import FakeSlack, button_click, sign
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect():
-    server = PrefectServer().start()
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture
