@@ -286,3 +286,59 @@ def test_the_reactions_on_a_path_call_for_an_incident_at_the_runbooks_thresholds
     spec = reactions_watch().spec  # recur_threshold 3, critical_threshold 6
     assert (spec.recur_threshold, spec.critical_threshold) == (3, 6)
     assert decide(recent, spec) == severity
+
+
+def test_actions_and_approvals_join_the_timeline_linked_to_their_own_audit_entries(engine):
+    """A runbook acting on an incident names the audit entry of its action and its approval;
+    a kind the timeline does not know is refused."""
+    from models import Approval
+    from models.audit_trail import record
+
+    with session_scope(engine) as s:
+        opened = incidents.report(
+            s,
+            subject="ip:127.0.0.10",
+            cause="listed",
+            severity="warning",
+            summary="one zone",
+            actor="flow:a",
+            now=T0,
+        ).incident
+        approval = Approval(
+            kind="ip.retire",
+            subject="ip:127.0.0.10",
+            allowed_roles="lead",
+            expires_at=T0 + timedelta(hours=1),
+        )
+        s.add(approval)
+        s.flush()
+        action = record(
+            s, actor="flow:b", action="ip.retire", subject="ip:127.0.0.10", evidence={}, at=T0
+        )
+        incidents.add_event(
+            s,
+            opened.id,
+            "approval",
+            actor="operator:alice",
+            summary="retire approved",
+            now=T0 + timedelta(minutes=1),
+            approval_id=approval.id,
+        )
+        incidents.add_event(
+            s,
+            opened.id,
+            "action",
+            actor="flow:b",
+            summary="127.0.0.10 retired",
+            now=T0 + timedelta(minutes=2),
+            audit_entry_id=action.id,
+        )
+        with pytest.raises(ServiceError, match="timeline kind must be one of"):
+            incidents.add_event(s, opened.id, "gossip", actor="x", summary="y", now=T0)
+        s.commit()
+        events = incidents.timeline(s, opened.id)
+        assert [e.kind for e in events] == ["signal", "approval", "action"]
+        assert events[1].approval_id == approval.id
+        assert s.get(AuditEntry, events[1].audit_entry_id).action == "incident.approval"
+        assert events[2].audit_entry_id == action.id  # the action's own entry, not a copy
+        assert verify(s)[1] is None
