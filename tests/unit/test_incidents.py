@@ -42,6 +42,13 @@ def _react(engine, ip: str, at: datetime, provider: str = "google") -> None:
     assert created
 
 
+def _signal(s, subject, cause, severity, summary, actor="flow:a", at=T0):
+    """A signal reported to the incidents service, as a runbook reports one."""
+    return incidents.report(
+        s, subject=subject, cause=cause, severity=severity, summary=summary, actor=actor, now=at
+    )
+
+
 def _watch(engine, at: datetime):
     return record_reactions(
         engine, read_reactions(engine), reactions_watch(), actor="flow:test", now=at
@@ -56,33 +63,11 @@ def _notifier(fake: FakeSlack) -> SlackNotifier:
 # ---------------------------------------------------------------- incidents
 def test_one_cause_on_one_subject_is_one_incident_until_it_is_resolved(engine):
     with session_scope(engine) as s:
-        first = incidents.report(
-            s,
-            subject="ip:127.0.0.10",
-            cause="listed",
-            severity="warning",
-            summary="one zone",
-            actor="flow:a",
-            now=T0,
+        first = _signal(s, "ip:127.0.0.10", "listed", "warning", "one zone")
+        again = _signal(
+            s, "ip:127.0.0.10", "listed", "critical", "two zones", at=T0 + timedelta(minutes=5)
         )
-        again = incidents.report(
-            s,
-            subject="ip:127.0.0.10",
-            cause="listed",
-            severity="critical",
-            summary="two zones",
-            actor="flow:a",
-            now=T0 + timedelta(minutes=5),
-        )
-        other = incidents.report(
-            s,
-            subject="ip:127.0.0.11",
-            cause="listed",
-            severity="info",
-            summary="x",
-            actor="flow:a",
-            now=T0,
-        )
+        other = _signal(s, "ip:127.0.0.11", "listed", "info", "x")
         s.commit()
         assert first.opened and not again.opened and other.opened
         assert again.incident.id == first.incident.id != other.incident.id
@@ -98,14 +83,8 @@ def test_one_cause_on_one_subject_is_one_incident_until_it_is_resolved(engine):
             s, incident.id, "resolved", actor="operator:alice", note="delisted", now=later
         )
         s.commit()
-        recurrence = incidents.report(
-            s,
-            subject="ip:127.0.0.10",
-            cause="listed",
-            severity="warning",
-            summary="again",
-            actor="flow:a",
-            now=T0 + timedelta(days=1),
+        recurrence = _signal(
+            s, "ip:127.0.0.10", "listed", "warning", "again", at=T0 + timedelta(days=1)
         )
         s.commit()
         assert recurrence.opened and recurrence.incident.id != incident.id
@@ -143,15 +122,7 @@ def test_one_cause_on_one_subject_is_one_incident_until_it_is_resolved(engine):
 )
 def test_a_move_the_lifecycle_does_not_allow_is_refused_with_the_reason(engine, moves, error):
     with session_scope(engine) as s:
-        incidents.report(
-            s,
-            subject="domain:acme.example",
-            cause="dmarc",
-            severity="info",
-            summary="s",
-            actor="flow:a",
-            now=T0,
-        )
+        _signal(s, "domain:acme.example", "dmarc", "info", "s")
         s.commit()
         with pytest.raises(ServiceError) as refused:
             for state in moves:
@@ -234,14 +205,12 @@ def test_slack_gets_one_message_per_incident_edited_in_place(engine):
 def test_the_cli_lists_shows_and_moves_incidents_with_exact_errors(engine, db_url, tmp_path):
     with session_scope(engine) as s:
         add_operator(s, "alice", ["deliverability"], None)
-        incidents.report(
+        _signal(
             s,
-            subject="path:127.0.0.10/google",
-            cause="repeated-reactions",
-            severity="warning",
-            summary="3 automatic reactions in 24 h",
-            actor="flow:a",
-            now=T0,
+            "path:127.0.0.10/google",
+            "repeated-reactions",
+            "warning",
+            "3 automatic reactions in 24 h",
         )
         s.commit()
     (tmp_path / "secret.key").write_bytes(b"x" * 32)
@@ -295,15 +264,7 @@ def test_actions_and_approvals_join_the_timeline_linked_to_their_own_audit_entri
     from models.audit_trail import record
 
     with session_scope(engine) as s:
-        opened = incidents.report(
-            s,
-            subject="ip:127.0.0.10",
-            cause="listed",
-            severity="warning",
-            summary="one zone",
-            actor="flow:a",
-            now=T0,
-        ).incident
+        opened = _signal(s, "ip:127.0.0.10", "listed", "warning", "one zone").incident
         approval = Approval(
             kind="ip.retire",
             subject="ip:127.0.0.10",
