@@ -4,7 +4,14 @@ from models.announcements import Announcement, ControlCursor
 from models.audit import AuditEntry
 from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
-from models.events import DeliveryEvent, Suppression
+from models.events import (
+    DeliveryEvent,
+    EventKind,
+    EventRollup,
+    HoldReason,
+    HoldTally,
+    Suppression,
+)
 from models.incidents import Incident, IncidentEvent, IncidentState
 from models.procedures import Procedure, ProcedureState, ProcedureStep
 from models.protocol import Approval, Operator, Suspension
@@ -23,6 +30,10 @@ __all__ = [
     "DkimKey",
     "Domain",
     "DomainState",
+    "EventKind",
+    "EventRollup",
+    "HoldReason",
+    "HoldTally",
     "Incident",
     "IncidentEvent",
     "IncidentState",
