@@ -21,11 +21,10 @@ from flows.checkpoint import request_approval
 from flows.procedure import ProcedureId, ProcedureRun, procedure
 from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
 from models.audit_trail import record
+from models.egress import HOLD_POOL
 from notifications import customer_mail
 from relay.delivery.egress import DEFAULT_POOL
 from runbooks.loader import suspend_stream as rules
-
-HOLD_POOL = "hold"
 
 
 class StreamState(BaseModel):

@@ -8,6 +8,9 @@ from sqlmodel import Field, SQLModel
 
 from models.base import created_at_field, json_field
 
+# The pool a held stream is bound to (suspend-stream): it has no IPs, so its mail waits.
+HOLD_POOL = "hold"
+
 
 class PoolKind(StrEnum):
     dedicated = "dedicated"

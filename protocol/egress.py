@@ -15,13 +15,13 @@ from models import (
     Stream,
 )
 from models.audit_trail import record
+from models.egress import HOLD_POOL
 from protocol.errors import DOMAIN_NAME, NAME, ServiceError
 from protocol.tenants import get_tenant, queued_recipients
 from protocol.verbs import Act, of_pool, of_stream, wake
 from relay.delivery.egress import DEFAULT_POOL, SENDING_STATES
 
 # The empty pool the suspend-stream runbook binds a stream to (flows/suspend_stream.py).
-HOLD_POOL = "hold"
 
 
 def add_pool(session: Session, name: str, kind: str) -> IpPool:

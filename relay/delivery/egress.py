@@ -18,7 +18,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, case, select, update
 
 from config.clock import Clock
-from models import IpAddress, IpPool, IpState, Stream, Suspension, WarmupDay, WarmupPlan
+from models import (
+    HoldReason,
+    IpAddress,
+    IpPool,
+    IpState,
+    Stream,
+    Suspension,
+    WarmupDay,
+    WarmupPlan,
+)
+from models.egress import HOLD_POOL
 
 DEFAULT_POOL = "default"
 SENDING_STATES = {IpState.cold, IpState.warming, IpState.active}
@@ -36,9 +46,11 @@ class SourceIp:
 class EgressChoice:
     source: SourceIp | None
     warmup_day_id: int | None = None
-    # When source is None: why, and when to look again.
+    # When source is None: why (as text for the queue, as a reason for the hold tally), and
+    # when to look again.
     wait_reason: str = ""
     wait_until: datetime | None = None
+    hold: HoldReason = HoldReason.no_ip
 
 
 @dataclass
@@ -159,16 +171,18 @@ class Egress:
             )
         reasons: list[str] = []
         waits: list[datetime] = []
+        holds: set[HoldReason] = set()
         for candidate_pool in (pool_id, fallback_id):
             if candidate_pool is None:
                 continue
-            choice = self._choose_in(snap, candidate_pool, provider, reasons, waits)
+            choice = self._choose_in(snap, candidate_pool, provider, reasons, waits, holds)
             if choice is not None:
                 return choice
         return EgressChoice(
             None,
             wait_reason="; ".join(reasons) or "no usable source IP",
             wait_until=min(waits) if waits else None,
+            hold=_dominant(holds),
         )
 
     def _choose_in(
@@ -178,6 +192,7 @@ class Egress:
         provider: str,
         reasons: list[str],
         waits: list[datetime],
+        holds: set[HoldReason],
     ):
         pool = snap.pools[pool_id]
         candidates: list[tuple[_Ip, int | None]] = []
@@ -190,6 +205,7 @@ class Egress:
             if suspended is not None:
                 reasons.append(f"{ip.address} suspended for {provider} until {suspended:%H:%M:%S}Z")
                 waits.append(suspended)
+                holds.add(HoldReason.suspended)
                 continue
             cap = snap.caps.get((ip.id, provider)) or snap.caps.get((ip.id, ALL_PROVIDERS))
             if cap is not None:
@@ -198,6 +214,7 @@ class Egress:
                     reasons.append(
                         f"{ip.address} reached its warm-up cap of {limit} for {provider} today"
                     )
+                    holds.add(HoldReason.capped)
                     continue
                 candidates.append((ip, day_id))
             else:
@@ -205,6 +222,7 @@ class Egress:
         if not candidates:
             if not snap.ips.get(pool_id):
                 reasons.append(f"pool {pool} has no IP addresses")
+                holds.add(HoldReason.held if pool == HOLD_POOL else HoldReason.no_ip)
             return None
         while candidates:
             pick = self._rng.choices(candidates, weights=[c[0].weight for c in candidates])[0]
@@ -213,6 +231,7 @@ class Egress:
                 return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), warmup_day_id=day_id)
             candidates.remove(pick)  # other nodes used the rest of today's cap
             reasons.append(f"{ip.address} reached its warm-up cap for {provider} today")
+            holds.add(HoldReason.capped)
         return None
 
     def _current(self) -> _Snapshot:
@@ -278,6 +297,15 @@ class Egress:
             ):
                 snap.caps[(row.ip_id, row.provider)] = (row.id, row.cap, row.sent)
         return snap
+
+
+# When the IPs of a stream's pools wait for different reasons, the tally names one: a hold or
+# a suspension (a decision about the sender) before a cap (a plan working as intended).
+_HOLD_ORDER = (HoldReason.held, HoldReason.suspended, HoldReason.capped)
+
+
+def _dominant(holds: set[HoldReason]) -> HoldReason:
+    return next((h for h in _HOLD_ORDER if h in holds), HoldReason.no_ip)
 
 
 def _utc(moment: datetime) -> datetime:

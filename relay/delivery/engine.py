@@ -25,7 +25,7 @@ import aiosmtplib
 from sqlalchemy import Engine
 
 from config.clock import Clock
-from models import RecipientState
+from models import HoldReason, RecipientState
 from relay import maillog
 from relay.delivery.classify import (
     Classification,
@@ -46,6 +46,7 @@ from relay.spool.claims import (
     TENANT_PAUSED_WAIT,
     Attempt,
     Claim,
+    Hold,
     QueuedMessage,
     Settlement,
     claim_due,
@@ -448,12 +449,13 @@ class DeliveryEngine:
             self._held.difference_update(c.recipient_id for c in claims)
 
     async def _deliver(self, message: QueuedMessage, domain: str, claims: list[Claim]) -> None:
-        outcome = Settlement()
+        outcome = Settlement(message.tenant_id, message.stream, message.from_domain)
         if message.tenant_paused:
             # Like a hold: back to the queue without an attempt; resuming wakes it at once.
             now = self.clock.now()
             until = now + timedelta(seconds=self.spec.capped_wait_seconds)
             outcome.postponed = [(c, until, TENANT_PAUSED_WAIT) for c in claims]
+            outcome.hold = Hold(HoldReason.paused)
             await self.outcomes.submit((now, outcome))
             return
         mx = await self.resolver.resolve_mx(domain)
@@ -479,6 +481,7 @@ class DeliveryEngine:
         if choice.source is None:
             until = choice.wait_until or now + timedelta(seconds=self.spec.capped_wait_seconds)
             outcome.postponed = [(c, until, f"waiting: {choice.wait_reason}") for c in claims]
+            outcome.hold = Hold(choice.hold, provider)
             await self.outcomes.submit((now, outcome))
             return
         source = choice.source
@@ -491,6 +494,7 @@ class DeliveryEngine:
                     (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
                     for c in claims
                 ]
+                outcome.hold = Hold(HoldReason.paced, provider, source.address)
                 await self.outcomes.submit((now, outcome))
                 return
             if delay > 0:

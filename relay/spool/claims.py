@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -20,6 +20,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models import (
     DeliveryEvent,
+    EventKind,
+    HoldReason,
+    HoldTally,
     Message,
     Recipient,
     RecipientState,
@@ -50,6 +53,7 @@ class QueuedMessage:
     mail_from: str
     data: bytes
     created_at: datetime
+    from_domain: str = ""  # the header From's domain (DMARC's), as events record it
     # Read with the message, not cached: a pause holds the tenant's mail from the next claim,
     # and a resume releases it as soon as the woken recipients fall due.
     tenant_paused: bool = False
@@ -88,15 +92,29 @@ class Attempt:
         return " ".join(p for p in parts if p)[:1000]
 
 
+@dataclass(frozen=True)
+class Hold:
+    """Why a job's recipients were postponed without an attempt, as the hold tally counts it."""
+
+    reason: HoldReason
+    provider: str = ""
+    source_ip: str = ""
+
+
 @dataclass
 class Settlement:
-    """Everything one delivery job changes, committed in one transaction."""
+    """Everything one delivery job changes, committed in one transaction. One job is one
+    message to one domain: its events carry the message's tenant, stream and From domain."""
 
+    tenant_id: int | None = None
+    stream: str | None = None
+    from_domain: str | None = None
     delivered: list[Attempt] = field(default_factory=list)
     deferred: list[tuple[Attempt, datetime]] = field(default_factory=list)
     failed: list[tuple[Attempt, RecipientState]] = field(default_factory=list)  # bounced/expired
     # Not attempted (every source IP capped or suspended): back to the queue, no attempt counted.
     postponed: list[tuple[Claim, datetime, str]] = field(default_factory=list)
+    hold: Hold | None = None  # why the postponed were not sent (None: not tallied)
     suppress: list[tuple[int, str, str]] = field(default_factory=list)  # tenant, address, reason
     dsns: list[SpoolEntry] = field(default_factory=list)
     warmup_sent: list[tuple[int, int]] = field(default_factory=list)  # (warmup day id, count)
@@ -204,6 +222,7 @@ _LOADED = (
     Message.mail_from,
     Message.data,
     Message.created_at,
+    Message.header_from_domain,
     Tenant.paused,
 )
 
@@ -331,14 +350,78 @@ _DEFER = _release_held(
 )
 _POSTPONE = _release_held(next_attempt_at=bindparam("b_when"), last_reply=bindparam("b_reply"))
 _INSERT_EVENT = insert(DeliveryEvent)
+# How long one row of the hold tally counts (runbooks read 15-minute windows and longer).
+TALLY_INTERVAL_SECONDS = 900
 
 
-def _event_row(now: datetime, a: Attempt) -> dict:
+def tally_statement(dialect_insert):
+    """INSERT … ON CONFLICT DO UPDATE that adds b_count to the (interval, reason, subject) row
+    of the hold tally; dialect_insert is SQLite's or PostgreSQL's insert."""
+    stmt = dialect_insert(HoldTally).values(
+        interval_start=bindparam("b_interval"),
+        reason=bindparam("b_reason"),
+        tenant_id=bindparam("b_tenant"),
+        stream=bindparam("b_stream"),
+        provider=bindparam("b_provider"),
+        source_ip=bindparam("b_ip"),
+        count=bindparam("b_count"),
+        last_detail=bindparam("b_detail"),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=["interval_start", "reason", "tenant_id", "stream", "provider", "source_ip"],
+        set_={
+            "count": HoldTally.count + stmt.excluded["count"],
+            "last_detail": stmt.excluded["last_detail"],
+        },
+    )
+
+
+def interval_start(now: datetime) -> datetime:
+    epoch = int(now.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % TALLY_INTERVAL_SECONDS, tz=UTC)
+
+
+def _tally_rows(batch: list[tuple[datetime, Settlement]]) -> list[dict]:
+    """One row per (interval, reason, subject) of the batch's postponements, counts summed."""
+    rows: dict[tuple, dict] = {}
+    for now, outcome in batch:
+        if outcome.hold is None or not outcome.postponed or outcome.tenant_id is None:
+            continue
+        hold = outcome.hold
+        key = (
+            interval_start(now),
+            str(hold.reason),
+            outcome.tenant_id,
+            outcome.stream or "",
+            hold.provider,
+            hold.source_ip,
+        )
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = dict(
+                zip(
+                    ("b_interval", "b_reason", "b_tenant", "b_stream", "b_provider", "b_ip"),
+                    key,
+                    strict=True,
+                )
+            )
+            row["b_count"] = 0
+        row["b_count"] += len(outcome.postponed)
+        row["b_detail"] = outcome.postponed[-1][2][:500]
+    return list(rows.values())
+
+
+def _event_row(now: datetime, outcome: Settlement, a: Attempt) -> dict:
     return {
         "at": now,
+        "kind": EventKind.attempt,
+        "tenant_id": outcome.tenant_id,
+        "stream": outcome.stream,
+        "from_domain": outcome.from_domain,
         "message_id": a.claim.message_id,
         "recipient_id": a.claim.recipient_id,
         "recipient": a.claim.address,
+        "attempt": a.claim.attempts + 1,
         "source_ip": a.source_ip,
         "provider": a.provider,
         "mx_host": a.mx_host,
@@ -372,11 +455,11 @@ def settle_many(
     for now, outcome in batch:
         for attempt in outcome.delivered:
             finish.append(_finished(owner, now, attempt, RecipientState.delivered, 1))
-            events.append(_event_row(now, attempt))
+            events.append(_event_row(now, outcome, attempt))
         for attempt, state in outcome.failed:
             bounced = state == RecipientState.bounced
             finish.append(_finished(owner, now, attempt, state, int(bounced)))
-            events.append(_event_row(now, attempt))
+            events.append(_event_row(now, outcome, attempt))
         for attempt, when in outcome.deferred:
             defer.append(
                 {
@@ -388,7 +471,7 @@ def settle_many(
                     "b_now": now,
                 }
             )
-            events.append(_event_row(now, attempt))
+            events.append(_event_row(now, outcome, attempt))
         for claim, when, reason in outcome.postponed:
             postpone.append(
                 {
@@ -398,6 +481,7 @@ def settle_many(
                     "b_reply": reason[:1000],
                 }
             )
+    tallies = _tally_rows(batch)
     common = not any(o.suppress or o.dsns or o.warmup_sent for _, o in batch)
     if fixed_statements and common and is_sqlite(engine):
         # The common batch (deliveries, deferrals, postponements): fixed statements
@@ -408,6 +492,7 @@ def settle_many(
                 ("defer", _DEFER, defer),
                 ("postpone", _POSTPONE, postpone),
                 ("event", _INSERT_EVENT, events),
+                ("tally", _SQLITE_TALLY, tallies),
             ):
                 if rows:
                     fixed = _fixed(engine, name, lambda statement=statement: statement)
@@ -420,6 +505,9 @@ def settle_many(
                 conn.execute(statement, rows)
         if events:
             conn.execute(insert(DeliveryEvent), events)
+        if tallies:
+            dialect_insert = sqlite_insert if is_sqlite(engine) else pg_insert
+            conn.execute(tally_statement(dialect_insert), tallies)
         for now, outcome in batch:
             for tenant_id, address, reason in outcome.suppress:
                 add_suppression(
@@ -442,6 +530,9 @@ def settle_many(
                     .values(sent=WarmupDay.sent + count)
                 )
         session.commit()
+
+
+_SQLITE_TALLY = tally_statement(sqlite_insert)
 
 
 def _finished(owner: str, now: datetime, attempt: Attempt, state, counted: int) -> dict:

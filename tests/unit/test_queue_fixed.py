@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session
 
-from models import RecipientState, Tenant
+from models import HoldReason, RecipientState, Tenant
 from models.db import make_engine, migrate
-from relay.spool.claims import Attempt, Settlement, claim_due, settle_many
+from relay.spool.claims import Attempt, Hold, Settlement, claim_due, settle_many
 from relay.spool.writer import Spool, SpoolEntry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -49,6 +49,7 @@ def _dump(path) -> list:
         return [
             db.execute("SELECT * FROM recipient ORDER BY id").fetchall(),
             db.execute("SELECT * FROM deliveryevent ORDER BY id").fetchall(),
+            db.execute("SELECT * FROM hold_tally ORDER BY id").fetchall(),
         ]
 
 
@@ -61,6 +62,9 @@ def _work(engine, *, fixed: bool) -> list:
     claims.append(claim_due(engine, "node-c", later, 300, 2, fixed_statements=fixed))
     first = claims[0]
     outcome = Settlement(
+        1,
+        "transactional",
+        "acme.example",
         delivered=[
             Attempt(first[0], "delivered", False, None, 250, "2.0.0", "ok", "127.0.0.1", "gmail")
         ],
@@ -69,9 +73,17 @@ def _work(engine, *, fixed: bool) -> list:
             (Attempt(first[2], "mailbox_unknown", True, "suppress", 550), RecipientState.bounced)
         ],
         postponed=[(first[3], later, "every source IP capped")],
+        hold=Hold(HoldReason.capped, "google"),
+    )
+    # The same subject in the same interval, from another job: one tally row counts both.
+    again = Settlement(
+        1,
+        "transactional",
+        postponed=[(first[4], later, "every source IP capped")],
+        hold=Hold(HoldReason.capped, "google"),
     )
     # node-a's leases were taken over by node-c: only the ones it still holds are written.
-    settle_many(engine, "node-a", [(later, outcome)], fixed_statements=fixed)
+    settle_many(engine, "node-a", [(later, outcome), (later, again)], fixed_statements=fixed)
     mine = claims[1]
     settle_many(
         engine,
@@ -95,5 +107,14 @@ def test_fixed_claims_and_settlements_equal_sqlalchemys(tmp_path):
     states = sorted({row[4] for row in fixed_dump[0]})  # recipient.state
     assert states == ["bounced", "delivered", "queued"]
     assert len(fixed_dump[1]) > 7  # delivery events written
+    with sqlite3.connect(fixed_path) as db:
+        first_job = db.execute(
+            "SELECT kind, tenant_id, stream, from_domain, attempt FROM deliveryevent"
+            " WHERE tenant_id IS NOT NULL ORDER BY id"
+        ).fetchall()
+    # The first job's delivered, deferred and bounced recipients, each on its first attempt.
+    assert first_job == [("attempt", 1, "transactional", "acme.example", 1)] * 3
+    [tally] = fixed_dump[2]  # one row: (interval, capped, tenant 1, transactional, google, "")
+    assert tally[2:8] == ("capped", 1, "transactional", "google", "", 2), tally
     fixed_engine.dispose()
     core_engine.dispose()
