@@ -429,9 +429,13 @@ def assert_broken_dkim(report: dict) -> None:
 def test_the_readme_scenarios_run_in_its_order_with_a_reset_between(stack):
     cold = _scenario(stack, "cold-ip-campaign", "--count", "40")
     assert_cold_ip_campaign(cold)
+    # How much mail a suspension holds depends on the machine: on a loaded one every message
+    # was tried (and deferred) before the first rate-limit reply suspended its path. What the
+    # reset promises holds either way: every suspension-held recipient is released.
+    held = _held_by_suspension(stack.home)
     done = _reset(stack)
     assert len(done["suspensions_lifted"]) >= 2  # the paths the campaign suspended
-    assert done["held_mail_released"] >= 1
+    assert done["held_mail_released"] >= held  # released mail may be held again: not rechecked
     assert_blocklisted_ip(_scenario(stack, "blocklisted-ip", "--count", "20"))
     _reset(stack)
     assert_complaint_spike(
@@ -452,6 +456,32 @@ def test_the_readme_scenarios_run_in_its_order_with_a_reset_between(stack):
     )
     lifts = [a for a in audit if a["action"] == "suspension.lift"]
     assert lifts and all(a["actor"] == "cli" for a in lifts)
+
+
+def _held_by_suspension(home) -> int:
+    """Queued recipients the relay postponed behind a suspension (protocol/verbs.py, WAITING)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import func
+    from sqlmodel import Session, col, select
+
+    from models import Recipient, RecipientState
+    from models.db import make_engine
+
+    engine = make_engine(home.db_url)
+    try:
+        with Session(engine) as s:
+            return s.exec(
+                select(func.count())
+                .select_from(Recipient)
+                .where(
+                    Recipient.state == RecipientState.queued,
+                    Recipient.next_attempt_at > datetime.now(UTC),
+                    col(Recipient.last_reply).like("waiting: %"),
+                )
+            ).one()
+    finally:
+        engine.dispose()
 
 
 def _recipient(home, address: str):
