@@ -1,4 +1,5 @@
-"""Sending domains, their onboarding state and DKIM keys (private keys encrypted at rest)."""
+"""Sending domains, their onboarding state, return path and DKIM keys (private keys encrypted
+at rest)."""
 
 from datetime import datetime
 from enum import StrEnum
@@ -28,6 +29,12 @@ class Domain(SQLModel, table=True):
     state: DomainState = DomainState.pending
     dns_checks: dict = json_field()
     activated_at: datetime | None = timestamp_field()
+    # The customer's return-path subdomain (e.g. bounces.shop.example): its MX names the relay's
+    # inbound listener and its SPF the relay's IPs, so a DMARC check finds SPF aligned with the
+    # From domain. Used in MAIL FROM only once published_at is set; until then the relay's own
+    # bounce domain is used and DMARC passes through DKIM alone (relay/delivery/return_path.py).
+    return_path_domain: str | None = Field(default=None, max_length=253)
+    return_path_published_at: datetime | None = timestamp_field()
     created_at: datetime = created_at_field()
 
 
