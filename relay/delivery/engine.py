@@ -40,6 +40,7 @@ from relay.delivery.egress import Egress, SourceIp
 from relay.delivery.pipelining import PipeliningProtocol, check_sequence
 from relay.delivery.reactions import ReactionEngine
 from relay.delivery.retry import has_expired, next_attempt_at
+from relay.delivery.return_path import CustomersOwnSender, ReturnPaths
 from relay.delivery.shaping import PathGate, Shaper
 from relay.patches.aiosmtplib import quote_address as _quote_address  # remembered per address
 from relay.spool.claims import (
@@ -306,6 +307,7 @@ class DeliveryEngine:
         shaping_version: str,
         egress: Egress | None = None,
         node_id: str | None = None,
+        return_paths: ReturnPaths | None = None,
     ):
         self.engine = engine
         self.resolver = resolver
@@ -313,6 +315,8 @@ class DeliveryEngine:
         self.hostname = hostname
         self.spec = delivery
         self.egress = egress or Egress(engine, clock)
+        # MAIL FROM: bounces+TAG@ a return-path domain (relay/delivery/return_path.py)
+        self.return_paths = return_paths or CustomersOwnSender()
         self.shaper = Shaper(shaping.limits_for)
         self.reactions = ReactionEngine(shaping.reactions, shaping_version)
         self.pool = ConnectionPool(hostname, delivery_port, delivery)
@@ -561,7 +565,7 @@ class DeliveryEngine:
         ace_domain: the recipients' domain in A-labels (punycode), as MX resolution used it."""
         smtp = conn.smtp
         replies: dict[int, _Reply] = {}
-        sender = message.mail_from
+        sender = await self.return_paths.sender(message, claims)
         wire = {c.recipient_id: _wire_address(c.address, ace_domain) for c in claims}
         options, encoding = [], "ascii"
         if not sender.isascii() or not all(a.isascii() for a in wire.values()):
@@ -578,7 +582,9 @@ class DeliveryEngine:
         try:
             if conn.pipelining:
                 try:
-                    return await self._pipelined(conn, message, claims, wire, options, encoding)
+                    return await self._pipelined(
+                        conn, message, claims, wire, options, encoding, sender
+                    )
                 except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
                     self.pool.pipelining_failed(address, str(exc) or type(exc).__name__)
                     raise
@@ -624,13 +630,14 @@ class DeliveryEngine:
         wire: dict[int, str],
         options: list[str],
         encoding: str,
+        sender: str,
     ) -> tuple[dict[int, _Reply], bool]:
         """The same exchange as _transaction's, as one RFC 2920 group: MAIL, RCPT…, DATA in
         one write, their replies read in order, then the body after a 354."""
         smtp = conn.smtp
         protocol = smtp.protocol
         assert isinstance(protocol, PipeliningProtocol)
-        mail = b"MAIL FROM:" + _quote_address(message.mail_from).encode(encoding)
+        mail = b"MAIL FROM:" + _quote_address(sender).encode(encoding)
         commands = [b" ".join([mail, *(o.encode("ascii") for o in options)])]
         commands += [
             b"RCPT TO:" + _quote_address(wire[c.recipient_id]).encode(encoding) for c in claims
