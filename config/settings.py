@@ -144,8 +144,10 @@ class Settings(BaseSettings):
     )
     bounce_address: Mailbox = Field(
         default=None,
-        description="Where asynchronous bounces (DSNs) are accepted, also as "
-        "local+tag@domain; default bounces@HOSTNAME",
+        description="The return path of delivered mail is local+TAG@domain (the tag names the "
+        "message and recipient); its domain is the relay's bounce domain unless the customer's "
+        "return-path subdomain is published. Local part: 1-15 octets, no '+'; default "
+        "bounces@HOSTNAME",
     )
     notice_sender: Mailbox = Field(
         default=None,
@@ -312,6 +314,16 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("bounce_address")
+    @classmethod
+    def _taggable(cls, value: str | None) -> str | None:
+        # relay/delivery/return_path.py adds +TAG (up to 48 octets) to the local part, and a
+        # local part has 64 octets at most (RFC 5321 4.5.3.1.1).
+        local = (value or "bounces@x").rpartition("@")[0]
+        if len(local.encode()) > 15 or "+" in local:
+            raise ValueError(f"the local part must be 1-15 octets without '+', got {local!r}")
         return value
 
     @field_validator("database_url")
