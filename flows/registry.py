@@ -26,7 +26,13 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval
 from prefect.schedules import Schedule as PrefectSchedule
 
-from runbooks.loader import operator_verbs, procedures_sweep, reactions_watch, suspend_stream
+from runbooks.loader import (
+    events_retention,
+    operator_verbs,
+    procedures_sweep,
+    reactions_watch,
+    suspend_stream,
+)
 from runbooks.schema_protocol import ProcedureRunbook, Schedule
 
 
@@ -66,6 +72,7 @@ def prefect_schedules(schedule: Schedule) -> list[PrefectSchedule]:
 
 def procedures() -> list[Procedure]:
     """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
+    from flows.events_retention import events_retention_flow
     from flows.operator_verbs import FLOWS
     from flows.suspend_stream import suspend_stream as suspend_stream_flow
     from flows.sweep import procedures_sweep_flow
@@ -89,6 +96,16 @@ def procedures() -> list[Procedure]:
             description=(
                 "Announces the relay's automatic suspensions and throttles in Slack, grouped "
                 "per path and window; opens an incident when they recur on a path."
+            ),
+            tags=("protocol", "signals"),
+        ),
+        Procedure(
+            name="scheduled",
+            flow=events_retention_flow,
+            runbook=events_retention,
+            description=(
+                "Rolls delivery events up per hour and subject, then deletes raw events and "
+                "roll-ups past their retention (runbooks/events-retention.yaml)."
             ),
             tags=("protocol", "signals"),
         ),

@@ -13,6 +13,7 @@ from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, Providers
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
 from runbooks.schema_protocol import (
     CheckpointsRunbook,
+    EventsRetentionRunbook,
     OperatorVerbsRunbook,
     ProcedureRunbook,
     ProceduresSweepRunbook,
@@ -31,7 +32,8 @@ Runbook = Annotated[
     | OperatorVerbsRunbook
     | SuspendStreamRunbook
     | ProceduresSweepRunbook
-    | ReactionsWatchRunbook,
+    | ReactionsWatchRunbook
+    | EventsRetentionRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -142,6 +144,10 @@ def procedures_sweep() -> ProceduresSweepRunbook:
 
 def reactions_watch() -> ReactionsWatchRunbook:
     return _typed("reactions-watch", ReactionsWatchRunbook)
+
+
+def events_retention() -> EventsRetentionRunbook:
+    return _typed("events-retention", EventsRetentionRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

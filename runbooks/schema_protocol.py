@@ -307,3 +307,45 @@ class ReactionsWatchRunbook(ProcedureRunbook):
 
     kind: Literal["reactions-watch"]
     spec: ReactionsWatchSpec
+
+
+class EventsRetentionSpec(Strict):
+    raw_days: int = Field(
+        ge=1,
+        le=400,
+        description=(
+            "Raw delivery events (one row per outcome, bounce, complaint) are kept this many "
+            "days, then deleted once their hour is rolled up; hold-tally rows too"
+        ),
+    )
+    rollup_days: int = Field(
+        ge=30,
+        le=3650,
+        description="Hourly roll-ups are kept this many days (trends and 7-day baselines)",
+    )
+    hours_per_run: int = Field(
+        ge=1,
+        le=24 * 400,
+        description=(
+            "At most this many hours are rolled up in one run, so a first run over a long "
+            "history is bounded; the next runs catch up"
+        ),
+    )
+    delete_batch: int = Field(
+        ge=1000,
+        le=1_000_000,
+        description="Raw events deleted per statement, so no transaction holds the spool long",
+    )
+
+    @model_validator(mode="after")
+    def _rollups_outlive_raw(self) -> EventsRetentionSpec:
+        if self.rollup_days < self.raw_days:
+            raise ValueError("rollup_days must be at least raw_days")
+        return self
+
+
+class EventsRetentionRunbook(ProcedureRunbook):
+    """Roll raw events up per hour and subject, and delete what is past retention."""
+
+    kind: Literal["events-retention"]
+    spec: EventsRetentionSpec

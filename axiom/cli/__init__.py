@@ -16,6 +16,7 @@ from axiom.cli import (  # noqa: F401  (imported for the commands they register)
     processes,
     queue,
     runbooks,
+    signals,
     tenants,
 )
 from axiom.cli.app import app

@@ -138,6 +138,7 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
         "operator-verbs",
         "procedures-sweep",
         "reactions-watch",
+        "events-retention",
     }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
