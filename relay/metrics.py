@@ -1,8 +1,9 @@
-"""Prometheus metrics of the submission and inbound paths (multiprocess-safe)."""
+"""Prometheus metrics of the submission, inbound and delivery paths (multiprocess-safe)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from prometheus_client import Counter, Histogram
 
@@ -45,5 +46,54 @@ def build_inbound_metrics() -> InboundMetrics:
         ),
         rejected=Counter(
             "axiom_inbound_rejected", "Inbound commands refused, by reason", ["reason"]
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryMetrics:
+    """Outcomes and holds of the delivery engine. Labels are bounded sets: providers are the
+    names runbooks/providers.yaml declares (plus its fallback, and "none" before an MX was
+    known), categories those of runbooks/classification.yaml, reasons models.HoldReason. No
+    per-recipient, per-domain or per-IP label: those are what `axiom stats` is for."""
+
+    outcomes: Counter
+    held: Counter
+
+    def settled(self, batch) -> None:
+        """Count what one committed batch of settlements (relay/spool/claims.py) recorded."""
+        outcomes: dict[tuple[str, str], int] = {}
+        held: dict[tuple[str, str], int] = {}
+        for _, outcome in batch:
+            for attempt in (
+                *outcome.delivered,
+                *(a for a, _ in outcome.deferred),
+                *(a for a, _ in outcome.failed),
+            ):
+                key = (attempt.provider or "none", attempt.category)
+                outcomes[key] = outcomes.get(key, 0) + 1
+            if outcome.hold is not None and outcome.postponed:
+                key = (str(outcome.hold.reason), outcome.hold.provider or "none")
+                held[key] = held.get(key, 0) + len(outcome.postponed)
+        # One inc per label set and batch, not per recipient: a batch is up to 256 jobs.
+        for (provider, category), n in outcomes.items():
+            self.outcomes.labels(provider=provider, category=category).inc(n)
+        for (reason, provider), n in held.items():
+            self.held.labels(reason=reason, provider=provider).inc(n)
+
+
+@cache
+def delivery_metrics() -> DeliveryMetrics:
+    """One set per process (a second registration of the same names would be refused)."""
+    return DeliveryMetrics(
+        outcomes=Counter(
+            "axiom_delivery_outcomes",
+            "Delivery attempts' outcomes, by receiving provider and reply category",
+            ["provider", "category"],
+        ),
+        held=Counter(
+            "axiom_delivery_held",
+            "Recipients not sent now (no attempt made), by reason and provider",
+            ["reason", "provider"],
         ),
     )

@@ -42,6 +42,7 @@ from relay.delivery.reactions import ReactionEngine
 from relay.delivery.retry import has_expired, next_attempt_at
 from relay.delivery.return_path import CustomersOwnSender, ReturnPaths
 from relay.delivery.shaping import PathGate, Shaper
+from relay.metrics import delivery_metrics
 from relay.patches.aiosmtplib import quote_address as _quote_address  # remembered per address
 from relay.spool.claims import (
     TENANT_PAUSED_WAIT,
@@ -327,11 +328,16 @@ class DeliveryEngine:
         self._tasks: set[asyncio.Task] = set()
         # Outcomes are group-committed: one transaction for what many jobs finished meanwhile,
         # instead of one transaction (and one thread hop) per message.
+        self.metrics = delivery_metrics()
         self.outcomes: GroupCommitter[tuple[datetime, Settlement]] = GroupCommitter(
-            lambda batch: settle_many(self.engine, self.node_id, batch),
+            self._commit_outcomes,
             batch_max=256,
             name="delivery-outcomes",
         )
+
+    def _commit_outcomes(self, batch: list[tuple[datetime, Settlement]]) -> None:
+        settle_many(self.engine, self.node_id, batch)
+        self.metrics.settled(batch)  # counted once committed
 
     # --- the loop ---
     async def run(self, stop: asyncio.Event, idle_poll: float = 1.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 import time
+import urllib.request
 
 import pytest
 from sqlmodel import Session, select
@@ -17,6 +18,11 @@ from tests.conftest import RelayProcess, seed_tenant
 from tests.integration.delivery_world import RECEIVERS, world_zones
 
 pytestmark = pytest.mark.integration
+
+
+def _metrics(relay) -> str:
+    with urllib.request.urlopen(f"{relay.http}/metrics", timeout=5) as resp:
+        return resp.read().decode()
 
 
 def test_submitted_mail_is_signed_and_delivered(axiom_home, knot):  # noqa: F811
@@ -44,6 +50,11 @@ def test_submitted_mail_is_signed_and_delivered(axiom_home, knot):  # noqa: F811
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not sink.messages():
                 time.sleep(0.1)
+            # The outcome is counted by provider and category once its settlement commits.
+            delivered = 'axiom_delivery_outcomes_total{category="delivered",provider="google"} 1.0'
+            while time.monotonic() < deadline and delivered not in (metrics := _metrics(relay)):
+                time.sleep(0.1)
+            assert delivered in metrics, metrics
         finally:
             relay.stop()
         [captured] = sink.messages()

@@ -65,7 +65,17 @@ def _suspend(world, provider: str, ips=("127.0.0.10", "127.0.0.11"), **kw) -> No
         s.commit()
 
 
+def _metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"{name}_total", labels) or 0.0
+
+
 def test_every_outcome_is_an_event_with_tenant_stream_domain_and_attempt_number(world):
+    delivered_before = _metric("axiom_delivery_outcomes", provider="google", category="delivered")
+    unknown_before = _metric(
+        "axiom_delivery_outcomes", provider="generic", category="mailbox_unknown"
+    )
     world.sink("gmail.com")
     world.sink("example.org", ["-r", "RCPT", "-b", "451 4.3.0 Try again later"])
     world.sink(
@@ -110,6 +120,14 @@ def test_every_outcome_is_an_event_with_tenant_stream_domain_and_attempt_number(
     )
     erin = events["erin@nullmx.test"]
     assert erin.permanent and erin.source_ip is None  # no MX: refused before any connection
+    # Prometheus counts the same outcomes by provider and category (bounded labels).
+    assert _metric("axiom_delivery_outcomes", provider="google", category="delivered") == (
+        delivered_before + 1
+    )
+    assert (
+        _metric("axiom_delivery_outcomes", provider="generic", category="mailbox_unknown")
+        == unknown_before + 1
+    )
     # The retry is attempt 2, with the same tenant, stream and domain.
     world.sink("example.org")
     world.clock.advance(400)
@@ -151,6 +169,7 @@ def test_each_decision_not_to_send_now_is_counted_per_reason_and_subject(world):
     world.submit(["a1@example.org"], stream="alerts")
     world.run(rounds=1)
     assert world.events() == []  # no attempt was made
+    assert _metric("axiom_delivery_held", reason="capped", provider="yahoo") >= 2
     assert _tally(world) == {
         ("suspended", "transactional", "google", ""): 2,
         ("capped", "transactional", "yahoo", ""): 2,
