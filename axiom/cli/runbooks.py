@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from axiom.cli.app import app, err, fail, out, settings
+from axiom.cli.app import JsonFlag, app, err, fail, out, print_json, settings
 from runbooks.loader import RUNBOOK_DIR, RunbookError, load_all, shipped
 from runbooks.schema_protocol import ProcedureRunbook
 
@@ -202,45 +202,126 @@ def _run(run, when: datetime | None) -> dict[str, Any]:
 @app.command("classify")
 def classify_replies(
     replies: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
-            help='SMTP replies, e.g. "550 5.1.1 <x@y>: user unknown"; lines of a multi-line '
-            'reply are separated by newlines (or a literal \\n). "-" reads stdin, one reply '
-            "line per line; NNN- continuation lines join the reply they continue.",
+            help='SMTP replies, e.g. "550 5.1.1 <x@y>: user unknown", as a bounce or a log '
+            "quotes them: with or without the reply code, after a DSN's Diagnostic-Code: smtp; "
+            "or inside an MTA's wrapper. Lines of a multi-line reply are separated by newlines "
+            '(or a literal \\n). "-" reads stdin, one reply per line; NNN- continuation lines '
+            "join the reply they continue.",
             show_default=False,
         ),
-    ],
+    ] = None,
     mx: Annotated[
         str | None,
         typer.Option("--mx", help="The MX host that answered; selects its provider's rules."),
     ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            "--corpus",
+            help="Instead of replies: a corpus file of labelled replies (tests/corpus/"
+            "replies.yaml); reports agreement on its tune and holdout parts and the "
+            "confusion table.",
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Classify SMTP replies: one JSON object per reply, in input order."""
+    """Classify SMTP replies: one JSON object per reply, in input order; every input gets one
+    (category unknown when no rule matches). With --corpus, measure the rules instead."""
     # The classifier's rules load only for this command (~50 ms every other command would pay).
-    from relay.delivery.classify import classify, parse_reply, provider_for_mx, rules, split_replies
+    from relay.delivery.classify import classify, provider_for_mx, read_reply, rules, split_replies
 
     try:
         rules()
     except RunbookError as exc:
         raise fail(str(exc), 2) from None
+    if corpus is not None:
+        if replies:
+            raise fail("give replies or --corpus FILE, not both", 2)
+        if mx:
+            raise fail("--mx does not apply to --corpus: its entries name their own MX", 2)
+        _classify_corpus(corpus, as_json)
+        return
+    if not replies:
+        raise fail('nothing to classify: give replies, "-" for stdin, or --corpus FILE', 2)
     provider = provider_for_mx(mx) if mx else None
-    inputs: list[tuple[str, str]] = []
-    for position, value in enumerate(replies, 1):
-        if value == "-":
-            inputs += [(f"stdin line {n}", text) for n, text in split_replies(sys.stdin)]
-        else:
-            inputs.append((f"argument {position}", value.replace("\\n", "\n")))
-    failed = False
-    for label, text in inputs:
-        try:
-            reply = parse_reply(text)
-        except ValueError as exc:
-            failed = True
-            err.print(
-                f"[red]error:[/red] {label}: {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
+    for value in replies:
+        texts = [text for _, text in split_replies(sys.stdin)] if value == "-" else [value]
+        for text in texts:
+            text = text if value == "-" else text.replace("\\n", "\n")
+            result = classify(read_reply(text), provider).as_dict() | {"reply": text}
+            sys.stdout.write(json.dumps(result) + "\n")
+
+
+def _classify_corpus(path: Path, as_json: bool) -> None:
+    from relay.delivery.classify import CATEGORIES
+    from relay.delivery.classify_corpus import PARTS, CorpusError, evaluate, load_corpus
+
+    try:
+        report = evaluate(load_corpus(path))
+    except CorpusError as exc:
+        raise fail(str(exc), 2) from None
+    parts = [*PARTS, None]
+    agreement = {part or "all": report.agreement(part) for part in parts}
+    by_part = {part: report.confusion(part) for part in PARTS}
+    pairs = sorted(
+        report.confusion(),
+        key=lambda pair: (-report.confusion()[pair], CATEGORIES.index(pair[0])),
+    )
+    if as_json:
+        print_json(
+            {
+                "corpus": str(path),
+                "agreement": {
+                    name: {"agree": agree, "total": total, "percent": _percent(agree, total)}
+                    for name, (agree, total) in agreement.items()
+                },
+                "confusion": [
+                    {"expected": e, "got": g} | {part: by_part[part][e, g] for part in PARTS}
+                    for e, g in pairs
+                ],
+                "disagreements": [
+                    {
+                        "text": o.entry.text,
+                        "expected": o.entry.expected,
+                        "got": o.got.category,
+                        "rule_id": o.got.rule_id,
+                        "label": o.entry.label,
+                        "split": o.entry.split,
+                        "source": o.entry.source,
+                    }
+                    for o in report.outcomes
+                    if not o.agrees
+                ],
+            }
+        )
+        return
+    table = Table("part", "agree", "entries", "agreement", title=f"Classifier vs {path}")
+    for name, (agree, total) in agreement.items():
+        table.add_row(name, str(agree), str(total), f"{_percent(agree, total)} %")
+    out.print(table)
+    confusion = report.confusion()
+    matrix = Table(
+        "expected", "entries", "agree", "got instead", title="Confusion (expected x got)"
+    )
+    for expected in CATEGORIES:
+        row = {got: n for (e, got), n in confusion.items() if e == expected}
+        if not row:
             continue
-        result = classify(reply, provider).as_dict() | {"reply": text}
-        sys.stdout.write(json.dumps(result) + "\n")
-    if failed:
-        raise typer.Exit(1)
+        instead = sorted(((n, g) for g, n in row.items() if g != expected), reverse=True)
+        matrix.add_row(
+            expected,
+            str(sum(row.values())),
+            str(row.get(expected, 0)),
+            ", ".join(f"{g} {n}" for n, g in instead) or "—",
+        )
+    out.print(matrix)
+    worst = Table("expected", "got", "tune", "holdout", title="Largest confusions")
+    for e, g in [pair for pair in pairs if pair[0] != pair[1]][:10]:
+        worst.add_row(e, g, str(by_part["tune"][e, g]), str(by_part["holdout"][e, g]))
+    out.print(worst)
+
+
+def _percent(agree: int, total: int) -> float:
+    return round(100 * agree / total, 1) if total else 0.0

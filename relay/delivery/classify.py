@@ -3,6 +3,10 @@
 Every input gets exactly one category, whether it is permanent, and the recommended action,
 decided here once and carried as data from then on (DESIGN principle 6). The rules are loaded
 and compiled on first use and cached; classifying does no I/O.
+
+Replies come two ways: as the delivery engine's client saw them (parse_reply: RFC 5321 shape),
+and as bounces, logs and people quote them (read_reply: any text, wrapped by the reporting MTA,
+with or without a reply code).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class ReplyParseError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    code: int
+    code: int | None  # None only from read_reply, for text that quotes no reply code
     enhanced: str | None  # RFC 3463 class.subject.detail, when the first line carries one
     text: str  # every line's text without its code and enhanced code, joined by spaces
 
@@ -132,6 +136,72 @@ def parse_reply(raw: str) -> Reply:
     return Reply(code, enhanced, " ".join(kept))
 
 
+# A DSN's "Diagnostic-Code:" field name and diagnostic type (RFC 3464: smtp, X-Postfix, X-Notes).
+_DSN_PREFIX = re.compile(r"\s*(?:diagnostic-code\s*:\s*)?(?:[a-z][\w-]{0,30}\s*;\s*)?", re.I)
+# A reply code inside other text: not part of a number or a word ("[203.0.113.2]", "mta550"),
+# followed by "-", a space, "550:" or the end.
+_EMBEDDED_CODE = re.compile(r"(?<![\w.])([245][0-9]{2})(?:-|:?\s+|:|$)")
+# What introduces the quoted reply in MTAs' wrappers: "said: 550", "RCPT TO:550", "<<< 550",
+# "returned '550", "#550", "(550" ... Elsewhere a number is a reply code only when an enhanced
+# code follows it ("limit of 250 attachments" is not a reply).
+_INTRODUCERS = frozenset(":;'\"(<[>#=")
+# An enhanced code that does not start the reply text: qmail's "(#5.1.1)", or one quoted after
+# an introducer ("error '5.7.1 <x>... Access denied'"); not part of a longer dotted number.
+_ENHANCED_ANYWHERE = re.compile(
+    r"(?:^|[#:;'\"(<\[]\s*)([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![\w.])"
+)
+
+
+def read_reply(raw: str) -> Reply:
+    """The reply in any text that quotes one, read leniently; never raises.
+
+    First as parse_reply reads it; then without a DSN's "Diagnostic-Code: smtp;" (or any other
+    diagnostic type); then the first reply code an MTA's wrapper introduces ("SMTP error from
+    remote mail server after RCPT TO:<x>: host mx [ip]: 550 ...", "said: 550 ...", "501: 5.1.8
+    ..."), keeping the wrapper's words in the text, since they can say which command failed.
+    Text with no reply code keeps an enhanced code it carries ("5.1.1 <x>... User Unknown") and
+    comes back with code None; the text is never lost.
+    """
+    try:
+        return parse_reply(raw)
+    except ReplyParseError:
+        pass
+    text = " ".join(line.strip() for line in re.split(r"\r?\n", raw) if line.strip())
+    text = text[_DSN_PREFIX.match(text).end() :]
+    try:
+        return parse_reply(text)
+    except ReplyParseError:
+        pass
+    for m in _EMBEDDED_CODE.finditer(text):
+        before, rest = text[: m.start()].rstrip(), text[m.end() :]
+        enhanced_at_start = _ENHANCED.match(rest)
+        if before and before[-1] not in _INTRODUCERS and not enhanced_at_start:
+            continue
+        code = m[1]
+        if enhanced_at_start:
+            written = enhanced_at_start[0]
+            enhanced = _dotted(enhanced_at_start.groups())
+            # a multi-line reply flattened by the reporter repeats "550-5.1.1" on every line
+            rest = re.sub(rf"(?<![\w.]){code}[ -]{re.escape(written)}(?![\w.])", " ", rest)
+            rest = rest.strip()[len(written) :]
+        else:
+            enhanced = _enhanced_anywhere(rest)
+        return Reply(int(code), enhanced, " ".join(f"{before} {rest}".split()))
+    lead = _ENHANCED.match(text)
+    if lead:
+        return Reply(None, _dotted(lead.groups()), text[lead.end() :].strip())
+    return Reply(None, _enhanced_anywhere(text), text)
+
+
+def _dotted(parts: Iterable[str]) -> str:
+    return ".".join(str(int(part)) for part in parts)
+
+
+def _enhanced_anywhere(text: str) -> str | None:
+    m = _ENHANCED_ANYWHERE.search(text)
+    return _dotted(m.groups()) if m else None
+
+
 def split_replies(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     """Group input lines into replies: continuation lines (NNN-) join the lines after them
     up to the final one with the same code. Yields (first line number, reply text)."""
@@ -162,12 +232,22 @@ def split_replies(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
 class _CompiledRule:
     rule: ReplyRule
     code: re.Pattern[str] | None
+    klass: int | None  # the code pattern's class digit; None for "x" or no code
     # (class, subject, lowest detail, highest detail); None is a wildcard
     enhanced: tuple[int | None, int | None, int, int] | None
     text: re.Pattern[str] | None
 
-    def matches(self, reply: Reply, enhanced: tuple[int, ...] | None) -> bool:
-        if self.code is not None and not self.code.fullmatch(str(reply.code)):
+    @property
+    def code_only(self) -> bool:
+        return self.enhanced is None and self.text is None
+
+    def matches(self, reply: Reply, enhanced: tuple[int, ...] | None, klass: int | None) -> bool:
+        """klass: the reply code's first digit, else the enhanced code's; None when the text
+        carries neither, and then a condition on the code cannot rule the rule out."""
+        if self.code is not None and reply.code is not None:
+            if not self.code.fullmatch(str(reply.code)):
+                return False
+        elif self.klass is not None and klass is not None and self.klass != klass:
             return False
         if self.enhanced is not None:
             if enhanced is None:
@@ -196,7 +276,8 @@ def _compile_rule(rule: ReplyRule) -> _CompiledRule:
             999 if low == "x" else int(high or low),
         )
     text = re.compile(match.text, re.IGNORECASE) if match.text else None
-    return _CompiledRule(rule, code, enhanced, text)
+    klass = int(match.code[0]) if match.code and match.code[0] != "x" else None
+    return _CompiledRule(rule, code, klass, enhanced, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +362,15 @@ def classify(
 ) -> Classification:
     """Exactly one classification for a reply (parsed or raw text) or a connection failure.
 
-    provider: the name provider_for_mx gave, or None when unknown. Raw text that is not a
-    reply is classified unknown and transient rather than raising: the caller still has to
-    decide something, and retrying within the queue lifetime is the safe choice.
+    provider: the name provider_for_mx gave, or None when unknown. Raw text is read with
+    read_reply; when it quotes no reply code it is classified unknown and transient, rule
+    UNPARSEABLE, rather than raising: the caller still has to decide something, retrying within
+    the queue lifetime is the safe choice, and a caller that knows more (a DSN's Status field)
+    can supply the code. To classify such text by its words, pass read_reply(text) instead.
+
+    A Reply without a code is classified by its text and enhanced code: its class comes from
+    the enhanced code when it has one (and with it the permanence), else rules that name a code
+    class are not ruled out by it and the reply counts as transient.
     """
     ruleset = rules()
     if isinstance(subject, ConnectionFailure):
@@ -292,21 +379,23 @@ def classify(
             f.category, f.permanent, f.action, f.id, provider, f.reply_code, f.enhanced_code
         )
     if isinstance(subject, str):
-        try:
-            subject = parse_reply(subject)
-        except ReplyParseError:
+        subject = read_reply(subject)
+        if subject.code is None:
             return Classification(
-                "unknown", False, "investigate", UNPARSEABLE, provider, None, None
+                "unknown", False, "investigate", UNPARSEABLE, provider, None, subject.enhanced
             )
     enhanced = (
         tuple(int(part) for part in subject.enhanced.split(".")) if subject.enhanced else None
     )
+    klass = subject.code // 100 if subject.code is not None else enhanced and enhanced[0]
     # A positive or intermediate reply is never a failure, whatever its text says.
-    candidates = ruleset.candidates(provider) if subject.code >= 400 else ruleset.code_class
+    candidates = ruleset.code_class if klass and klass < 4 else ruleset.candidates(provider)
     for compiled in candidates:
-        if compiled.matches(subject, enhanced):
+        if klass is None and compiled.code_only:
+            continue  # no class to fall back on
+        if compiled.matches(subject, enhanced, klass):
             rule = compiled.rule
-            permanent = subject.code >= 500 if rule.permanent is None else rule.permanent
+            permanent = klass == 5 if rule.permanent is None else rule.permanent
             named = provider or (None if rule.provider == "any" else rule.provider)
             return Classification(
                 rule.category,
@@ -319,7 +408,7 @@ def classify(
             )
     return Classification(
         "unknown",
-        subject.code >= 500,
+        klass == 5,
         "investigate",
         NO_RULE,
         provider,

@@ -31,6 +31,7 @@ from relay.delivery.classify import (
     load_rules,
     parse_reply,
     provider_for_mx,
+    read_reply,
     rules,
     split_replies,
 )
@@ -382,6 +383,122 @@ def test_parse_reply_errors(raw, message):
         parse_reply(raw)
 
 
+# The shapes bounces, logs and people quote replies in (issue 13): read, never refused.
+EXIM = "SMTP error from remote mail server after RCPT TO:<x@example.jp>: host mx.example.jp [192.0.2.153]:"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # no reply code: the enhanced code when there is one, and the text
+        (
+            "5.1.1 <x@example.jp>... User Unknown",
+            Reply(None, "5.1.1", "<x@example.jp>... User Unknown"),
+        ),
+        ("User unknown", Reply(None, None, "User unknown")),
+        (
+            "no mailbox by that name (#5.1.1)",
+            Reply(None, "5.1.1", "no mailbox by that name (#5.1.1)"),
+        ),
+        (
+            "error '5.7.1 <x@y>... Access denied'",
+            Reply(None, "5.7.1", "error '5.7.1 <x@y>... Access denied'"),
+        ),
+        ("", Reply(None, None, "")),
+        # "550:" instead of "550 "
+        ("501: 5.1.8 Sender address rejected", Reply(501, "5.1.8", "Sender address rejected")),
+        ("550:User unknown", Reply(550, None, "User unknown")),
+        # a DSN's Diagnostic-Code field, any diagnostic type
+        (
+            "Diagnostic-Code: smtp; 550 5.1.1 <x@y>: user unknown",
+            Reply(550, "5.1.1", "<x@y>: user unknown"),
+        ),
+        ("Diagnostic-Code: SMTP;550 user unknown", Reply(550, None, "user unknown")),
+        (
+            "X-Postfix; host mx[192.0.2.1] said: 552 5.2.2 Over quota (in reply to RCPT TO command)",
+            Reply(
+                552, "5.2.2", "host mx[192.0.2.1] said: Over quota (in reply to RCPT TO command)"
+            ),
+        ),
+        # MTA wrappers: the wrapper's words stay, they can name the failed command
+        (
+            f"{EXIM} 550 5.1.1 <x@example.jp>... User Unknown",
+            Reply(550, "5.1.1", f"{EXIM} <x@example.jp>... User Unknown"),
+        ),
+        (
+            "Connected to 192.0.2.2 but sender was rejected. Remote host said: 553 5.1.8 No such domain",
+            Reply(
+                553,
+                "5.1.8",
+                "Connected to 192.0.2.2 but sender was rejected. Remote host said: No such domain",
+            ),
+        ),
+        (
+            "did not like our RCPT TO:550 5.1.6 moved",
+            Reply(550, "5.1.6", "did not like our RCPT TO: moved"),
+        ),
+        ("<<< 550 SC-004 complaints", Reply(550, None, "<<< SC-004 complaints")),
+        (
+            "#550 5.7.1 RESOLVER.RST.AuthRequired; authentication required",
+            Reply(550, "5.7.1", "# RESOLVER.RST.AuthRequired; authentication required"),
+        ),
+        # a multi-line reply flattened by the reporter
+        (
+            "mx said: 550-5.7.1 first\n550-5.7.1 second\n550 5.7.1 last",
+            Reply(550, "5.7.1", "mx said: first second last"),
+        ),
+        # a number is a reply code when introduced or followed by an enhanced code
+        (
+            "exceeds the limit of 250 attachments",
+            Reply(None, None, "exceeds the limit of 250 attachments"),
+        ),
+        ("from [203.0.113.2] 550 5.7.1 blocked", Reply(550, "5.7.1", "from [203.0.113.2] blocked")),
+        # what parse_reply reads is read the same
+        ("421-4.7.28 a\n421 4.7.28 b - gsmtp", Reply(421, "4.7.28", "a b - gsmtp")),
+    ],
+)
+def test_read_reply(raw, expected):
+    assert read_reply(raw) == expected
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(text=st.text())
+def test_read_reply_never_raises_and_agrees_with_parse_reply(text):
+    reply = read_reply(text)
+    try:
+        strict = parse_reply(text)
+    except ReplyParseError:
+        return
+    assert reply == strict
+
+
+@pytest.mark.parametrize(
+    ("raw", "category", "permanent", "rule_id"),
+    [
+        # the class, and with it the permanence, from the enhanced code
+        ("5.1.1 <x@example.jp>... User Unknown", "mailbox_unknown", True, "text-mailbox-unknown"),
+        ("4.7.1 greylisted, come back later", "transient", False, "text-greylisted"),
+        ("5.9.9 bye", "unknown", True, "code-5xx"),
+        ("2.0.0 queued, spam score 0.1", "delivered", False, "code-2xx"),
+        # no class at all: the words decide, a code condition rules nothing out, transient
+        ("Mailbox does not exist", "mailbox_unknown", False, "text-mailbox-unknown"),
+        ("connection reset by peer", "unknown", False, NO_RULE),
+    ],
+)
+def test_a_reply_without_a_code_is_classified_by_its_words(raw, category, permanent, rule_id):
+    result = classify(read_reply(raw))
+    assert (result.category, result.permanent, result.rule_id) == (category, permanent, rule_id)
+    assert result.code is None
+
+
+def test_raw_text_without_a_reply_code_stays_unparseable_for_callers_that_know_more():
+    # The bounce path falls back on the DSN's Status field for exactly these.
+    result = classify("5.1.1 <x@example.jp>... User Unknown")
+    assert (result.rule_id, result.code, result.enhanced_code) == (UNPARSEABLE, None, "5.1.1")
+    wrapped = classify(f"{EXIM} 550 5.1.1 <x@example.jp>... User Unknown")
+    assert (wrapped.category, wrapped.code) == ("mailbox_unknown", 550)
+
+
 def test_split_replies_groups_continuation_lines():
     lines = [
         "421-4.7.28 a\n",
@@ -604,7 +721,7 @@ def test_cli_classifies_arguments():
     )
 
 
-def test_cli_reads_stdin_reports_bad_lines_and_keeps_going():
+def test_cli_reads_stdin_and_classifies_every_line():
     stdin = (
         "421-4.7.28 [192.0.2.10] Gmail has detected an unusual rate of unsolicited mail\n"
         "421 4.7.28 originating from your IP address. - gsmtp\n"
@@ -613,19 +730,63 @@ def test_cli_reads_stdin_reports_bad_lines_and_keeps_going():
         "550 5.7.1 Service unavailable, Client host [192.0.2.10] blocked using Spamhaus\n"
     )
     result = runner.invoke(app, ["classify", "--mx", "mx1.hotmail.com", "-"], input=stdin)
-    assert result.exit_code == 1
-    assert "stdin line 4" in result.stderr and "'this is not [a reply]'" in result.stderr
-    gmail_text, spamhaus = _json_lines(result.stdout)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    gmail_text, not_a_reply, spamhaus = _json_lines(result.stdout)
     # --mx says Microsoft answered, so Gmail's text gets no Gmail rule, only the registry.
     assert (gmail_text["provider"], gmail_text["rule_id"]) == ("microsoft", "enhanced-x.7.28")
+    assert (not_a_reply["category"], not_a_reply["code"], not_a_reply["rule_id"]) == (
+        "unknown",
+        None,
+        NO_RULE,
+    )
+    assert not_a_reply["reply"] == "this is not [a reply]"
     assert (spamhaus["rule_id"], spamhaus["category"]) == ("microsoft-spamhaus", "blocklisted")
 
 
-def test_cli_names_a_bad_argument():
-    result = runner.invoke(app, ["classify", "250 ok", "oops"])
-    assert result.exit_code == 1
-    assert "argument 2" in result.stderr and "'oops'" in result.stderr
-    assert [r["category"] for r in _json_lines(result.stdout)] == ["delivered"]
+# Lines the issue saw fail a whole batch, and the other shapes bounces quote replies in.
+LENIENT_LINES = [
+    ("501: 5.1.8 Sender address rejected", 501, "5.1.8", "authentication"),
+    ("5.1.1 <x@example.jp>... User Unknown", None, "5.1.1", "mailbox_unknown"),
+    ("550: <x@example.jp>: User unknown", 550, None, "mailbox_unknown"),
+    ("Diagnostic-Code: smtp; 552 5.2.2 Mailbox full", 552, "5.2.2", "mailbox_full"),
+    (
+        "SMTP error from remote mail server after RCPT TO:<x@example.jp>: host mx.example.jp "
+        "[192.0.2.153]: 550 5.1.1 <x@example.jp>... User Unknown",
+        550,
+        "5.1.1",
+        "mailbox_unknown",
+    ),
+    ("Mailbox does not exist", None, None, "mailbox_unknown"),
+    ("nothing a rule knows", None, None, "unknown"),
+]
+
+
+def test_cli_classifies_every_shape_and_never_fails_the_batch():
+    stdin = "".join(f"{line}\n" for line, *_ in LENIENT_LINES)
+    result = runner.invoke(app, ["classify", "-"], input=stdin)
+    assert result.exit_code == 0, result.output
+    got = [
+        (r["reply"], r["code"], r["enhanced_code"], r["category"])
+        for r in _json_lines(result.stdout)
+    ]
+    assert got == LENIENT_LINES
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["classify"], "nothing to classify"),
+        (["classify", "250 ok", "--corpus", "tests/corpus/replies.yaml"], "not both"),
+        (["classify", "--mx", "mx.example.org", "--corpus", "x.yaml"], "--mx does not apply"),
+        (["classify", "--corpus", "no/such/file.yaml"], "no/such/file.yaml"),
+    ],
+)
+def test_cli_refuses_what_it_cannot_do_naming_it(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stdout == ""
 
 
 @pytest.mark.integration  # the axiom CLI as a subprocess: `make test`, not test-fast

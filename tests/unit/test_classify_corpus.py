@@ -1,0 +1,159 @@
+"""The classifier against real replies labelled by others: tests/corpus/replies.yaml."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from axiom.cli import app
+from relay.delivery.classify import CATEGORIES
+from relay.delivery.classify_corpus import (
+    PARTS,
+    CorpusError,
+    corpus_key,
+    corpus_part,
+    evaluate,
+    load_corpus,
+)
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "replies.yaml"
+runner = CliRunner()
+
+
+@cache
+def _raw() -> dict:
+    return yaml.safe_load(CORPUS.read_text(encoding="utf-8"))
+
+
+def test_the_corpus_is_large_varied_and_split_as_recorded():
+    corpus = load_corpus(CORPUS)  # checks labels, the split of every entry and near-duplicates
+    entries = corpus.entries
+    assert len(entries) >= 500
+    holdout = [e for e in entries if e.split == "holdout"]
+    assert 0.15 < len(holdout) / len(entries) < 0.25
+    assert len({e.source.split(":")[0] for e in entries}) >= 2
+    assert len({e.expected for e in entries}) >= 12
+
+
+def test_held_back_agreement_is_reported(capsys):
+    report = evaluate(load_corpus(CORPUS))
+    lines = []
+    for part in (*PARTS, None):
+        agree, total = report.agreement(part)
+        assert 0 <= agree <= total and total > 0
+        lines.append(f"{part or 'all'} {agree}/{total} = {100 * agree / total:.1f} %")
+    assert all(o.got.category in CATEGORIES for o in report.outcomes)
+    with capsys.disabled():  # a measurement, not a threshold: printed, never asserted
+        print(f"\nclassifier vs {CORPUS.name}: " + "; ".join(lines))
+
+
+def test_the_split_depends_on_the_text_only():
+    assert corpus_key("550 5.1.1 <Neko@Example.JP>: User unknown  ") == corpus_key(
+        "552 5.2.2 <tora@example.org>: user unknown."
+    )
+    assert corpus_part("550 5.1.1 <a@b.example>: user unknown") == corpus_part(
+        "451 4.1.1 <c@d.example>: User Unknown"
+    )
+    assert {corpus_part(f"reply number {'x' * n}") for n in range(50)} == set(PARTS)
+
+
+def _small(tmp_path: Path, mutate=None) -> Path:
+    data = copy.deepcopy(_raw())
+    data["entries"] = data["entries"][:6]
+    if mutate:
+        mutate(data)
+    path = tmp_path / "corpus.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _entry(text: str, **fields) -> dict:
+    return {
+        "text": text,
+        "expected": "mailbox_unknown",
+        "label": "sisimai:userunknown",
+        "source": "test",
+        "split": corpus_part(text),
+    } | fields
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where", "reason"),
+    [
+        (lambda d: d["entries"][0].update(label="sisimai:nosuch"), "entries.0.label", "not in"),
+        (lambda d: d["entries"][1].update(expected="tls"), "entries.1.expected", "map"),
+        (lambda d: d["entries"][2].update(expected="bounced"), "entries.2.expected", "Input"),
+        (
+            lambda d: d["entries"][3].update(
+                split="tune" if d["entries"][3]["split"] == "holdout" else "holdout"
+            ),
+            "entries.3.split",
+            "the split rule puts",
+        ),
+        (
+            lambda d: d["entries"].append(_entry(d["entries"][0]["text"].upper() + "  ")),
+            "entries.6.text",
+            "near-duplicate of entries.0",
+        ),
+        (lambda d: d["entries"][4].update(colour="red"), "entries.4.colour", "Extra inputs"),
+        (
+            lambda d: d["entries"].append(_entry("User unknown here", provider="hotmale")),
+            "entries.6.provider",
+            "not a provider",
+        ),
+        (lambda d: d.pop("labels"), "labels", "Field required"),
+    ],
+)
+def test_a_bad_corpus_is_refused_naming_the_place(tmp_path, mutate, where, reason):
+    path = _small(tmp_path, mutate)
+    with pytest.raises(CorpusError) as info:
+        load_corpus(path)
+    assert str(path) in str(info.value)
+    assert where in str(info.value) and reason in str(info.value)
+
+
+def test_cli_reports_agreement_and_confusions_for_people_and_scripts(tmp_path):
+    def entries(d):
+        d["entries"] = [
+            _entry("550 5.1.1 <x@example.org>: User unknown"),
+            _entry("550 5.7.1 Relaying denied for <x@example.org>"),  # a label we disagree with
+            _entry("whatever this is", expected="policy", label="mautic:user_reject"),
+        ]
+
+    path = _small(tmp_path, entries)
+    result = runner.invoke(app, ["classify", "--corpus", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    parts = {e["split"] for e in yaml.safe_load(path.read_text())["entries"]}
+    assert report["agreement"]["all"] == {"agree": 1, "total": 3, "percent": 33.3}
+    assert sum(report["agreement"][p]["total"] for p in PARTS) == 3
+    assert sum(report["agreement"][p]["total"] > 0 for p in PARTS) == len(parts)
+    pairs = {(c["expected"], c["got"]): c["tune"] + c["holdout"] for c in report["confusion"]}
+    assert pairs == {
+        ("mailbox_unknown", "mailbox_unknown"): 1,
+        ("mailbox_unknown", "policy"): 1,
+        ("policy", "unknown"): 1,
+    }
+    assert [(d["expected"], d["got"]) for d in report["disagreements"]] == [
+        ("mailbox_unknown", "policy"),
+        ("policy", "unknown"),
+    ]
+    assert report["disagreements"][1]["rule_id"] == "no-rule"
+
+    table = runner.invoke(app, ["classify", "--corpus", str(path)], env={"COLUMNS": "120"})
+    assert table.exit_code == 0, table.output
+    assert "33.3 %" in table.stdout and "Largest confusions" in table.stdout
+    assert "mailbox_unknown" in table.stdout and "policy 1" in table.stdout
+
+
+def test_cli_names_a_bad_corpus_file(tmp_path):
+    path = _small(tmp_path, lambda d: d["entries"][1].update(expected="tls"))
+    result = runner.invoke(app, ["classify", "--corpus", str(path)])
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and "entries.1.expected" in result.stderr
