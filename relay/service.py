@@ -113,12 +113,22 @@ def build_context(settings: Settings, engine, clock: Clock) -> RelayContext:
 
 
 def build_inbound_context(settings: Settings, engine, clock: Clock) -> InboundContext:
+    from relay.delivery.return_path import Tagger
+    from relay.inbound.feedback import Recording
+    from runbooks.loader import delivery
+
+    recording = Recording(
+        hostname=settings.hostname,
+        tagger=Tagger(settings.load_secret_key()),
+        dsn_from_local_part=delivery().spec.dsn_from_local_part,
+    )
     return InboundContext(
         engine=engine,
         clock=clock,
         feedback=Mailbox.of(settings.feedback_mailbox),
         bounces=Mailbox.of(settings.bounce_mailbox),
         metrics=build_inbound_metrics(),
+        recording=recording,
         max_header_fields=settings.max_header_fields,
         max_header_field_bytes=settings.max_header_field_bytes,
     )
@@ -270,6 +280,7 @@ def _follow(clock: Clock) -> asyncio.Task | None:
 def build_delivery_engine(settings: Settings, engine, clock: Clock | None = None):
     from relay.delivery.dns import Resolver
     from relay.delivery.engine import DeliveryEngine
+    from relay.delivery.return_path import ReturnPaths
     from runbooks import loader as runbooks
 
     shaping = runbooks.shaping()
@@ -285,6 +296,7 @@ def build_delivery_engine(settings: Settings, engine, clock: Clock | None = None
         delivery=delivery,
         shaping=shaping.spec,
         shaping_version=shaping.version,
+        return_paths=ReturnPaths.from_settings(settings, engine),
     )
 
 

@@ -1,4 +1,6 @@
-"""RFC 3464 delivery status notifications for recipients that failed for good or expired."""
+"""RFC 3464 delivery status notifications for recipients that failed for good or expired, at
+delivery time (relay/delivery/engine.py) or in a bounce that came back later
+(relay/inbound/feedback.py): the customer gets the same notice either way."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class FailedRecipient:
     diagnostic: str  # the remote reply, or our own reason
     remote_mta: str | None
     expired: bool = False
+    returned: bool = False  # accepted by the receiver, then bounced (an asynchronous bounce)
 
 
 def build_dsn(
@@ -38,7 +41,13 @@ def build_dsn(
         "",
     ]
     for f in failures:
-        why = "it could not be delivered before it expired" if f.expired else "it was refused"
+        why = (
+            "it could not be delivered before it expired"
+            if f.expired
+            else "it was accepted, then returned by the receiving system"
+            if f.returned
+            else "it was refused"
+        )
         human.append(f"  <{f.address}>: {why}: {_one_line(f.diagnostic)}")
     blocks = [
         f"Reporting-MTA: dns; {reporting_mta}\r\nArrival-Date: {format_datetime(arrival)}\r\n"

@@ -3,15 +3,21 @@
 One handle_<VERB> per verb, each check an early return; replies come from relay/replies.py.
 The protocol, its session limits and the DATA screening are the submission server's
 (relay/server.py), without AUTH. Mail from anyone (the null sender included), to the feedback
-and bounce addresses only: this is no relay. DATA must be a DSN (RFC 3464) or an ARF report
-(RFC 5965); anything else is refused, so nothing is acknowledged that is not recorded. A
-report is answered 250 only after what it changed is committed (relay/intake.py).
+and bounce addresses only: this is no relay. The bounce address is also taken as the return
+path of delivered mail, bounces+TAG@ the relay's bounce domain or a customer's return-path
+subdomain (relay/delivery/return_path.py); a TAG that does not verify names no mailbox here
+(550 5.1.1), so a forged one is refused before its DATA. DATA must be a bounce (a DSN, RFC
+3464, or a plain-text one flufl.bounce reads) or an ARF report (RFC 5965); anything else is
+refused, so nothing is acknowledged that is not recorded. A report is answered 250 only after
+what it changed is committed (relay/inbound/feedback.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -19,7 +25,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.clock import Clock, SystemClock
-from relay.inbound.feedback import Arrival, record_report
+from relay.delivery.return_path import Tag, return_path_domains
+from relay.inbound.feedback import Arrival, Recording, record_report
 from relay.inbound.reports import parse_report
 from relay.metrics import InboundMetrics
 from relay.submission import replies
@@ -48,30 +55,65 @@ class Mailbox:
         return cls(local.lower(), domain.lower().rstrip("."))
 
 
+class ReturnPathDomains:
+    """The customers' return-path subdomains, read at most every ttl seconds, in a thread."""
+
+    def __init__(
+        self,
+        load: Callable[[], set[str]],
+        ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._load, self._ttl, self._clock = load, ttl, clock
+        self._domains: set[str] = set()
+        self._loaded_at: float | None = None
+
+    async def current(self) -> set[str]:
+        if self._loaded_at is None or self._clock() - self._loaded_at >= self._ttl:
+            try:
+                self._domains = await asyncio.to_thread(self._load)
+            except Exception as exc:  # the last ones stand; the relay's own domains always do
+                log.warning("return-path domains not read (%s)", exc)
+            self._loaded_at = self._clock()
+        return self._domains
+
+
 @dataclass
 class InboundContext:
     engine: Engine
     feedback: Mailbox  # where feedback loops send ARF reports
-    bounces: Mailbox  # where DSNs come back; bounces+TAG@ too
+    bounces: Mailbox  # where bounces come back; bounces+TAG@ too, and at return-path domains
     metrics: InboundMetrics
+    recording: Recording  # the DSN's sign-off and the key that verifies tags
+    return_path_domains: ReturnPathDomains | None = None  # None: read from engine
     max_recipients: int = 10
     max_header_fields: int = 1000
     max_header_field_bytes: int = 102_400
     clock: Clock = field(default_factory=SystemClock)  # the sandbox's shifted time there
 
-    @property
-    def domains(self) -> set[str]:
-        return {self.feedback.domain, self.bounces.domain}
+    def __post_init__(self) -> None:
+        if self.return_path_domains is None:
+            self.return_path_domains = ReturnPathDomains(lambda: return_path_domains(self.engine))
+
+    async def domains(self) -> set[str]:
+        assert self.return_path_domains is not None
+        customers = await self.return_path_domains.current()
+        return {self.feedback.domain, self.bounces.domain} | customers
 
     def tag_of(self, address: str) -> str | None:
-        """'' for the feedback or bounce mailbox, the tag of bounces+TAG@, None otherwise."""
+        """'' for the feedback or bounce mailbox, the tag of bounces+TAG@, None otherwise
+        (the domain is checked by the caller)."""
         box = Mailbox.of(address)
-        if box == self.feedback or box == self.bounces:
+        if box == self.feedback or box.local == self.bounces.local:
             return ""
         base, plus, tag = box.local.partition("+")
-        if plus and tag and Mailbox(base, box.domain) == self.bounces:
+        if plus and tag and base == self.bounces.local:
             return tag
         return None
+
+    def verified(self, address: str) -> Tag | None:
+        tag = self.tag_of(address)
+        return self.recording.tagger.verify(tag) if tag else None
 
 
 class InboundHandler:
@@ -104,10 +146,14 @@ class InboundHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or not _well_formed(address):
             return self._reject("bad_recipient", replies.BAD_ADDRESS)
-        if len(domain) > MAX_DOMAIN or domain.lower().rstrip(".") not in self.ctx.domains:
+        if len(domain) > MAX_DOMAIN or domain.lower().rstrip(".") not in await self.ctx.domains():
             return self._reject("relay_denied", replies.INBOUND_RELAY_DENIED)
-        if self.ctx.tag_of(address) is None:
+        tag = self.ctx.tag_of(address)
+        box = Mailbox.of(address)
+        if tag is None or (box.local == self.ctx.feedback.local and box != self.ctx.feedback):
             return self._reject("no_mailbox", replies.INBOUND_NO_MAILBOX.format(address=address))
+        if tag and self.ctx.recording.tagger.verify(tag) is None:  # forged, mangled or stale
+            return self._reject("bad_tag", replies.INBOUND_NO_MAILBOX.format(address=address))
         if len(envelope.rcpt_tos) >= self.ctx.max_recipients:
             return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
         envelope.rcpt_tos.append(address)
@@ -120,15 +166,20 @@ class InboundHandler:
         screened = screen_data(raw, self.ctx.max_header_fields, self.ctx.max_header_field_bytes)
         if isinstance(screened, Refusal):
             return self._reject(screened.reason, screened.reply)
-        report = await asyncio.to_thread(parse_report, raw)
+        tags = tuple(t for t in (self.ctx.verified(r) for r in envelope.rcpt_tos) if t)
+        report = await asyncio.to_thread(parse_report, raw, tagged=bool(tags))
         if report is None:
             return self._reject("not_a_report", replies.INBOUND_NOT_A_REPORT)
-        tags = tuple(t for t in (self.ctx.tag_of(r) for r in envelope.rcpt_tos) if t)
         sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
         arrival = Arrival(mail_from=sender, client_ip=_client_ip(session), tags=tags)
         try:
             outcome = await asyncio.to_thread(
-                record_report, self.ctx.engine, report, arrival, self.ctx.clock.now()
+                record_report,
+                self.ctx.engine,
+                report,
+                arrival,
+                self.ctx.clock.now(),
+                self.ctx.recording,
             )
         except SQLAlchemyError as exc:
             log.error("%s not recorded: %s", report.kind, exc)

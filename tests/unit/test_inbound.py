@@ -15,8 +15,10 @@ from models import AuditEntry, Message, Recipient, Suppression
 from models.audit_trail import verify
 from protocol import tenants
 from relay.delivery.dsn import FailedRecipient, build_dsn
-from relay.inbound.feedback import Arrival, record_report
-from relay.inbound.listener import InboundContext, InboundHandler, Mailbox
+from relay.delivery.return_path import Tag, Tagger
+from relay.inbound.feedback import Arrival, Recording
+from relay.inbound.feedback import record_report as record
+from relay.inbound.listener import InboundContext, InboundHandler, Mailbox, ReturnPathDomains
 from relay.inbound.reports import Bounce, Complaint, parse_report
 from relay.metrics import build_inbound_metrics
 from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
@@ -29,6 +31,17 @@ HOST = "relay.axiom.test"
 NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 YAHOO = Arrival(mail_from="feedback@arf.mail.yahoo.com", client_ip="127.0.25.3")
 NULL = Arrival(mail_from="", client_ip="192.0.2.7")
+TAGGER = Tagger(b"a test secret")
+RECORDING = Recording(HOST, TAGGER)
+
+
+def record_report(engine, report, arrival, now):
+    return record(engine, report, arrival, now, RECORDING)
+
+
+def tagged(queue_id: str) -> Arrival:
+    """A bounce that came back to the message's verified return path (the message's tag)."""
+    return Arrival(mail_from="", client_ip="192.0.2.7", tags=(Tag(queue_id, None),))
 
 
 def sent_message(queue_id: str, rcpts: str, message_id: str | None = None) -> bytes:
@@ -313,7 +326,7 @@ def test_feedback_that_is_no_complaint_is_recorded_without_suppressing(engine, a
 def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(engine, acme):
     queue_id, data = acme(["kim@example.net", "lee@example.net"])
     hard = dsn(data, "kim@example.net", "5.1.1", "550 5.1.1 <kim@example.net>: User unknown")
-    outcome = record_report(engine, parse_report(hard), NULL, NOW)
+    outcome = record_report(engine, parse_report(hard), tagged(queue_id), NOW)
     assert (outcome.kind, outcome.queue_id, outcome.suppressed) == (
         "bounce",
         queue_id,
@@ -323,7 +336,7 @@ def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(engine, 
     assert (row.address, row.source) == ("kim@example.net", "bounce")
     assert row.reason.startswith("mailbox_unknown: smtp; 550 5.1.1")
     soft = dsn(data, "lee@example.net", "4.2.2", "452 4.2.2 Mailbox full")
-    assert record_report(engine, parse_report(soft), NULL, NOW).suppressed == ()
+    assert record_report(engine, parse_report(soft), tagged(queue_id), NOW).suppressed == ()
     entries = rows(engine, AuditEntry, AuditEntry.action == "bounce.received")
     assert [(e.subject, e.evidence["category"], e.evidence["suppressed"]) for e in entries] == [
         ("recipient:kim@example.net", "mailbox_unknown", True),
@@ -337,7 +350,7 @@ def test_a_bounce_quoting_no_smtp_reply_is_classified_by_its_status(engine, acme
     report = dsn(data, "max@example.net", "5.1.1", "x").replace(
         b"Diagnostic-Code: smtp; x", b'Diagnostic-Code: X-Postfix; unknown user: "max"'
     )
-    outcome = record_report(engine, parse_report(report), NULL, NOW)
+    outcome = record_report(engine, parse_report(report), tagged(queue_id), NOW)
     assert (outcome.queue_id, outcome.suppressed) == (queue_id, ("max@example.net",))
     [entry] = rows(engine, AuditEntry, AuditEntry.action == "bounce.received")
     assert (entry.evidence["category"], entry.evidence["status"]) == ("mailbox_unknown", "5.1.1")
@@ -347,12 +360,26 @@ def test_a_bounce_to_a_tagged_address_finds_the_message_by_its_tag(engine, acme)
     queue_id, _ = acme(["ned@example.net"])
     bare = b"From: x@y.example\r\nSubject: quoted nothing useful\r\n\r\n"
     data = dsn(bare, "ned@example.net", "5.1.1", "550 5.1.1 unknown")
-    tagged = Arrival(mail_from="", client_ip="192.0.2.7", tags=(queue_id.lower(),))
-    outcome = record_report(engine, parse_report(data), tagged, NOW)
+    outcome = record_report(engine, parse_report(data), tagged(queue_id), NOW)
     assert (outcome.queue_id, outcome.suppressed) == (queue_id, ("ned@example.net",))
     # a bounce about a recipient the tagged message never had suppresses nobody
     other = dsn(bare, "oz@example.net", "5.1.1", "550 5.1.1 unknown")
-    assert record_report(engine, parse_report(other), tagged, NOW).suppressed == ()
+    assert record_report(engine, parse_report(other), tagged(queue_id), NOW).suppressed == ()
+
+
+def test_a_bounce_not_at_a_verified_return_path_changes_nothing(engine, acme):
+    """Anyone can send a DSN quoting our Received header to the bare bounce address: it is
+    audited with the message it seems to be about, and suppresses nobody."""
+    queue_id, data = acme(["pia@example.net"])
+    forged = dsn(data, "pia@example.net", "5.1.1", "550 5.1.1 <pia@example.net>: User unknown")
+    outcome = record_report(engine, parse_report(forged), NULL, NOW)
+    assert (outcome.queue_id, outcome.suppressed, outcome.acted) == (queue_id, (), False)
+    assert rows(engine, Suppression) == []
+    [entry] = rows(engine, AuditEntry, AuditEntry.action == "bounce.received")
+    assert entry.evidence["matched_by"] == "received header"
+    assert "cannot be told from a forged one" in entry.evidence["note"]
+    [recipient] = rows(engine, Recipient, Recipient.message_id == queue_id)
+    assert recipient.state == "queued"
 
 
 # ------------------------------------------------------------------ the listener's policy
@@ -363,9 +390,15 @@ def handler() -> InboundHandler:
             feedback=Mailbox.of(f"fbl@{HOST}"),
             bounces=Mailbox.of(f"bounces@{HOST}"),
             metrics=METRICS,
+            recording=RECORDING,
+            return_path_domains=ReturnPathDomains(lambda: {"bounces.acme.example"}),
             max_recipients=3,
         )
     )
+
+
+QUEUE_ID = "01KB2Z8Y3M4N5P6Q7R8S9T0V1W"
+GOOD_TAG = TAGGER.tag(QUEUE_ID, 42)
 
 
 METRICS = build_inbound_metrics()
@@ -377,7 +410,22 @@ METRICS = build_inbound_metrics()
         (f"fbl@{HOST}", replies.RECIPIENT_OK),
         (f"FBL@{HOST.upper()}", replies.RECIPIENT_OK),
         (f"bounces@{HOST}", replies.RECIPIENT_OK),
-        (f"bounces+01JX@{HOST}", replies.RECIPIENT_OK),
+        (f"bounces+{GOOD_TAG}@{HOST}", replies.RECIPIENT_OK),
+        (f"Bounces+{GOOD_TAG.upper()}@{HOST}", replies.RECIPIENT_OK),  # case-folded on the way
+        (f"bounces+{TAGGER.tag(QUEUE_ID)}@{HOST}", replies.RECIPIENT_OK),  # the message's tag
+        (f"bounces+{GOOD_TAG}@bounces.acme.example", replies.RECIPIENT_OK),  # a customer's
+        (f"bounces+{GOOD_TAG}@acme.example", replies.INBOUND_RELAY_DENIED),
+        # a forged tag (the recipient id changed) or an old untagged form names no mailbox
+        (
+            f"bounces+{GOOD_TAG.replace('-42-', '-43-')}@{HOST}",
+            replies.INBOUND_NO_MAILBOX.format(
+                address=f"bounces+{GOOD_TAG.replace('-42-', '-43-')}@{HOST}"
+            ),
+        ),
+        (
+            f"bounces+{QUEUE_ID}@{HOST}",
+            replies.INBOUND_NO_MAILBOX.format(address=f"bounces+{QUEUE_ID}@{HOST}"),
+        ),
         ("someone@gmail.com", replies.INBOUND_RELAY_DENIED),
         (f"fbl@{HOST}.evil.example", replies.INBOUND_RELAY_DENIED),
         (f"postmaster@{HOST}", replies.INBOUND_NO_MAILBOX.format(address=f"postmaster@{HOST}")),
