@@ -82,6 +82,10 @@ def world_records(
             f"ip{ipaddress.ip_address(a).version}:{a}" for a in sorted(customers.source_ips)
         )
         out.append(Rr(f"_spf.{hostname}", "TXT", f"v=spf1 {mechanisms} -all", ttl))
+        # The relay's own name is its bounce domain by default (the return path of mail whose
+        # customer has no return-path subdomain published, relay/delivery/return_path.py)
+        # and its HELO name: SPF passes for it from the relay's IPs.
+        out.append(Rr(hostname, "TXT", f"v=spf1 include:_spf.{hostname} -all", ttl))
     return out
 
 

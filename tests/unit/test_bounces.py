@@ -431,3 +431,11 @@ def test_a_complaint_quoting_our_return_path_names_the_recipient_the_loop_redact
     assert (event.recipient, event.recipient_id) == ("bob@yahoo.com", ids["bob@yahoo.com"])
     [entry] = rows(engine, AuditEntry, AuditEntry.action == "complaint.received")
     assert entry.evidence["matched_by"] == "return-path tag"
+
+
+def test_the_sandbox_publishes_spf_for_the_relays_own_bounce_domain():
+    """Mail to the simulated providers leaves with bounces+TAG@relay.axiom.test: SPF passes for
+    that domain from the relay's IPs, as the operator publishes it in production."""
+    from tests.unit.test_sandbox_zones import values, zone
+
+    assert values(zone().answer(HOST, "TXT")) == [f"v=spf1 include:_spf.{HOST} -all"]
