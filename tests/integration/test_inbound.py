@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import pytest
 from sqlmodel import Session, select
 
-from models import AuditEntry, Message, Suppression
+from models import AuditEntry, Message, Recipient, Suppression
 from models.db import make_engine
 from relay.delivery.dsn import FailedRecipient, build_dsn
+from relay.delivery.return_path import Tagger
 from sandbox.behaviour import behaviour
 from sandbox.feedback import Complaint, build_arf
 from sandbox.mailbox import mailbox_exists
@@ -104,6 +105,14 @@ def bounce(original: bytes, rcpt: str, status: str, diagnostic: str, tenant: Ten
     )
 
 
+def return_path(home, queue_id: str, rcpt: str) -> str:
+    """The tagged return path the relay's delivery used for rcpt of queue_id."""
+    [recipient_id] = [
+        r.id for r in rows(home, Recipient, Recipient.message_id == queue_id) if r.address == rcpt
+    ]
+    return f"bounces+{Tagger(home.secret).tag(queue_id, recipient_id)}@relay.axiom.test"
+
+
 def send_report(relay: RelayProcess, sender: str, rcpt: str, data: bytes) -> tuple[int, str]:
     """One report through the inbound listener, over STARTTLS as a provider's MTA would."""
     with smtplib.SMTP(*relay.inbound, timeout=10) as client:
@@ -184,7 +193,7 @@ def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(axiom_ho
         "mailbox table",
         acme,
     )
-    code, reply = send_report(relay, "", BOUNCES, hard)
+    code, reply = send_report(relay, "", return_path(axiom_home, first, "bob@example.net"), hard)
     assert (code, reply) == (250, "2.0.0 Ok: bounce recorded, 1 recipient(s) suppressed")
     [row] = rows(axiom_home, Suppression)
     assert (row.address, row.source) == ("bob@example.net", "bounce")
@@ -193,8 +202,7 @@ def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(axiom_ho
     soft = bounce(
         spooled(axiom_home, second), "cy@example.net", "4.2.2", "452 4.2.2 Mailbox full", acme
     )
-    # a tagged bounce address is ours too
-    code, reply = send_report(relay, "", f"bounces+{second}@relay.axiom.test", soft)
+    code, reply = send_report(relay, "", return_path(axiom_home, second, "cy@example.net"), soft)
     assert (code, reply) == (250, "2.0.0 Ok: bounce recorded, 0 recipient(s) suppressed")
     assert [r.address for r in rows(axiom_home, Suppression)] == ["bob@example.net"]
     entries = rows(axiom_home, AuditEntry, AuditEntry.action == "bounce.received")
@@ -204,6 +212,18 @@ def test_an_asynchronous_hard_bounce_suppresses_and_a_soft_one_does_not(axiom_ho
     ]
     added = rows(axiom_home, AuditEntry, AuditEntry.action == "suppression.add")
     assert [(e.actor, e.subject) for e in added] == [("relay:inbound", "recipient:bob@example.net")]
+    # a forged tag names no mailbox; a bounce to the bare address is recorded, changes nothing
+    third = submit(relay, acme, "dan@example.net")
+    forged = return_path(axiom_home, third, "dan@example.net").replace("-", "-1", 1)
+    with smtplib.SMTP(*relay.inbound, timeout=10) as client:
+        client.ehlo("mx.example.net")
+        client.mail("")
+        code, reply = client.rcpt(forged)
+    assert (code, reply) == (550, f"5.1.1 <{forged}>: no such mailbox here".encode())
+    hard = bounce(spooled(axiom_home, third), "dan@example.net", "5.1.1", "550 5.1.1 no", acme)
+    code, reply = send_report(relay, "", BOUNCES, hard)
+    assert (code, reply) == (250, "2.0.0 Ok: bounce recorded, 0 recipient(s) suppressed")
+    assert [r.address for r in rows(axiom_home, Suppression)] == ["bob@example.net"]
 
 
 # ------------------------------------------------------------------ what it refuses
@@ -241,7 +261,7 @@ def test_the_inbound_listener_relays_nothing_and_takes_only_reports(axiom_home, 
     queue_id = submit(relay, acme, "dee@example.net")
     hard = bounce(spooled(axiom_home, queue_id), "dee@example.net", "5.1.1", "550 5.1.1 no", acme)
     with smtplib.SMTP(*relay.inbound, timeout=10) as client:
-        client.sendmail("", [BOUNCES], hard)
+        client.sendmail("", [return_path(axiom_home, queue_id, "dee@example.net")], hard)
     assert [r.address for r in rows(axiom_home, Suppression)] == ["dee@example.net"]
     assert not rows(axiom_home, AuditEntry, AuditEntry.action.startswith("complaint"))
 
@@ -286,9 +306,10 @@ def test_a_complaint_at_the_simulated_yahoo_comes_back_and_suppresses_the_recipi
     [entry] = rows(axiom_home, AuditEntry, AuditEntry.action == "complaint.received")
     assert entry.evidence["provider"] == "yahoo"
     assert entry.evidence["reporting_mta"] == behaviour().provider("yahoo").mx[0][1]
+    # its Original-Mail-From is the return path the relay used: its tag names the message
     assert (entry.evidence["queue_id"], entry.evidence["matched_by"]) == (
         queue_id,
-        "received header",
+        "return-path tag",
     )
     # the world sent it to the relay's inbound listener, which acknowledged it
     [complaint] = state.complaints()
