@@ -172,6 +172,9 @@ class ClassificationSpec(Strict):
     provider_rules: list[ReplyRule]
     text_rules: list[ReplyRule]
     enhanced_code_rules: list[ReplyRule]
+    # Generic words ("policy", "access denied", "system error") that say less than a specific
+    # enhanced code: tried after the enhanced code rules, before the reply code's class.
+    fallback_text_rules: list[ReplyRule] = Field(default_factory=list)
     code_class_rules: list[ReplyRule]
     connection_failure_rules: list[FailureRule]
 
@@ -184,10 +187,11 @@ class ClassificationSpec(Strict):
         for r in self.provider_rules:
             if r.provider == "any" or r.match.text is None:
                 raise ValueError(f"provider rule {r.id}: needs a provider and a text pattern")
-        for r in self.text_rules + self.enhanced_code_rules + self.code_class_rules:
+        generic = self.text_rules + self.enhanced_code_rules + self.fallback_text_rules
+        for r in generic + self.code_class_rules:
             if r.provider != "any":
                 raise ValueError(f"rule {r.id}: only provider_rules may name a provider")
-        for r in self.text_rules:
+        for r in self.text_rules + self.fallback_text_rules:
             if r.match.text is None:
                 raise ValueError(f"text rule {r.id}: needs a text pattern")
         for r in self.enhanced_code_rules:
@@ -207,6 +211,7 @@ class ClassificationSpec(Strict):
             *self.provider_rules,
             *self.text_rules,
             *self.enhanced_code_rules,
+            *self.fallback_text_rules,
             *self.code_class_rules,
             *self.connection_failure_rules,
         ]

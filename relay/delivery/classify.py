@@ -138,13 +138,14 @@ def parse_reply(raw: str) -> Reply:
 
 # A DSN's "Diagnostic-Code:" field name and diagnostic type (RFC 3464: smtp, X-Postfix, X-Notes).
 _DSN_PREFIX = re.compile(r"\s*(?:diagnostic-code\s*:\s*)?(?:[a-z][\w-]{0,30}\s*;\s*)?", re.I)
-# A reply code inside other text: not part of a number or a word ("[203.0.113.2]", "mta550"),
-# followed by "-", a space, "550:" or the end.
-_EMBEDDED_CODE = re.compile(r"(?<![\w.])([245][0-9]{2})(?:-|:?\s+|:|$)")
+# A failure's reply code inside other text: not part of a number or a word ("[203.0.113.2]",
+# "mta550"), followed by "-", a space, "550:" or the end. A wrapper quotes the failure, so 2xx
+# and 3xx there are other numbers ("SIZE=222:").
+_EMBEDDED_CODE = re.compile(r"(?<![\w.])([45][0-9]{2})(?:-|:?\s+|:|$)")
 # What introduces the quoted reply in MTAs' wrappers: "said: 550", "RCPT TO:550", "<<< 550",
 # "returned '550", "#550", "(550" ... Elsewhere a number is a reply code only when an enhanced
-# code follows it ("limit of 250 attachments" is not a reply).
-_INTRODUCERS = frozenset(":;'\"(<[>#=")
+# code follows it ("limit of 450 attachments" is not a reply).
+_INTRODUCERS = frozenset(":;'\"(<[>#")
 # An enhanced code that does not start the reply text: qmail's "(#5.1.1)", or one quoted after
 # an introducer ("error '5.7.1 <x>... Access denied'"); not part of a longer dotted number.
 _ENHANCED_ANYWHERE = re.compile(
@@ -318,7 +319,10 @@ def load_rules(
                 f"{rule.provider!r} is not a provider in {providers_file.name}",
             )
     provider_rules = [_compile_rule(r) for r in spec.provider_rules]
-    generic = tuple(_compile_rule(r) for r in spec.text_rules + spec.enhanced_code_rules)
+    generic = tuple(
+        _compile_rule(r)
+        for r in spec.text_rules + spec.enhanced_code_rules + spec.fallback_text_rules
+    )
     code_class = tuple(_compile_rule(r) for r in spec.code_class_rules)
     fallthrough = generic + code_class
     by_provider: dict[str | None, tuple[_CompiledRule, ...]] = {

@@ -223,6 +223,67 @@ def test_provider_rules_come_before_generic_ones(
     assert (generic.rule_id, generic.category) == (generic_rule, generic_category)
 
 
+@pytest.mark.parametrize(
+    ("reply", "category", "rule_id"),
+    [
+        # a specific enhanced code says more than a generic word in its text
+        (
+            "550 5.7.23 The message was rejected because of Sender Policy Framework violation",
+            "authentication",
+            "text-authentication",
+        ),
+        ("550 5.1.1 <x@example.org>: not permitted", "mailbox_unknown", "enhanced-x.1.1-rejected"),
+        ("550 5.7.26 policy says no", "authentication", "enhanced-x.7.26-27"),
+        # ... and the generic words still decide where no code does
+        ("554 Denied by policy", "policy", "text-policy"),
+        ("550 relay not permitted", "policy", "text-policy"),
+        # a recipient refused for no stated reason is unknown; with a reason, the reason decides
+        (
+            "550 <x@example.org>: Recipient address rejected.",
+            "mailbox_unknown",
+            "text-recipient-rejected",
+        ),
+        (
+            "550 <x@example.org>: Recipient address rejected: Policy violation",
+            "policy",
+            "text-policy",
+        ),
+        (
+            "550 5.7.1 <x@example.org>: Recipient address rejected",
+            "policy",
+            "enhanced-x.7.1-rejected",
+        ),
+        (
+            "501 5.1.8 <s@example.com>: Sender address rejected",
+            "authentication",
+            "text-sender-rejected",
+        ),
+        # too many invalid recipients is a verdict on the sender: the recipient is not unknown
+        ("550 too many invalid recipients", "unknown", "code-5xx"),
+        # the stage the wrapper names: refused at MAIL FROM concerns our reverse-path
+        (
+            "SMTP error from remote mail server after MAIL FROM:<s@example.com> SIZE=1024: host mx.example.org [192.0.2.1]: 550 Go away",
+            "authentication",
+            "text-rejected-at-mail-from",
+        ),
+        # the wrapper's numbers are not the reply's code ("SIZE=222:")
+        (
+            "SMTP error from remote mail server after RCPT TO:<x@example.org> SIZE=222: host mx.example.org [192.0.2.1]: 550 Mailbox ( x@example.org ) not found",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+        ),
+        ("554 5.6.0 Message with invalid header rejected", "content", "text-malformed"),
+        ("554 Duplicate header 'DKIM-Signature'", "content", "text-malformed"),
+        ("554 5.4.6 Too many hops", "transient", "enhanced-x.4.6"),
+        ("554 Too many hops", "transient", "text-mail-loop"),
+        ("550 System incorrectly configured", "transient", "text-receiver-error"),
+    ],
+)
+def test_generic_rules_and_their_precedence(reply, category, rule_id):
+    result = classify(read_reply(reply), "generic")
+    assert (result.category, result.rule_id) == (category, rule_id)
+
+
 def test_gmail_per_recipient_rate_is_not_an_inactive_mailbox():
     # The IANA table reads X.2.1 as "mailbox disabled"; Gmail's 450 4.2.1 is a rate limit.
     reply = "450 4.2.1 The user you are trying to contact is receiving mail too quickly. - gsmtp"
@@ -482,7 +543,8 @@ def test_read_reply_never_raises_and_agrees_with_parse_reply(text):
         ("2.0.0 queued, spam score 0.1", "delivered", False, "code-2xx"),
         # no class at all: the words decide, a code condition rules nothing out, transient
         ("Mailbox does not exist", "mailbox_unknown", False, "text-mailbox-unknown"),
-        ("connection reset by peer", "unknown", False, NO_RULE),
+        ("connection reset by peer", "transient", False, "text-network"),
+        ("nothing a rule knows", "unknown", False, NO_RULE),
     ],
 )
 def test_a_reply_without_a_code_is_classified_by_its_words(raw, category, permanent, rule_id):
@@ -583,6 +645,8 @@ def _raw(file: Path) -> dict:
         (lambda s: s["text_rules"][0].pop("source"), "Field required"),
         (lambda s: s["enhanced_code_rules"][0]["match"].update(enhanced="x.7.9-2"), "low to high"),
         (lambda s: s["code_class_rules"][0]["match"].update(text="ok"), "matches on code only"),
+        (lambda s: s["fallback_text_rules"][0].update(provider="yahoo"), "only provider_rules"),
+        (lambda s: s["fallback_text_rules"][0]["match"].pop("text"), "needs a text pattern"),
         (lambda s: s["connection_failure_rules"].pop(), "need each kind once"),
         (lambda s: s["connection_failure_rules"][0].update(permanent=True), "must agree"),
     ],
