@@ -104,8 +104,11 @@ class ReplyMatch(Strict):
         default=None, pattern=r"^[245x]\.(\d{1,3}|x)\.(\d{1,3}(-\d{1,3})?|x)$"
     )
     text: str | None = Field(default=None, description="regex, searched case-insensitively")
+    unless: str | None = Field(
+        default=None, description="regex; the rule does not apply when the text matches it"
+    )
 
-    @field_validator("text")
+    @field_validator("text", "unless")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:

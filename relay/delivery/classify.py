@@ -237,6 +237,7 @@ class _CompiledRule:
     # (class, subject, lowest detail, highest detail); None is a wildcard
     enhanced: tuple[int | None, int | None, int, int] | None
     text: re.Pattern[str] | None
+    unless: re.Pattern[str] | None
 
     @property
     def code_only(self) -> bool:
@@ -260,6 +261,8 @@ class _CompiledRule:
                 return False
             if not low <= enhanced[2] <= high:
                 return False
+        if self.unless is not None and self.unless.search(reply.text):
+            return False
         return self.text is None or self.text.search(reply.text) is not None
 
 
@@ -277,8 +280,9 @@ def _compile_rule(rule: ReplyRule) -> _CompiledRule:
             999 if low == "x" else int(high or low),
         )
     text = re.compile(match.text, re.IGNORECASE) if match.text else None
+    unless = re.compile(match.unless, re.IGNORECASE) if match.unless else None
     klass = int(match.code[0]) if match.code and match.code[0] != "x" else None
-    return _CompiledRule(rule, code, klass, enhanced, text)
+    return _CompiledRule(rule, code, klass, enhanced, text, unless)
 
 
 @dataclass(frozen=True, slots=True)

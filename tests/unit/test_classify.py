@@ -266,6 +266,18 @@ def test_provider_rules_come_before_generic_ones(
             "authentication",
             "text-rejected-at-mail-from",
         ),
+        # ... and nothing refused at MAIL FROM suppresses a recipient: none was named yet
+        (
+            "SMTP error from remote mail server after MAIL FROM:<s@example.com>: host mx.example.org [192.0.2.1]: 550 Unroutable sender address",
+            "authentication",
+            "text-rejected-at-mail-from",
+        ),
+        (
+            "host mx.example.org[192.0.2.1] said: 550 5.1.7 No such domain example.com (in reply to MAIL FROM command)",
+            "authentication",
+            "text-rejected-at-mail-from",
+        ),
+        ("550 Unroutable address", "bad_domain", "text-bad-domain"),
         # the wrapper's numbers are not the reply's code ("SIZE=222:")
         (
             "SMTP error from remote mail server after RCPT TO:<x@example.org> SIZE=222: host mx.example.org [192.0.2.1]: 550 Mailbox ( x@example.org ) not found",
@@ -282,6 +294,16 @@ def test_provider_rules_come_before_generic_ones(
 def test_generic_rules_and_their_precedence(reply, category, rule_id):
     result = classify(read_reply(reply), "generic")
     assert (result.category, result.rule_id) == (category, rule_id)
+
+
+def test_gmails_message_id_quota_is_not_a_full_mailbox():
+    for wording in ("that have the same Message-ID", "with the same Message-ID:"):
+        reply = f"421 4.7.28 Gmail has detected this message exceeded its quota for sending messages {wording}. - gsmtp"
+        result = classify(reply)
+        assert (result.category, result.rule_id) == ("rate_limited", "google-same-message-id")
+    assert classify("552 5.2.2 The account has exceeded its quota", "generic").category == (
+        "mailbox_full"
+    )
 
 
 def test_gmail_per_recipient_rate_is_not_an_inactive_mailbox():
@@ -638,6 +660,7 @@ def _raw(file: Path) -> dict:
         (lambda s: s["provider_rules"][1]["match"].pop("text"), "needs a provider and a text"),
         (lambda s: s["text_rules"][0].update(provider="google"), "only provider_rules may name"),
         (lambda s: s["text_rules"][0]["match"].update(text="(unclosed"), "not a valid regular"),
+        (lambda s: s["text_rules"][0]["match"].update(unless="[bad"), "not a valid regular"),
         (lambda s: s["text_rules"][1].update(id=s["text_rules"][0]["id"]), "duplicate rule ids"),
         (lambda s: s["text_rules"][0].update(category="bounced"), "Input should be"),
         (lambda s: s["text_rules"][0].update(action="delist"), "Input should be"),
