@@ -67,3 +67,29 @@ def domain_activate(
     with admin() as session:
         activate_domain(session, domain, operator, reason)
     out.print(f"domain [bold]{domain.lower()}[/bold] is active; its DKIM keys now sign")
+
+
+@domain_app.command("return-path")
+def domain_return_path(
+    domain: str,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="The subdomain (default bounces.DOMAIN, or the one set)."),
+    ] = None,
+    published: Annotated[
+        bool | None,
+        typer.Option(
+            "--published/--not-published",
+            help="Its MX (the relay's inbound listener) and SPF (the relay's IPs) are in DNS: "
+            "mail from DOMAIN then leaves with it as return path (SPF aligned for DMARC).",
+        ),
+    ] = None,
+) -> None:
+    """Name DOMAIN's return-path subdomain and mark it published (audited)."""
+    from protocol.return_paths import set_return_path
+
+    with admin() as session:
+        found = set_return_path(session, domain, name=name, published=published)
+        rp, live = found.return_path_domain, found.return_path_published_at is not None
+    state = "published: used in MAIL FROM" if live else "not published: the relay's own is used"
+    out.print(f"domain [bold]{domain.lower()}[/bold]: return path {rp} ({state})")

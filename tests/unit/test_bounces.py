@@ -439,3 +439,38 @@ def test_the_sandbox_publishes_spf_for_the_relays_own_bounce_domain():
     from tests.unit.test_sandbox_zones import values, zone
 
     assert values(zone().answer(HOST, "TXT")) == [f"v=spf1 include:_spf.{HOST} -all"]
+
+
+def test_an_operator_names_and_publishes_a_return_path_and_it_is_audited(session):
+    from protocol.errors import ServiceError
+    from protocol.return_paths import set_return_path
+
+    tenant = tenants.add_tenant(session, "acme")
+    session.add(Domain(tenant_id=tenant.id, name="acme.example"))
+    session.flush()
+    domain = set_return_path(session, "acme.example")
+    assert (domain.return_path_domain, domain.return_path_published_at) == (
+        "bounces.acme.example",
+        None,
+    )
+    domain = set_return_path(session, "acme.example", published=True, now=NOW)
+    assert domain.return_path_published_at == NOW
+    # another name is not published until said so
+    domain = set_return_path(session, "acme.example", name="RP.acme.example.")
+    assert (domain.return_path_domain, domain.return_path_published_at) == (
+        "rp.acme.example",
+        None,
+    )
+    for bad in ("acme.example", "bounces.other.example", "evilacme.example"):
+        with pytest.raises(ServiceError, match=r"not a subdomain of acme\.example"):
+            set_return_path(session, "acme.example", name=bad)
+    entries = (
+        session.exec(select(AuditEntry).where(AuditEntry.action == "domain.return_path"))
+        .scalars()
+        .all()
+    )
+    assert [e.evidence["after"] for e in entries] == [
+        {"return_path_domain": "bounces.acme.example", "published": False},
+        {"return_path_domain": "bounces.acme.example", "published": True},
+        {"return_path_domain": "rp.acme.example", "published": False},
+    ]
