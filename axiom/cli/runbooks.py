@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from axiom.cli.app import JsonFlag, app, err, fail, out, print_json, settings
 from runbooks.loader import RUNBOOK_DIR, RunbookError, load_all, shipped
@@ -256,7 +256,13 @@ def classify_replies(
 
 def _classify_corpus(path: Path, as_json: bool) -> None:
     from relay.delivery.classify import CATEGORIES
-    from relay.delivery.classify_corpus import PARTS, CorpusError, evaluate, load_corpus
+    from relay.delivery.classify_corpus import (
+        PARTS,
+        CorpusError,
+        evaluate,
+        expected_name,
+        load_corpus,
+    )
 
     try:
         report = evaluate(load_corpus(path))
@@ -265,11 +271,18 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
     parts = [*PARTS, None]
     agreement = {part or "all": report.agreement(part) for part in parts}
     by_part = {part: report.confusion(part) for part in PARTS}
-    pairs = sorted(
-        report.confusion(),
-        key=lambda pair: (-report.confusion()[pair], CATEGORIES.index(pair[0])),
-    )
+    confusion = report.confusion()
+
+    def accepts(expected: str, got: str) -> bool:  # expected as expected_name writes it
+        return got in expected.split("|")
+
+    def row_order(expected: str) -> tuple[int, int, str]:  # by principal category, then name
+        return CATEGORIES.index(expected.split("|")[0]), expected.count("|"), expected
+
+    pairs = sorted(confusion, key=lambda pair: (-confusion[pair], row_order(pair[0])))
     if as_json:
+        by_label = {part or "all": report.by_label(part) for part in parts}
+        labels = {o.entry.label: o.entry.expected for o in report.outcomes}
         print_json(
             {
                 "corpus": str(path),
@@ -278,13 +291,23 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
                     for name, (agree, total) in agreement.items()
                 },
                 "confusion": [
-                    {"expected": e, "got": g} | {part: by_part[part][e, g] for part in PARTS}
+                    {"expected": e, "got": g, "agrees": accepts(e, g)}
+                    | {part: by_part[part][e, g] for part in PARTS}
                     for e, g in pairs
+                ],
+                "labels": [
+                    {"label": label, "expected": expected_name(labels[label])}
+                    | {
+                        name: dict(zip(("agree", "total"), counts[label], strict=True))
+                        for name, counts in by_label.items()
+                        if label in counts
+                    }
+                    for label in by_label["all"]
                 ],
                 "disagreements": [
                     {
                         "text": o.entry.text,
-                        "expected": o.entry.expected,
+                        "expected": expected_name(o.entry.expected),
                         "got": o.got.category,
                         "rule_id": o.got.rule_id,
                         "label": o.entry.label,
@@ -301,26 +324,34 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
     for name, (agree, total) in agreement.items():
         table.add_row(name, str(agree), str(total), f"{_percent(agree, total)} %")
     out.print(table)
-    confusion = report.confusion()
     matrix = Table(
-        "expected", "entries", "agree", "got instead", title="Confusion (expected x got)"
+        Column("expected", overflow="fold"),
+        "entries",
+        "agree",
+        "got instead",
+        title="Confusion (expected x got; a label's list of categories: any one agrees)",
     )
-    for expected in CATEGORIES:
+    for expected in sorted({e for e, _ in confusion}, key=row_order):
         row = {got: n for (e, got), n in confusion.items() if e == expected}
-        if not row:
-            continue
-        instead = sorted(((n, g) for g, n in row.items() if g != expected), reverse=True)
+        instead = sorted(((n, g) for g, n in row.items() if not accepts(expected, g)), reverse=True)
         matrix.add_row(
-            expected,
+            _wrappable(expected),
             str(sum(row.values())),
-            str(row.get(expected, 0)),
+            str(sum(n for g, n in row.items() if accepts(expected, g))),
             ", ".join(f"{g} {n}" for n, g in instead) or "—",
         )
     out.print(matrix)
-    worst = Table("expected", "got", "tune", "holdout", title="Largest confusions")
-    for e, g in [pair for pair in pairs if pair[0] != pair[1]][:10]:
-        worst.add_row(e, g, str(by_part["tune"][e, g]), str(by_part["holdout"][e, g]))
+    worst = Table(
+        Column("expected", overflow="fold"), "got", "tune", "holdout", title="Largest confusions"
+    )
+    for e, g in [pair for pair in pairs if not accepts(*pair)][:10]:
+        worst.add_row(_wrappable(e), g, str(by_part["tune"][e, g]), str(by_part["holdout"][e, g]))
     out.print(worst)
+
+
+def _wrappable(expected: str) -> str:
+    """'blocklisted|reputation|rdns' with room to wrap at the bars."""
+    return expected.replace("|", " | ")
 
 
 def _percent(agree: int, total: int) -> float:

@@ -4,6 +4,11 @@ A corpus file holds replies as bounces and provider pages write them, the label 
 gives each, the table mapping those labels to our categories, and a tune/holdout split drawn
 from a hash of the text before any rule was tuned. Loading checks all of it, so an entry can
 neither carry a category its label does not map to nor move between the parts.
+
+A label coarser than our categories maps to a list of categories, every one of which its
+source's own definition covers (Sisimai's "blocked": the client IP or host name was refused,
+our blocklisted, reputation or rdns); a reading in that list agrees. The list is the label's,
+so it applies alike to every entry with that label, tune and holdout.
 """
 
 from __future__ import annotations
@@ -13,10 +18,17 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from relay.delivery.classify import Classification, classify, provider_for_mx, read_reply, rules
 from runbooks.schema import Category
@@ -50,9 +62,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# One category, or the categories a coarser source label covers, its principal one first.
+Expected = Category | tuple[Category, ...]
+
+
+def _distinct(value: Expected) -> Expected:
+    if isinstance(value, tuple) and (len(value) < 2 or len(set(value)) != len(value)):
+        raise ValueError("a list of categories names two or more, each once")
+    return value
+
+
+_Expected = Annotated[Expected, AfterValidator(_distinct)]
+
+
+def acceptable(expected: Expected) -> tuple[Category, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def expected_name(expected: Expected) -> str:
+    """How reports name it: 'mailbox_unknown', or 'blocklisted|reputation|rdns'."""
+    return "|".join(acceptable(expected))
+
+
 class CorpusEntry(_Strict):
     text: str = Field(min_length=1)
-    expected: Category
+    expected: _Expected
     label: str = Field(pattern=r"^[a-z0-9-]+:[\w-]+$", description="<source>:<its own label>")
     source: str = Field(min_length=1, description="owner/repo@commit:path, or a URL")
     mx: str | None = None  # the remote host the source names
@@ -67,7 +101,7 @@ class CorpusEntry(_Strict):
 
 class Corpus(_Strict):
     split_rule: str
-    labels: dict[str, dict[str, Category]]  # source -> its label -> our category
+    labels: dict[str, dict[str, _Expected]]  # source -> its label -> our category (or list)
     entries: list[CorpusEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -78,10 +112,10 @@ class Corpus(_Strict):
             mapped = self.labels.get(source, {}).get(label)
             if mapped is None:
                 raise ValueError(f"entries.{index}.label: {entry.label!r} is not in labels")
-            if mapped != entry.expected:
+            if acceptable(mapped) != acceptable(entry.expected):
                 raise ValueError(
-                    f"entries.{index}.expected: {entry.expected!r}, but labels map "
-                    f"{entry.label!r} to {mapped!r}"
+                    f"entries.{index}.expected: {expected_name(entry.expected)!r}, but labels "
+                    f"map {entry.label!r} to {expected_name(mapped)!r}"
                 )
             if entry.split != corpus_part(entry.text):
                 raise ValueError(
@@ -117,7 +151,8 @@ class Outcome:
 
     @property
     def agrees(self) -> bool:
-        return self.got.category == self.entry.expected
+        """The reading is one its label accepts."""
+        return self.got.category in acceptable(self.entry.expected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +165,22 @@ class CorpusReport:
         return sum(o.agrees for o in chosen), len(chosen)
 
     def confusion(self, part: Part | None = None) -> Counter[tuple[str, str]]:
-        """(expected, got) -> count, agreements included (the diagonal)."""
+        """(expected, got) -> count, agreements included; expected as expected_name gives it."""
         return Counter(
-            (o.entry.expected, o.got.category)
+            (expected_name(o.entry.expected), o.got.category)
             for o in self.outcomes
             if part is None or o.entry.split == part
         )
+
+    def by_label(self, part: Part | None = None) -> dict[str, tuple[int, int]]:
+        """Source label -> (entries whose category agrees, entries), in one part or in all."""
+        counts: dict[str, list[int]] = {}
+        for o in self.outcomes:
+            if part is None or o.entry.split == part:
+                tally = counts.setdefault(o.entry.label, [0, 0])
+                tally[0] += o.agrees
+                tally[1] += 1
+        return {label: (agree, total) for label, (agree, total) in sorted(counts.items())}
 
 
 def evaluate(corpus: Corpus) -> CorpusReport:

@@ -108,6 +108,21 @@ def _entry(text: str, **fields) -> dict:
             "not a provider",
         ),
         (lambda d: d.pop("labels"), "labels", "Field required"),
+        (
+            lambda d: d["labels"]["sisimai"].update(userunknown=["mailbox_unknown"]),
+            "labels.sisimai.userunknown",
+            "two or more",
+        ),
+        (
+            lambda d: d["labels"]["sisimai"].update(blocked=["blocklisted", "blocklisted"]),
+            "labels.sisimai.blocked",
+            "each once",
+        ),
+        (  # an entry's list must be its label's, whole and in order
+            lambda d: d["entries"][0].update(expected=["mailbox_unknown", "mailbox_disabled"]),
+            "entries.0.expected",
+            "map",
+        ),
     ],
 )
 def test_a_bad_corpus_is_refused_naming_the_place(tmp_path, mutate, where, reason):
@@ -123,7 +138,7 @@ def test_cli_reports_agreement_and_confusions_for_people_and_scripts(tmp_path):
         d["entries"] = [
             _entry("550 5.1.1 <x@example.org>: User unknown"),
             _entry("550 5.7.1 Relaying denied for <x@example.org>"),  # a label we disagree with
-            _entry("whatever this is", expected="policy", label="mautic:user_reject"),
+            _entry("whatever this is", expected="policy", label="sisimai:norelaying"),
         ]
 
     path = _small(tmp_path, entries)
@@ -150,6 +165,61 @@ def test_cli_reports_agreement_and_confusions_for_people_and_scripts(tmp_path):
     assert table.exit_code == 0, table.output
     assert "33.3 %" in table.stdout and "Largest confusions" in table.stdout
     assert "mailbox_unknown" in table.stdout and "policy 1" in table.stdout
+
+
+def test_a_coarse_label_accepts_every_category_its_list_names(tmp_path):
+    def entries(d):
+        d["labels"]["sisimai"]["blocked"] = ["blocklisted", "reputation", "rdns"]
+        blocked = {"expected": ["blocklisted", "reputation", "rdns"], "label": "sisimai:blocked"}
+        d["entries"] = [
+            _entry("554 5.7.1 Service unavailable; Client host blocked using zen", **blocked),
+            _entry("421 4.7.0 very low reputation of the sending IP address", **blocked),
+            _entry("550 5.7.1 Helo command rejected: Host not found", **blocked),
+            _entry("550 5.7.1 Your message looks like spam", **blocked),  # content: not in the list
+            _entry("550 5.1.1 <x@example.org>: User unknown"),
+        ]
+
+    path = _small(tmp_path, entries)
+    report = evaluate(load_corpus(path))
+    assert [o.agrees for o in report.outcomes] == [True, True, True, False, True]
+    assert [o.got.category for o in report.outcomes][:4] == [
+        "blocklisted",
+        "reputation",
+        "rdns",
+        "content",
+    ]
+    assert report.confusion()["blocklisted|reputation|rdns", "content"] == 1
+    assert report.by_label() == {"sisimai:blocked": (3, 4), "sisimai:userunknown": (1, 1)}
+
+    result = runner.invoke(app, ["classify", "--corpus", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["agreement"]["all"] == {"agree": 4, "total": 5, "percent": 80.0}
+    rows = {(c["expected"], c["got"]): c["agrees"] for c in data["confusion"]}
+    assert rows["blocklisted|reputation|rdns", "reputation"] is True
+    assert rows["blocklisted|reputation|rdns", "content"] is False
+    assert [(d["expected"], d["got"]) for d in data["disagreements"]] == [
+        ("blocklisted|reputation|rdns", "content")
+    ]
+    labels = {row["label"]: row for row in data["labels"]}
+    assert labels["sisimai:blocked"]["expected"] == "blocklisted|reputation|rdns"
+    assert labels["sisimai:blocked"]["all"] == {"agree": 3, "total": 4}
+
+    table = runner.invoke(app, ["classify", "--corpus", str(path)], env={"COLUMNS": "120"})
+    assert table.exit_code == 0, table.output
+    assert "blocklisted | reputation | rdns" in table.stdout and "content 1" in table.stdout
+
+
+def test_every_list_of_categories_is_documented_with_its_source_definition():
+    readme = (CORPUS.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| ")]
+    for source, labels in _raw()["labels"].items():
+        for label, expected in labels.items():
+            if not isinstance(expected, list):
+                continue
+            row = next((r for r in rows if f"{source} `{label}`" in r), None)
+            assert row is not None, f"{source}:{label} has a list but no row in README.md"
+            assert all(f"`{category}`" in row for category in expected), row
 
 
 def test_cli_names_a_bad_corpus_file(tmp_path):
