@@ -56,6 +56,7 @@ from bench.common import OUT_DIR, console, machine_info, now_iso, say, write_jso
 from bench.setups import machine_busy  # noqa: E402
 from models import DeliveryEvent, EventRollup, HoldTally, Tenant  # noqa: E402
 from models.db import make_engine, migrate, normalise_url  # noqa: E402
+from models.events import SubjectRollup  # noqa: E402
 from protocol.signals import SUBJECTS, WINDOWS, roll_up_and_expire, window_stats  # noqa: E402
 from runbooks.loader import RUNBOOK_DIR, load_file  # noqa: E402
 from runbooks.schema_protocol import EventsRetentionSpec  # noqa: E402
@@ -235,9 +236,7 @@ class Fill:
     def held_between(self, start: datetime, end: datetime) -> int:
         """Held mail window_stats counts for [start, end): tally intervals that overlap it."""
         return sum(
-            t["count"]
-            for t in self.tallies
-            if start - TALLY_INTERVAL <= t["interval_start"] < end
+            t["count"] for t in self.tallies if start - TALLY_INTERVAL <= t["interval_start"] < end
         )
 
 
@@ -255,7 +254,9 @@ def _lookup_tables(tenant_ids: list[int]) -> dict[str, tuple[list[str], list[tup
     providers = [p.name for p in load_file(RUNBOOK_DIR / "providers.yaml").spec.providers]
     missing = set(PROVIDER_SHARE) ^ set(providers)
     if missing:
-        raise RuntimeError(f"bench/signals.py's provider shares and providers.yaml differ: {missing}")
+        raise RuntimeError(
+            f"bench/signals.py's provider shares and providers.yaml differ: {missing}"
+        )
     provider_rows = []
     for name in providers:
         share, mx, domain = PROVIDER_SHARE[name]
@@ -395,7 +396,9 @@ def fill(db: Database, events: int, end: datetime) -> Fill:
                                "temp_store=MEMORY"):  # fmt: skip
                     conn.execute(f"PRAGMA {pragma}")
                 _create_lookups(
-                    lambda sql, rows=None: conn.executemany(sql, rows) if rows else conn.execute(sql),
+                    lambda sql, rows=None: (
+                        conn.executemany(sql, rows) if rows else conn.execute(sql)
+                    ),
                     tables,
                     "TEMP TABLE",
                     "?",
@@ -438,7 +441,10 @@ def fill(db: Database, events: int, end: datetime) -> Fill:
                     conn.commit()
                     steps.advance(hi - lo + 1)
                 seconds["insert"] = time.perf_counter() - t1
-                run("SELECT setval(pg_get_serial_sequence('deliveryevent', 'id'), :n)", {"n": events})
+                run(
+                    "SELECT setval(pg_get_serial_sequence('deliveryevent', 'id'), :n)",
+                    {"n": events},
+                )
                 t1 = time.perf_counter()
                 for _, create in indexes:
                     run(create)
@@ -498,34 +504,38 @@ def _tallies(end: datetime, tenant_ids: list[int]) -> list[dict]:
 
 # ---------------------------------------------------------------- timing and checking
 class Cpu:
-    """CPU seconds of this process and of the PostgreSQL backends serving it, and the machine's
-    busy share, between start() and stop(): the rest of the busy time is other people's."""
+    """CPU seconds of this process and of the PostgreSQL backends serving it (not their
+    parallel workers, which come and go), and the machine's busy share, between start() and
+    stop(): the rest of the busy time is other people's."""
 
     def __init__(self, db: Database):
         self.db = db
+        self.pids: list[int] = []
 
-    def _ours(self) -> float:
+    def ours(self) -> float:
         t = os.times()
         total = t.user + t.system
-        if self.db.backend == "postgresql":
-            with self.db.engine.connect() as conn:
-                pids = conn.execute(
-                    text("SELECT pid FROM pg_stat_activity WHERE application_name = 'bench-signals' "
-                         "AND datname = current_database()")
-                ).scalars().all()  # fmt: skip
-            tick = os.sysconf("SC_CLK_TCK")
-            for pid in pids:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    with open(f"/proc/{pid}/stat") as f:
-                        fields = f.read().rpartition(")")[2].split()
-                    total += (int(fields[11]) + int(fields[12])) / tick
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self.pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
         return total
 
     def start(self) -> None:
-        self.t0, self.busy0, self.ours0 = time.monotonic(), machine_busy(), self._ours()
+        if self.db.backend == "postgresql":
+            with self.db.engine.connect() as conn:
+                self.pids = list(
+                    conn.execute(
+                        text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND application_name = 'bench-signals'")
+                    ).scalars()
+                )  # fmt: skip
+        self.t0, self.busy0, self.ours0 = time.monotonic(), machine_busy(), self.ours()
 
     def stop(self) -> dict:
-        busy1, ours1 = machine_busy(), self._ours()
+        busy1, ours1 = machine_busy(), self.ours()
         elapsed = time.monotonic() - self.t0
         jiffies = busy1[1] - self.busy0[1]
         machine = (busy1[0] - self.busy0[0]) / jiffies if jiffies else 0.0
@@ -561,6 +571,7 @@ def time_cycles(
     calls = [(by, w) for by in SUBJECTS for w in WINDOWS]
     samples: dict[str, list[float]] = {f"{by}/{w}": [] for by, w in calls}
     cycles: list[float] = []
+    cycle_cpu: list[float] = []
     answers: dict[str, dict] = {}
     counts: dict[str, dict] = {}
     cpu = Cpu(db)
@@ -572,7 +583,7 @@ def time_cycles(
     warm = time.perf_counter() - t0
     cpu.start()
     for r in range(repeat):
-        cycle = 0.0
+        cycle, cpu0 = 0.0, cpu.ours()
         for by, w in calls:
             t = time.perf_counter()
             window_stats(db.engine, by, w, fill.end)
@@ -580,12 +591,16 @@ def time_cycles(
             samples[f"{by}/{w}"].append(took)
             cycle += took
         cycles.append(cycle)
-        say(f"  {phase} pass {r + 1}/{repeat}: triage cycle {cycle:.3f} s")
+        cycle_cpu.append(cpu.ours() - cpu0)
+        say(f"  {phase} pass {r + 1}/{repeat}: triage cycle {cycle:.3f} s, "
+            f"{cycle_cpu[-1]:.2f} s CPU")  # fmt: skip
     load = cpu.stop()
     result = {
         "warm_up_cycle_s": round(warm, 4),
         "cycle_s": {"median": round(statistics.median(cycles), 4),
                     "all": [round(c, 4) for c in cycles]},
+        "cycle_cpu_s": {"median": round(statistics.median(cycle_cpu), 3),
+                        "all": [round(c, 3) for c in cycle_cpu]},
         "calls_s": {k: {"median": round(statistics.median(v), 4), "all": [round(x, 4) for x in v]}
                     for k, v in samples.items()},
         "counts": counts,
@@ -610,9 +625,7 @@ def count_check(db: Database, fill: Fill, errors: list[str]) -> dict:
             if n != expected:
                 errors.append(f"count(*) in {w}: {n}, the fill's formula says {expected}")
         total = conn.execute(select(func.count()).select_from(DeliveryEvent)).scalar_one()
-        first = conn.execute(
-            select(DeliveryEvent.at).where(DeliveryEvent.id == 1)
-        ).scalar_one()
+        first = conn.execute(select(DeliveryEvent.at).where(DeliveryEvent.id == 1)).scalar_one()
     out["total"] = int(total)
     if total != fill.events:
         errors.append(f"{total} events in the table, {fill.events} filled")
@@ -645,9 +658,21 @@ def run_one(backend: str, events: int, repeat: int, url: str | None) -> dict:
         rollup_s = time.perf_counter() - t
         rollup_load = cpu.stop()
         if done.raw_deleted:
-            errors.append(f"the roll-up deleted {done.raw_deleted} raw events (none are 30 days old)")
+            errors.append(
+                f"the roll-up deleted {done.raw_deleted} raw events (none are 30 days old)"
+            )
+        if db.backend == "postgresql":  # what autovacuum does within a minute, done now
+            with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("ANALYZE event_rollup, event_rollup_subject"))
         with db.engine.connect() as conn:
-            rollup_rows = int(conn.execute(select(func.count()).select_from(EventRollup)).scalar_one())
+            rollup_rows = int(
+                conn.execute(select(func.count()).select_from(EventRollup)).scalar_one()
+            )
+            subject_rows = dict(
+                conn.execute(
+                    select(SubjectRollup.by, func.count()).group_by(SubjectRollup.by)
+                ).all()
+            )
         say(f"  {done.hours_rolled} hours rolled up into {rollup_rows:,} rows in {rollup_s:.1f} s;"
             " timing after the roll-up")  # fmt: skip
         rolled, rolled_answers = time_cycles(db, filled, repeat, "rolled", errors)
@@ -669,6 +694,8 @@ def run_one(backend: str, events: int, repeat: int, url: str | None) -> dict:
                 "hours_rolled": done.hours_rolled,
                 "rows": rollup_rows,
                 "bytes": db.table_bytes("event_rollup"),
+                "subject_rows": {k: int(v) for k, v in subject_rows.items()},
+                "subject_bytes": db.table_bytes("event_rollup_subject"),
                 "load": rollup_load,
             },
             "rolled": rolled,
@@ -701,7 +728,8 @@ def print_run(run: dict) -> None:
 def print_summary(runs: list[dict]) -> None:
     table = Table(
         "backend", "events", "fill s", "roll-up s", "cycle raw s", "cycle rolled s",
-        "other load", "checks", title="A triage cycle (16 window_stats calls), median",
+        "CPU raw / rolled s", "other load", "checks",
+        title="A triage cycle (16 window_stats calls), median",
     )  # fmt: skip
     for run in runs:
         goal = run["events"] < GOAL_EVENTS or run["rolled"]["cycle_s"]["median"] < GOAL_SECONDS
@@ -712,7 +740,9 @@ def print_summary(runs: list[dict]) -> None:
             f"{run['fill_s']['total']:.1f}",
             f"{run['rollup']['seconds']:.1f}",
             f"{run['raw']['cycle_s']['median']:.3f}",
-            f"{run['rolled']['cycle_s']['median']:.3f}" + ("" if goal else " [red](goal 1 s)[/red]"),
+            f"{run['rolled']['cycle_s']['median']:.3f}"
+            + ("" if goal else " [red](goal 1 s)[/red]"),
+            f"{run['raw']['cycle_cpu_s']['median']:.2f} / {run['rolled']['cycle_cpu_s']['median']:.2f}",
             f"{100 * others:.0f}%",
             "ok" if not run["errors"] else f"[red]{len(run['errors'])} failed[/red]",
         )

@@ -120,6 +120,41 @@ class EventRollup(SQLModel, table=True):
     count: int = 0
 
 
+class SubjectRollup(SQLModel, table=True):
+    """Events per hour and subject of one kind (by: provider, ip, domain or stream), written
+    with the hour's EventRollup rows. Those are keyed by every subject at once, so an hour has
+    nearly as many of them as it has events (a From domain times its IPs times the providers);
+    a window per provider or IP reads only its own, far fewer rows here. The index holds every
+    column a window reads (protocol/signals.py), so the reads never visit the table.
+
+    No unique key of its own: the hour's EventRollup rows are written in the same transaction,
+    and their unique key makes a second roll-up of the hour fail as a whole."""
+
+    __tablename__ = "event_rollup_subject"
+    __table_args__ = (
+        Index(
+            "ix_event_rollup_subject_read",
+            "by",
+            "hour",
+            "tenant_id",
+            "subject",
+            "kind",
+            "category",
+            "permanent",
+            "count",
+        ),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    by: str = Field(max_length=8)  # provider | ip | domain | stream
+    hour: datetime = Field(sa_type=DateTime(timezone=True), nullable=False)
+    tenant_id: int = 0  # the stream's tenant; 0 for the other kinds and when not known
+    subject: str = Field(default="", max_length=253)  # "" when not known, as in EventRollup
+    kind: str = Field(max_length=16)
+    category: str = Field(max_length=32)
+    permanent: bool = False
+    count: int = 0
+
+
 class Suppression(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("tenant_id", "address"),)
     id: int | None = Field(default=None, primary_key=True)

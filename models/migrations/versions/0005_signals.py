@@ -1,5 +1,6 @@
 """signals: delivery events carry kind, tenant, stream, From domain and attempt number, with
-indexes by time and subject; the tally of recipients not sent now; the hourly roll-up
+indexes by time and subject; the tally of recipients not sent now; the hourly roll-up, by
+every subject at once (event_rollup) and by each kind of subject (event_rollup_subject)
 
 Revision ID: 0005
 Revises: 0004
@@ -81,9 +82,29 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_event_rollup_hour", "event_rollup", ["hour"])
+    op.create_table(
+        "event_rollup_subject",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("by", sa.String(length=8), nullable=False),
+        sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("tenant_id", sa.Integer(), nullable=False),
+        sa.Column("subject", sa.String(length=253), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("category", sa.String(length=32), nullable=False),
+        sa.Column("permanent", sa.Boolean(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index(
+        "ix_event_rollup_subject_read",
+        "event_rollup_subject",
+        ["by", "hour", "tenant_id", "subject", "kind", "category", "permanent", "count"],
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_event_rollup_subject_read", table_name="event_rollup_subject")
+    op.drop_table("event_rollup_subject")
     op.drop_index("ix_event_rollup_hour", table_name="event_rollup")
     op.drop_table("event_rollup")
     op.drop_index("ix_hold_tally_stream_at", table_name="hold_tally")
