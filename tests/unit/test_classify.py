@@ -296,6 +296,188 @@ def test_generic_rules_and_their_precedence(reply, category, rule_id):
     assert (result.category, result.rule_id) == (category, rule_id)
 
 
+@pytest.mark.parametrize(
+    ("reply", "category", "rule_id", "permanent"),
+    [
+        # how receivers write an unknown recipient
+        (
+            "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+            True,
+        ),
+        ("550 Invalid address: <x@example.org>", "mailbox_unknown", "text-mailbox-unknown", True),
+        (
+            "550 unknown local-part 'x' in domain example.org",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+            True,
+        ),
+        ("550 No such person at this address", "mailbox_unknown", "text-mailbox-unknown", True),
+        (
+            "550 Account x@example.org does not exist",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+            True,
+        ),
+        (
+            "550 Sorry, x@example.org does not have an account here",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+            True,
+        ),
+        ("550 Bad recipient <x@example.org>", "mailbox_unknown", "text-mailbox-unknown", True),
+        ("550 Recipient verify failed", "mailbox_unknown", "text-mailbox-unknown", True),
+        # ... but not a syntax complaint, nor a reply the wrapper says was to MAIL FROM
+        ("550 bad address syntax", "unknown", "code-5xx", True),
+        (
+            "SMTP error from remote mail server after MAIL FROM:<s@example.com>: 550 Invalid address",
+            "authentication",
+            "text-rejected-at-mail-from",
+            True,
+        ),
+        # Amazon SES's wrapper says "Unknown address error" about whatever it quotes
+        (
+            "550 5.1.0 - Unknown address error '5.7.1 <x@example.org>... Access denied' (delivery attempts: 0)",
+            "policy",
+            "text-policy",
+            True,
+        ),
+        ("550 <x@example.org> is now disabled", "mailbox_disabled", "text-mailbox-disabled", True),
+        (
+            "452 4.2.1 Mailbox temporarily disabled: x@example.org",
+            "mailbox_disabled",
+            "text-mailbox-disabled-deferred",
+            False,
+        ),
+        ("452 Not enough disk space", "mailbox_full", "text-mailbox-full", False),
+        # SPF, DKIM and DMARC as receivers word them
+        (
+            "550 5.7.1 Rejected: domain of example.com does not designate 192.0.2.1 as permitted sender",
+            "authentication",
+            "text-authentication",
+            True,
+        ),
+        (
+            "550 192.0.2.1 is not allowed to send mail from example.com",
+            "authentication",
+            "text-authentication",
+            True,
+        ),
+        (
+            "554 MAIL FROM <s@example.com> mismatches client IP 192.0.2.1",
+            "authentication",
+            "text-authentication",
+            True,
+        ),
+        (
+            "550 From: header domain not aligned with the DKIM signing domain",
+            "authentication",
+            "text-authentication",
+            True,
+        ),
+        # block lists by name or by DNS zone; URI lists are about the message, not the IP
+        ("554 Client 192.0.2.1 listed in bl.example.net", "blocklisted", "text-blocklisted", True),
+        ("554 Rejected: see dnsbl.sorbs.net", "blocklisted", "text-blocklisted", True),
+        (
+            "554 5.7.1 Message rejected: a URL in it is listed in multi.surbl.org",
+            "content",
+            "text-uri-blocklisted",
+            True,
+        ),
+        # the receiver's own refusal of our IP or host, no list named: reputation, not blocklisted
+        (
+            "554 5.7.1 <unknown[192.0.2.1]>: Client host rejected: Access denied",
+            "reputation",
+            "text-client-refused",
+            True,
+        ),
+        (
+            "550 Your IP address 192.0.2.1 has been blocked",
+            "reputation",
+            "text-client-refused",
+            True,
+        ),
+        (
+            "450 4.7.1 Client host rejected: cannot find your hostname, [192.0.2.1]",
+            "rdns",
+            "text-rdns",
+            False,
+        ),
+        (
+            "450 4.7.1 Access denied. IP name lookup failed [192.0.2.1]",
+            "rdns",
+            "text-rdns-lookup-failed",
+            False,
+        ),
+        (
+            "550 5.7.1 Relaying denied. IP name lookup failed [192.0.2.1]",
+            "policy",
+            "enhanced-x.7.1-rejected",
+            True,
+        ),
+        # the stage the wrapper names: before any command, and at HELO
+        (
+            "SMTP error from remote mail server after initial connection: 554 Go away",
+            "reputation",
+            "text-rejected-at-connection",
+            True,
+        ),
+        (
+            "host mx.example.org[192.0.2.2] refused to talk to me: 554 5.7.1 Service unavailable",
+            "reputation",
+            "text-rejected-at-connection",
+            True,
+        ),
+        (
+            "host mx.example.org[192.0.2.2] refused to talk to me: 421 Service not available",
+            "transient",
+            "code-4xx",
+            False,
+        ),
+        (
+            "SMTP error from remote mail server after EHLO relay.example.com: 550 Rejected",
+            "rdns",
+            "text-rejected-at-helo",
+            True,
+        ),
+        # policy: relaying with a 4xx, allow lists, administrators
+        ("451 4.7.1 Relaying denied", "policy", "text-relay-denied-deferred", False),
+        ("550 Sender is not on the approved senders list", "policy", "text-policy", True),
+        ("550 Message delivery prohibited by administrator", "policy", "text-policy", True),
+        # content, TLS, the receiver's own state
+        ("554 Executable attachments are not allowed", "content", "text-content", True),
+        ("554 Message scored too high on our content filter", "content", "text-content", True),
+        ("454 Cipher suite not acceptable", "tls", "text-tls", False),
+        (
+            "554 5.3.2 System not accepting network messages",
+            "transient",
+            "enhanced-x.3.2-rejected",
+            True,
+        ),
+        ("550 5.2.4 Mailing list expansion problem", "transient", "enhanced-x.2.4", True),
+    ],
+)
+def test_receivers_wordings(reply, category, rule_id, permanent):
+    result = classify(read_reply(reply), "generic")
+    assert (result.category, result.rule_id, result.permanent) == (category, rule_id, permanent)
+
+
+def test_a_text_rule_drives_suspensions_only_for_a_named_list_or_a_rate():
+    """blocklisted and rate_limited feed runbooks/shaping.yaml's suspensions: the generic text
+    rules that give them are these, each backed by its source; words like 'blocked' alone or a
+    URI list give reputation or content, which suspend nothing by themselves."""
+    spec = load_file(CLASSIFICATION_FILE).spec
+    generic = spec.text_rules + spec.enhanced_code_rules + spec.fallback_text_rules
+    suspending = {r.id for r in generic if r.category in ("blocklisted", "rate_limited")}
+    assert suspending == {
+        "text-blocklisted",
+        "text-recipient-rate",
+        "text-rate-limited",
+        "enhanced-x.7.28",
+    }
+
+
 def test_gmails_message_id_quota_is_not_a_full_mailbox():
     for wording in ("that have the same Message-ID", "with the same Message-ID:"):
         reply = f"421 4.7.28 Gmail has detected this message exceeded its quota for sending messages {wording}. - gsmtp"
