@@ -385,6 +385,13 @@ def test_generic_rules_and_their_precedence(reply, category, rule_id):
             "text-uri-blocklisted",
             True,
         ),
+        # a guess at a listing names no list: it suspends nothing
+        (
+            "550 The account or domain may not exist, they may be blacklisted",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+            True,
+        ),
         # the receiver's own refusal of our IP or host, no list named: reputation, not blocklisted
         (
             "554 5.7.1 <unknown[192.0.2.1]>: Client host rejected: Access denied",
