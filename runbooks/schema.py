@@ -107,6 +107,12 @@ class ReplyMatch(Strict):
     unless: str | None = Field(
         default=None, description="regex; the rule does not apply when the text matches it"
     )
+    unless_enhanced: str | None = Field(
+        default=None,
+        pattern=r"^[245x]\.(\d{1,3}|x)\.(\d{1,3}(-\d{1,3})?|x)$",
+        description="an enhanced code as `enhanced` writes it; the rule does not apply to a "
+        "reply carrying it",
+    )
 
     @field_validator("text", "unless")
     @classmethod
@@ -118,7 +124,7 @@ class ReplyMatch(Strict):
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return value
 
-    @field_validator("enhanced")
+    @field_validator("enhanced", "unless_enhanced")
     @classmethod
     def _range_ascends(cls, value: str | None) -> str | None:
         detail = (value or "").rpartition(".")[2]

@@ -238,6 +238,7 @@ class _CompiledRule:
     enhanced: tuple[int | None, int | None, int, int] | None
     text: re.Pattern[str] | None
     unless: re.Pattern[str] | None
+    unless_enhanced: tuple[int | None, int | None, int, int] | None
 
     @property
     def code_only(self) -> bool:
@@ -251,38 +252,61 @@ class _CompiledRule:
                 return False
         elif self.klass is not None and klass is not None and self.klass != klass:
             return False
-        if self.enhanced is not None:
-            if enhanced is None:
-                return False
-            klass, subject, low, high = self.enhanced
-            if klass is not None and klass != enhanced[0]:
-                return False
-            if subject is not None and subject != enhanced[1]:
-                return False
-            if not low <= enhanced[2] <= high:
-                return False
+        if self.enhanced is not None and (
+            enhanced is None or not _enhanced_in(enhanced, self.enhanced)
+        ):
+            return False
+        if (
+            self.unless_enhanced is not None
+            and enhanced is not None
+            and _enhanced_in(enhanced, self.unless_enhanced)
+        ):
+            return False
         if self.unless is not None and self.unless.search(reply.text):
             return False
         return self.text is None or self.text.search(reply.text) is not None
 
 
+def _enhanced_in(
+    enhanced: tuple[int, ...], pattern: tuple[int | None, int | None, int, int]
+) -> bool:
+    klass, subject, low, high = pattern
+    if klass is not None and klass != enhanced[0]:
+        return False
+    if subject is not None and subject != enhanced[1]:
+        return False
+    return low <= enhanced[2] <= high
+
+
+def _compile_enhanced(written: str | None) -> tuple[int | None, int | None, int, int] | None:
+    """'x.7.20-24' -> (None, 7, 20, 24); None is a wildcard."""
+    if not written:
+        return None
+    klass, subject, detail = written.split(".")
+    low, _, high = detail.partition("-")
+    return (
+        None if klass == "x" else int(klass),
+        None if subject == "x" else int(subject),
+        0 if low == "x" else int(low),
+        999 if low == "x" else int(high or low),
+    )
+
+
 def _compile_rule(rule: ReplyRule) -> _CompiledRule:
     match = rule.match
     code = re.compile(match.code.replace("x", "[0-9]")) if match.code else None
-    enhanced = None
-    if match.enhanced:
-        klass, subject, detail = match.enhanced.split(".")
-        low, _, high = detail.partition("-")
-        enhanced = (
-            None if klass == "x" else int(klass),
-            None if subject == "x" else int(subject),
-            0 if low == "x" else int(low),
-            999 if low == "x" else int(high or low),
-        )
     text = re.compile(match.text, re.IGNORECASE) if match.text else None
     unless = re.compile(match.unless, re.IGNORECASE) if match.unless else None
     klass = int(match.code[0]) if match.code and match.code[0] != "x" else None
-    return _CompiledRule(rule, code, klass, enhanced, text, unless)
+    return _CompiledRule(
+        rule,
+        code,
+        klass,
+        _compile_enhanced(match.enhanced),
+        text,
+        unless,
+        _compile_enhanced(match.unless_enhanced),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -336,6 +336,15 @@ def test_generic_rules_and_their_precedence(reply, category, rule_id):
             "text-rejected-at-mail-from",
             True,
         ),
+        # X.1.7 / X.1.8 are about our sender (RFC 3463), whatever words follow: no one suppressed
+        ("550 5.1.7 Invalid address", "authentication", "enhanced-x.1.7-8", True),
+        (
+            "553 5.1.8 <s@example.com>... Domain of sender address does not exist",
+            "authentication",
+            "text-sender-rejected",
+            True,
+        ),
+        ("550 5.1.8 Mailbox unavailable", "authentication", "enhanced-x.1.7-8", True),
         # Amazon SES's wrapper says "Unknown address error" about whatever it quotes
         (
             "550 5.1.0 - Unknown address error '5.7.1 <x@example.org>... Access denied' (delivery attempts: 0)",
@@ -856,6 +865,8 @@ def _raw(file: Path) -> dict:
         (lambda s: s["text_rules"][0].update(colour="red"), "Extra inputs"),
         (lambda s: s["text_rules"][0].pop("source"), "Field required"),
         (lambda s: s["enhanced_code_rules"][0]["match"].update(enhanced="x.7.9-2"), "low to high"),
+        (lambda s: s["text_rules"][0]["match"].update(unless_enhanced="5.1"), "String should"),
+        (lambda s: s["text_rules"][0]["match"].update(unless_enhanced="x.1.8-7"), "low to high"),
         (lambda s: s["code_class_rules"][0]["match"].update(text="ok"), "matches on code only"),
         (lambda s: s["fallback_text_rules"][0].update(provider="yahoo"), "only provider_rules"),
         (lambda s: s["fallback_text_rules"][0]["match"].pop("text"), "needs a text pattern"),
