@@ -12,7 +12,7 @@ latter, through an index that holds every column they read, and only the edges f
 events. At a million events over 8 days an hour has ~3,700 event_rollup rows for ~5,200
 events (the subjects multiply), but ~110 per provider, ~370 per IP or stream and ~770 per
 From domain in event_rollup_subject: on SQLite a triage cycle took 6.0 s reading event_rollup
-and 0.7 s reading event_rollup_subject (bench/signals.py; figures in bench/README.md).
+and 0.5 s reading event_rollup_subject (bench/signals.py; figures in bench/README.md).
 
 Rates, as `axiom stats` shows them:
 - sent: delivery attempts; delivered, deferred (transient failures) and refused (permanent
