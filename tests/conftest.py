@@ -111,3 +111,20 @@ def relay(axiom_home) -> Iterator[RelayProcess]:
     proc = RelayProcess(axiom_home).start()
     yield proc
     proc.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Measurements tests record (record_property("measurement", text)) — figures reported,
+    never asserted, such as the classifier's agreement on its held-back corpus — printed at
+    the end of the run, from xdist workers too."""
+    lines = [
+        value
+        for report in terminalreporter.stats.get("passed", [])
+        if report.when == "call"
+        for key, value in report.user_properties
+        if key == "measurement"
+    ]
+    if lines:
+        terminalreporter.section("measurements")
+        for line in lines:
+            terminalreporter.write_line(line)
