@@ -50,9 +50,16 @@ def test_registered_deployments_come_back_through_the_api_with_their_schedules(p
             rules = procedure.runbook()
             stored = client.read_deployment_by_name(procedure.deployment_name)
             assert stored.version == f"{rules.id}-{rules.version}"
-            assert [s.schedule.interval.total_seconds() for s in stored.schedules] == (
-                [rules.schedule.interval_seconds] if rules.schedule.enabled else []
-            )  # the sweep every minute; the others on demand
+            # The sweep and reactions-watch every minute, events-retention hourly by cron;
+            # the others on demand.
+            assert [
+                getattr(s.schedule, "cron", None) or getattr(s.schedule, "interval").total_seconds()  # noqa: B009
+                for s in stored.schedules
+            ] == (
+                [rules.schedule.cron or rules.schedule.interval_seconds]
+                if rules.schedule.enabled
+                else []
+            )
             fields = stored.parameter_openapi_schema["properties"]
             assert fields or rules.schedule.enabled
             assert all(f.get("description") for f in fields.values())

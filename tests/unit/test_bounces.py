@@ -237,7 +237,9 @@ BOUNCES = [
     ),
     ("sisimai-lhost-exchange2007-01.eml", ["mikeneko@example.co.jp"], "rfc3464", "mailbox_unknown"),
     ("sisimai-lhost-outlook-02.eml", ["kijitora@example.jp"], "rfc3464", "mailbox_unknown"),
-    ("sisimai-lhost-amazonses-01.eml", ["shironeko@example.co.jp"], "rfc3464", "mailbox_unknown"),
+    # SES calls it an "Unknown address error", but the receiver it quotes said "550 5.7.1 …
+    # Access denied": a policy refusal, which classification 1.2 reads (it suppresses nobody).
+    ("sisimai-lhost-amazonses-01.eml", ["shironeko@example.co.jp"], "rfc3464", "policy"),
     ("sisimai-lhost-courier-01.eml", ["kijitora@example.co.jp"], "rfc3464", "mailbox_unknown"),
     ("sisimai-rhost-google-01.eml", ["shironeko@example.ne.jp"], "rfc3464", "mailbox_disabled"),
     ("sisimai-lhost-exim-02.eml", ["kijitora@example.jp"], "text", "mailbox_unknown"),
