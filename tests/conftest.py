@@ -113,6 +113,27 @@ def relay(axiom_home) -> Iterator[RelayProcess]:
     proc.stop()
 
 
+@pytest.fixture
+def cli(tmp_path, db_url, monkeypatch):
+    """The axiom CLI in this process against a fresh home (make_home): cli("stats", "--json")
+    returns typer's Result; cli.home is the home."""
+    from typer.testing import CliRunner
+
+    from axiom.cli import app
+
+    home = make_home(tmp_path / "home", db_url)
+    for key, value in home.env.items():
+        if key.startswith("AXIOM_"):
+            monkeypatch.setenv(key, value)
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    run.home = home
+    return run
+
+
 def pytest_terminal_summary(terminalreporter):
     """Measurements tests record (record_property("measurement", text)) — figures reported,
     never asserted, such as the classifier's agreement on its held-back corpus — printed at

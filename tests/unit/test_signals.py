@@ -179,27 +179,6 @@ def test_the_retention_runbook_loads_with_its_sources():
     assert rules.schedule.cron and rules.sources
 
 
-@pytest.fixture
-def cli(tmp_path, db_url, monkeypatch):
-    """The axiom CLI in this process against a fresh home (production clock)."""
-    from typer.testing import CliRunner
-
-    from axiom.cli import app
-    from testbed.axiom import make_home
-
-    home = make_home(tmp_path / "home", db_url)
-    for key, value in home.env.items():
-        if key.startswith("AXIOM_"):
-            monkeypatch.setenv(key, value)
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(app, list(args), catch_exceptions=False)
-
-    run.home = home
-    return run
-
-
 def test_axiom_stats_shows_a_table_and_json_and_names_a_bad_option(cli):
     from models.db import make_engine
 

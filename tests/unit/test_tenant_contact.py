@@ -7,7 +7,6 @@ import json
 
 import pytest
 from sqlmodel import select
-from typer.testing import CliRunner
 
 from config.settings import load_settings
 from models import AuditEntry, Credential, Domain, DomainState, Tenant
@@ -87,24 +86,6 @@ def test_contact_and_language_are_set_and_audited_with_old_and_new(session):
         tenants.set_tenant(session, "acme", contact="a@acme.example", clear_contact=True)
     with pytest.raises(ServiceError, match="tenant 'nobody' does not exist"):
         tenants.set_tenant(session, "nobody", language="it")
-
-
-@pytest.fixture
-def cli(tmp_path, db_url, monkeypatch):
-    """The axiom CLI in this process against a fresh home."""
-    from axiom.cli import app
-
-    home = make_home(tmp_path / "home", db_url)
-    for key, value in home.env.items():
-        if key.startswith("AXIOM_"):
-            monkeypatch.setenv(key, value)
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(app, list(args), catch_exceptions=False)
-
-    run.home = home
-    return run
 
 
 def test_the_cli_adds_sets_and_lists_contacts(cli):
