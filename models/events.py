@@ -87,23 +87,27 @@ class HoldTally(SQLModel, table=True):
     last_detail: str = Field(default="", max_length=500)  # the latest wait reason, as text
 
 
+# What one roll-up row is per hour for: its subject and outcome (the unique key after the hour;
+# protocol/signals.py writes these columns from raw events).
+ROLLUP_KEY = (
+    "kind",
+    "tenant_id",
+    "stream",
+    "from_domain",
+    "source_ip",
+    "provider",
+    "category",
+    "permanent",
+)
+
+
 class EventRollup(SQLModel, table=True):
     """Events per hour and subject, written before raw events are deleted: a year of history
     stays small and the 7-day baselines and trends remain queryable."""
 
     __tablename__ = "event_rollup"
     __table_args__ = (
-        UniqueConstraint(
-            "hour",
-            "kind",
-            "tenant_id",
-            "stream",
-            "from_domain",
-            "source_ip",
-            "provider",
-            "category",
-            "permanent",
-        ),
+        UniqueConstraint("hour", *ROLLUP_KEY),
         Index("ix_event_rollup_hour", "hour"),
     )
     id: int | None = Field(default=None, primary_key=True)

@@ -34,7 +34,7 @@ from models import DeliveryEvent, EventKind, EventRollup, HoldTally, Tenant
 from models.announcements import ControlCursor
 from models.audit import as_utc
 from models.audit_trail import record
-from models.events import SubjectRollup
+from models.events import ROLLUP_KEY, SubjectRollup
 from runbooks.schema_protocol import EventsRetentionSpec
 
 CURSOR = "event-rollup"  # position: the epoch second up to which hours are rolled up
@@ -336,18 +336,6 @@ def roll_up_and_expire(
     return result
 
 
-_ROLLUP_KEY = (
-    "kind",
-    "tenant_id",
-    "stream",
-    "from_domain",
-    "source_ip",
-    "provider",
-    "category",
-    "permanent",
-)
-
-
 def _roll_hour(engine: Engine, hour: datetime) -> int:
     """One hour's events per subject into event_rollup, from there per kind of subject into
     event_rollup_subject, and the cursor past it, together. Unknown subjects become "" / 0,
@@ -370,7 +358,7 @@ def _roll_hour(engine: Engine, hour: datetime) -> int:
     )
     with engine.begin() as conn:
         written = conn.execute(
-            insert(EventRollup).from_select(["hour", *_ROLLUP_KEY, "count"], rows)
+            insert(EventRollup).from_select(["hour", *ROLLUP_KEY, "count"], rows)
         ).rowcount
         for by in SUBJECTS:
             conn.execute(_subject_rollup(by, hour))
