@@ -3,7 +3,16 @@
 from models.announcements import Announcement, ControlCursor
 from models.audit import AuditEntry
 from models.domains import DkimKey, Domain, DomainState, KeyState
-from models.egress import IpAddress, IpPool, IpState, PoolKind, Stream, WarmupDay, WarmupPlan
+from models.egress import (
+    IpAddress,
+    IpPool,
+    IpState,
+    PoolKind,
+    Stream,
+    StreamKind,
+    WarmupDay,
+    WarmupPlan,
+)
 from models.events import (
     DeliveryEvent,
     EventKind,
@@ -51,6 +60,7 @@ __all__ = [
     "RecipientState",
     "SandboxClock",
     "Stream",
+    "StreamKind",
     "Suppression",
     "Suspension",
     "Tenant",

@@ -4,6 +4,7 @@ at rest)."""
 from datetime import datetime
 from enum import StrEnum
 
+from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from models.base import created_at_field, json_field, timestamp_field
@@ -17,8 +18,12 @@ class DomainState(StrEnum):
 
 
 class KeyState(StrEnum):
+    """pending (published, not signing) → active (signing) → retiring (not signing, still
+    published so mail in flight verifies: the rotation's overlap) → retired (withdrawn)."""
+
     pending = "pending"
     active = "active"
+    retiring = "retiring"
     retired = "retired"
 
 
@@ -27,7 +32,8 @@ class Domain(SQLModel, table=True):
     tenant_id: int = Field(foreign_key="tenant.id", index=True)
     name: str = Field(unique=True, index=True, max_length=253)
     state: DomainState = DomainState.pending
-    dns_checks: dict = json_field()
+    dns_checks: dict = json_field()  # the last check of its DNS (protocol/dns_checks.py)
+    dns_checked_at: datetime | None = timestamp_field()
     activated_at: datetime | None = timestamp_field()
     # The customer's return-path subdomain (e.g. bounces.shop.example): its MX names the relay's
     # inbound listener and its SPF the relay's IPs, so a DMARC check finds SPF aligned with the
@@ -39,6 +45,10 @@ class Domain(SQLModel, table=True):
 
 
 class DkimKey(SQLModel, table=True):
+    # A selector names one key for ever: a receiver caching a record must never find another
+    # key under it (selectors carry a date and a counter, relay/submission/dkim.py).
+    __table_args__ = (UniqueConstraint("domain_id", "selector"),)
+
     id: int | None = Field(default=None, primary_key=True)
     domain_id: int = Field(foreign_key="domain.id", index=True)
     selector: str = Field(max_length=63)
@@ -46,4 +56,6 @@ class DkimKey(SQLModel, table=True):
     private_key_encrypted: bytes  # Fernet token of the PEM / base64 seed
     public_key: str  # the p= value as published
     state: KeyState = KeyState.pending
+    activated_at: datetime | None = timestamp_field()
+    retire_at: datetime | None = timestamp_field()  # retiring: withdrawn after the overlap
     created_at: datetime = created_at_field()

@@ -6,7 +6,7 @@ from enum import StrEnum
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from models.base import created_at_field, json_field
+from models.base import created_at_field, json_field, timestamp_field
 
 # The pool a held stream is bound to (suspend-stream): it has no IPs, so its mail waits.
 HOLD_POOL = "hold"
@@ -43,6 +43,12 @@ class IpAddress(SQLModel, table=True):
     created_at: datetime = created_at_field()
 
 
+class StreamKind(StrEnum):
+    transactional = "transactional"
+    marketing = "marketing"
+    mixed = "mixed"
+
+
 class Stream(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("tenant_id", "name"),)
     id: int | None = Field(default=None, primary_key=True)
@@ -50,6 +56,15 @@ class Stream(SQLModel, table=True):
     name: str = Field(max_length=64)
     pool_id: int = Field(foreign_key="ippool.id")
     fallback_pool_id: int | None = Field(default=None, foreign_key="ippool.id")
+    # What the customer declared at onboarding (runbooks/domain-onboarding.yaml): the pool
+    # decision reads it, and triage compares what the stream sends with it.
+    kind: str | None = Field(default=None, max_length=16)  # StreamKind
+    declared_per_day: int | None = Field(default=None, ge=0)
+    declared_per_month: int | None = Field(default=None, ge=0)
+    sending_days_per_week: int | None = Field(default=None, ge=0, le=7)
+    list_source: str | None = Field(default=None, max_length=32)
+    list_age_months: int | None = Field(default=None, ge=0)
+    declared_at: datetime | None = timestamp_field()
     created_at: datetime = created_at_field()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlmodel import Session, select
@@ -17,30 +16,33 @@ from models.audit_trail import record
 from protocol.errors import DOMAIN_NAME, ServiceError, operator_actor
 from protocol.operators import permitted
 from protocol.tenants import get_tenant
-from relay.submission.dkim import generate_key, selector_for, txt_record_value
+from relay.submission.dkim import generate_key, selector_for
 from relay.submission.keystore import KeyBox
-from runbooks.loader import dkim_signing
+from runbooks.loader import dkim_signing, dns_records, domain_onboarding
+from runbooks.records import DnsRecord, PublishedKey, render_records
+
+__all__ = ["ACTIVATE", "DnsRecord", "add_domain", "domain_records", "get_domain"]
 
 # The checkpoint kind whose roles may activate a domain, by hand or in the onboarding runbook.
 ACTIVATE = "domain.activate"
 
 
 def get_domain(session: Session, name: str) -> Domain:
-    domain = session.exec(select(Domain).where(Domain.name == name.lower())).first()
+    domain = session.exec(select(Domain).where(Domain.name == name.lower().rstrip("."))).first()
     if domain is None:
         raise ServiceError(f"domain {name!r} does not exist")
     return domain
 
 
-@dataclass(frozen=True)
-class DnsRecord:
-    name: str
-    type: str
-    value: str
-    purpose: str
-
-
-def add_domain(session: Session, keybox: KeyBox, tenant_name: str, domain_name: str) -> Domain:
+def add_domain(
+    session: Session,
+    keybox: KeyBox,
+    tenant_name: str,
+    domain_name: str,
+    *,
+    actor: str = "cli",
+    now: datetime | None = None,
+) -> Domain:
     tenant = get_tenant(session, tenant_name)
     name = domain_name.lower().rstrip(".")
     if not DOMAIN_NAME.match(name):
@@ -50,56 +52,83 @@ def add_domain(session: Session, keybox: KeyBox, tenant_name: str, domain_name: 
     domain = Domain(tenant_id=tenant.id, name=name)
     session.add(domain)
     session.flush()
-    spec = dkim_signing().spec
-    algorithms = ["rsa", "ed25519"] if spec.sign_ed25519 else ["rsa"]
-    for algorithm in algorithms:
-        key = generate_key(algorithm, spec.rsa_bits)
-        session.add(
-            DkimKey(
-                domain_id=domain.id,
-                selector=selector_for(spec, algorithm),
-                algorithm=algorithm,
-                private_key_encrypted=keybox.seal(key.private_material),
-                public_key=key.public_value,
-            )
-        )
+    keys = new_keys(session, keybox, domain, now=now)
     record(
         session,
-        actor="cli",
+        actor=actor,
         action="domain.add",
         subject=f"domain:{name}",
-        evidence={"tenant": tenant_name},
+        evidence={"tenant": tenant_name, "keys": [k.selector for k in keys]},
+        at=now,
     )
     return domain
 
 
-def domain_records(session: Session, domain_name: str, relay_hostname: str) -> list[DnsRecord]:
-    """What the customer must publish: DKIM keys, SPF and DMARC (see runbooks templates)."""
+def new_keys(
+    session: Session, keybox: KeyBox, domain: Domain, *, now: datetime | None = None
+) -> list[DkimKey]:
+    """A pending key per algorithm of runbooks/dkim-signing.yaml, each under a selector never
+    used for the domain before: the date and the next free counter (unique in the database)."""
+    spec = dkim_signing().spec
+    algorithms = ["rsa", "ed25519"] if spec.sign_ed25519 else ["rsa"]
+    used = set(session.exec(select(DkimKey.selector).where(DkimKey.domain_id == domain.id)).all())
+    made = []
+    for algorithm in algorithms:
+        counter = 1
+        while (selector := selector_for(spec, algorithm, now, counter)) in used:
+            counter += 1
+        key = generate_key(algorithm, spec.rsa_bits)
+        row = DkimKey(
+            domain_id=domain.id,
+            selector=selector,
+            algorithm=algorithm,
+            private_key_encrypted=keybox.seal(key.private_material),
+            public_key=key.public_value,
+        )
+        session.add(row)
+        made.append(row)
+    session.flush()
+    return made
+
+
+def keys_in(session: Session, domain: Domain, *states: KeyState) -> list[DkimKey]:
+    """The domain's keys in these states (every state but retired when none are named: the
+    keys whose records must be in DNS), oldest first."""
+    wanted = states or (KeyState.pending, KeyState.active, KeyState.retiring)
+    return list(
+        session.exec(
+            select(DkimKey)
+            .where(DkimKey.domain_id == domain.id, DkimKey.state.in_(wanted))  # type: ignore[attr-defined]
+            .order_by(DkimKey.id)
+        ).all()
+    )
+
+
+def return_path_of(domain: Domain) -> str:
+    """The domain's return-path subdomain: the one named, else <label>.<domain>."""
+    label = domain_onboarding().spec.return_path_label
+    return domain.return_path_domain or f"{label}.{domain.name}"
+
+
+def domain_records(
+    session: Session,
+    domain_name: str,
+    relay_hostname: str,
+    dmarc_address: str | None = None,
+    keys: list[DkimKey] | None = None,
+) -> list[DnsRecord]:
+    """What the customer must publish (runbooks/dns-records.yaml): DKIM keys, SPF, DMARC and
+    the return-path subdomain's MX and SPF. `keys`: only these (a rotation's new ones)."""
     domain = get_domain(session, domain_name)
-    keys = session.exec(
-        select(DkimKey).where(DkimKey.domain_id == domain.id, DkimKey.state != KeyState.retired)
-    ).all()
-    records = [
-        DnsRecord(
-            f"{k.selector}._domainkey.{domain.name}",
-            "TXT",
-            txt_record_value(k.algorithm, k.public_key),
-            f"DKIM ({k.algorithm})",
-        )
-        for k in sorted(keys, key=lambda k: k.algorithm != "rsa")
-    ]
-    records.append(
-        DnsRecord(domain.name, "TXT", f"v=spf1 include:_spf.{relay_hostname} ~all", "SPF")
+    chosen = keys_in(session, domain) if keys is None else keys
+    return render_records(
+        dns_records().spec,
+        domain=domain.name,
+        keys=[PublishedKey(k.selector, k.algorithm, k.public_key) for k in chosen],
+        relay_hostname=relay_hostname,
+        dmarc_address=dmarc_address or f"dmarc@{relay_hostname}",
+        return_path=return_path_of(domain),
     )
-    records.append(
-        DnsRecord(
-            f"_dmarc.{domain.name}",
-            "TXT",
-            f"v=DMARC1; p=none; rua=mailto:dmarc@{relay_hostname}; adkim=r; aspf=r",
-            "DMARC (start at p=none, tighten once reports are clean)",
-        )
-    )
-    return records
 
 
 def activate_domain(session: Session, domain_name: str, operator: str, reason: str) -> Domain:
@@ -120,7 +149,15 @@ def activate_domain(session: Session, domain_name: str, operator: str, reason: s
 
 
 def mark_domain_active(
-    session: Session, domain_name: str, actor: str, reason: str, *, manual: bool = False
+    session: Session,
+    domain_name: str,
+    actor: str,
+    reason: str,
+    *,
+    manual: bool = False,
+    now: datetime | None = None,
+    evidence: dict | None = None,
+    runbook: tuple[str, str] | None = None,
 ) -> Domain:
     """The activation itself, for callers that made their own checks: `axiom up`'s sandbox demo
     domain (the sandbox DNS serves its records), the onboarding runbook after its checkpoint,
@@ -130,12 +167,11 @@ def mark_domain_active(
         raise ServiceError(f"domain {domain.name!r} is already active")
     previous = domain.state
     domain.state = DomainState.active
-    domain.activated_at = datetime.now(UTC)
-    keys = session.exec(
-        select(DkimKey).where(DkimKey.domain_id == domain.id, DkimKey.state == KeyState.pending)
-    ).all()
+    at = now or datetime.now(UTC)
+    domain.activated_at = at
+    keys = keys_in(session, domain, KeyState.pending)
     for key in keys:
-        key.state = KeyState.active
+        key.state, key.activated_at = KeyState.active, at
         session.add(key)
     session.add(domain)
     record(
@@ -148,7 +184,11 @@ def mark_domain_active(
             "from_state": str(previous),
             "manual": manual,
             "keys": [k.selector for k in keys],
+            **(evidence or {}),
         },
+        runbook_id=runbook[0] if runbook else None,
+        runbook_version=runbook[1] if runbook else None,
+        at=now,
     )
     return domain
 

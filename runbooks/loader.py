@@ -11,6 +11,12 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
+from runbooks.schema_domains import (
+    DkimRotationRunbook,
+    DnsRecordsRunbook,
+    DomainHealthRunbook,
+    DomainOnboardingRunbook,
+)
 from runbooks.schema_protocol import (
     CheckpointsRunbook,
     EventsRetentionRunbook,
@@ -33,7 +39,11 @@ Runbook = Annotated[
     | SuspendStreamRunbook
     | ProceduresSweepRunbook
     | ReactionsWatchRunbook
-    | EventsRetentionRunbook,
+    | EventsRetentionRunbook
+    | DnsRecordsRunbook
+    | DomainOnboardingRunbook
+    | DkimRotationRunbook
+    | DomainHealthRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -148,6 +158,22 @@ def reactions_watch() -> ReactionsWatchRunbook:
 
 def events_retention() -> EventsRetentionRunbook:
     return _typed("events-retention", EventsRetentionRunbook)
+
+
+def dns_records() -> DnsRecordsRunbook:
+    return _typed("dns-records", DnsRecordsRunbook)
+
+
+def domain_onboarding() -> DomainOnboardingRunbook:
+    return _typed("domain-onboarding", DomainOnboardingRunbook)
+
+
+def dkim_rotation() -> DkimRotationRunbook:
+    return _typed("dkim-rotation", DkimRotationRunbook)
+
+
+def domain_health() -> DomainHealthRunbook:
+    return _typed("domain-health", DomainHealthRunbook)
 
 
 def _typed(runbook_id: str, kind: type):

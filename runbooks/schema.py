@@ -28,9 +28,19 @@ class DkimSigningSpec(Strict):
     # Listed once more in h= so a second instance added in transit breaks the signature.
     oversign: list[str] = Field(default_factory=list)
     selector_format: str = Field(
-        description="strftime pattern plus {algorithm}, e.g. 'ax{algorithm}%Y%m'",
-        pattern=r"\{algorithm\}",
+        description=(
+            "strftime pattern plus {algorithm} and {counter}, e.g. 'ax{algorithm}%Y%m%d{counter}':"
+            " a date and a counter, so two rotations on one day still get new selectors"
+        ),
     )
+
+    @field_validator("selector_format")
+    @classmethod
+    def _names_one_key(cls, value: str) -> str:
+        missing = [part for part in ("{algorithm}", "{counter}", "%d") if part not in value]
+        if missing:
+            raise ValueError(f"selector_format {value!r} lacks {', '.join(missing)}")
+        return value
 
 
 class RunbookBase(Strict):

@@ -4,8 +4,9 @@ The sandbox is the outside world: what it serves is what a customer would have p
 zone after following `axiom domain records` — the DKIM keys' TXT records, SPF and DMARC. It
 builds them from the Domain and DkimKey rows itself, with no import of the relay or of the
 control plane, so that nothing the relay patches (relay/patches) reaches the receivers that
-judge the relay's mail. tests/unit/test_sandbox_published.py checks that the records agree
-with protocol.domains.domain_records, the instructions the customer is given.
+judge the relay's mail. Both render runbooks/dns-records.yaml (runbooks/records.py), and
+tests/unit/test_sandbox_published.py checks that they agree with protocol.domains.domain_records,
+the instructions the customer is given.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections import defaultdict
 from sqlmodel import Session, select
 
 from models import DkimKey, Domain, KeyState
+from runbooks.loader import dns_records, domain_onboarding
+from runbooks.records import PublishedKey, render_records
 
 Record = tuple[str, str, str]  # (name, type, value)
 
@@ -25,28 +28,23 @@ def dkim_txt_value(algorithm: str, public_key: str) -> str:
 
 
 def published_records(session: Session, relay_hostname: str) -> dict[str, list[Record]]:
-    """domain -> its records, for every domain in the database; retired keys are withdrawn."""
-    keys: dict[int, list[DkimKey]] = defaultdict(list)
+    """domain -> its records, for every domain in the database, as runbooks/dns-records.yaml
+    renders them for the customer; retired keys are withdrawn. The sandbox's customers publish
+    at once; a test that wants one late or wrong overrides the record (`axiom sandbox dns`)."""
+    keys: dict[int, list[PublishedKey]] = defaultdict(list)
     for key in session.exec(select(DkimKey).where(DkimKey.state != KeyState.retired)).all():
-        keys[key.domain_id].append(key)
+        keys[key.domain_id].append(PublishedKey(key.selector, key.algorithm, key.public_key))
+    spec = dns_records().spec
+    label = domain_onboarding().spec.return_path_label
     out: dict[str, list[Record]] = {}
     for domain in session.exec(select(Domain)).all():
-        name = domain.name
-        records = [
-            (
-                f"{k.selector}._domainkey.{name}",
-                "TXT",
-                dkim_txt_value(k.algorithm, k.public_key),
-            )
-            for k in sorted(keys[domain.id], key=lambda k: k.algorithm != "rsa")
-        ]
-        records.append((name, "TXT", f"v=spf1 include:_spf.{relay_hostname} ~all"))
-        records.append(
-            (
-                f"_dmarc.{name}",
-                "TXT",
-                f"v=DMARC1; p=none; rua=mailto:dmarc@{relay_hostname}; adkim=r; aspf=r",
-            )
+        rendered = render_records(
+            spec,
+            domain=domain.name,
+            keys=keys[domain.id or 0],
+            relay_hostname=relay_hostname,
+            dmarc_address=f"dmarc@{relay_hostname}",
+            return_path=domain.return_path_domain or f"{label}.{domain.name}",
         )
-        out[name] = records
+        out[domain.name] = [(r.name, r.type, r.value) for r in rendered]
     return out

@@ -69,8 +69,13 @@ def txt_record_value(algorithm: str, public_value: str) -> str:
     return f"v=DKIM1; k={algorithm}; p={public_value}"
 
 
-def selector_for(spec: DkimSigningSpec, algorithm: Algorithm, when: datetime | None = None) -> str:
-    return (when or datetime.now(UTC)).strftime(spec.selector_format.format(algorithm=algorithm))
+def selector_for(
+    spec: DkimSigningSpec, algorithm: Algorithm, when: datetime | None = None, counter: int = 1
+) -> str:
+    """A selector names one key for ever (a receiver may cache its record): the format holds a
+    date and a counter, and the database keeps (domain, selector) unique."""
+    pattern = spec.selector_format.format(algorithm=algorithm, counter=counter)
+    return (when or datetime.now(UTC)).strftime(pattern)
 
 
 def headers_to_sign(message_headers: Sequence[bytes], spec: DkimSigningSpec) -> list[bytes]:

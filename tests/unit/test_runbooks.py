@@ -1,5 +1,6 @@
 """Every shipped runbook loads; a bad file is refused naming file, path and reason."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def _copy_signing(tmp_path: Path, transform) -> Path:
             "Input should be 2048, 3072 or 4096",
         ),
         (
-            lambda t: t.replace('version: "1.0"', "version: one"),
+            lambda t: re.sub(r'version: "[^"]*"', "version: one", t, count=1),
             "dkim-signing.version",
             "String should match pattern",
         ),
@@ -139,6 +140,9 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
         "procedures-sweep",
         "reactions-watch",
         "events-retention",
+        "domain-onboarding",
+        "dkim-rotation",
+        "domain-health",
     }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
