@@ -142,6 +142,11 @@ class Settings(BaseSettings):
     feedback_address: Mailbox = Field(
         default=None, description="Where feedback loops send ARF reports; default fbl@HOSTNAME"
     )
+    dmarc_address: Mailbox = Field(
+        default=None,
+        description="Where receivers send DMARC aggregate reports (the rua of the DMARC records "
+        "customers publish); default dmarc@HOSTNAME",
+    )
     bounce_address: Mailbox = Field(
         default=None,
         description="The return path of delivered mail is local+TAG@domain (the tag names the "
@@ -354,6 +359,10 @@ class Settings(BaseSettings):
     @property
     def feedback_mailbox(self) -> str:
         return self.feedback_address or f"fbl@{self.hostname}"
+
+    @property
+    def dmarc_mailbox(self) -> str:
+        return self.dmarc_address or f"dmarc@{self.hostname}"
 
     @property
     def bounce_mailbox(self) -> str:

@@ -2,6 +2,7 @@
 
 from models.announcements import Announcement, ControlCursor
 from models.audit import AuditEntry
+from models.dmarc import DmarcRecord, DmarcReport
 from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import (
     IpAddress,
@@ -37,6 +38,8 @@ __all__ = [
     "Credential",
     "DeliveryEvent",
     "DkimKey",
+    "DmarcRecord",
+    "DmarcReport",
     "Domain",
     "DomainState",
     "EventKind",

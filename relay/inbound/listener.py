@@ -10,6 +10,11 @@ subdomain (relay/delivery/return_path.py); a TAG that does not verify names no m
 3464, or a plain-text one flufl.bounce reads) or an ARF report (RFC 5965); anything else is
 refused, so nothing is acknowledged that is not recorded. A report is answered 250 only after
 what it changed is committed (relay/inbound/feedback.py).
+
+DMARC aggregate reports come to a third mailbox, the `rua` address customers publish
+(dmarc@HOSTNAME by default): its DATA must carry one (relay/inbound/dmarc.py) about a domain
+that sends through us, and is answered 250 once stored (relay/inbound/dmarc_store.py), or once
+found stored already. A transaction is for the DMARC mailbox or for the others, not both.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config.clock import Clock, SystemClock
 from relay.delivery.return_path import Tag, return_path_domains
+from relay.inbound.dmarc import NotAReport, Refused, TooLarge, parse_mail
+from relay.inbound.dmarc_store import ForeignDomain, store_report
 from relay.inbound.feedback import Arrival, Recording, record_report
 from relay.inbound.reports import parse_report
 from relay.metrics import InboundMetrics
@@ -85,6 +92,9 @@ class InboundContext:
     bounces: Mailbox  # where bounces come back; bounces+TAG@ too, and at return-path domains
     metrics: InboundMetrics
     recording: Recording  # the DSN's sign-off and the key that verifies tags
+    # Where DMARC aggregate reports come (Settings.dmarc_mailbox); None: dmarc@ the feedback
+    # address's domain, which is dmarc@HOSTNAME when neither address is configured.
+    dmarc: Mailbox | None = None
     return_path_domains: ReturnPathDomains | None = None  # None: read from engine
     max_recipients: int = 10
     max_header_fields: int = 1000
@@ -92,13 +102,19 @@ class InboundContext:
     clock: Clock = field(default_factory=SystemClock)  # the sandbox's shifted time there
 
     def __post_init__(self) -> None:
+        if self.dmarc is None:
+            self.dmarc = Mailbox("dmarc", self.feedback.domain)
         if self.return_path_domains is None:
             self.return_path_domains = ReturnPathDomains(lambda: return_path_domains(self.engine))
 
     async def domains(self) -> set[str]:
         assert self.return_path_domains is not None
         customers = await self.return_path_domains.current()
-        return {self.feedback.domain, self.bounces.domain} | customers
+        assert self.dmarc is not None
+        return {self.feedback.domain, self.bounces.domain, self.dmarc.domain} | customers
+
+    def is_dmarc(self, address: str) -> bool:
+        return Mailbox.of(address) == self.dmarc
 
     def tag_of(self, address: str) -> str | None:
         """'' for the feedback or bounce mailbox, the tag of bounces+TAG@, None otherwise
@@ -148,12 +164,21 @@ class InboundHandler:
             return self._reject("bad_recipient", replies.BAD_ADDRESS)
         if len(domain) > MAX_DOMAIN or domain.lower().rstrip(".") not in await self.ctx.domains():
             return self._reject("relay_denied", replies.INBOUND_RELAY_DENIED)
+        if self.ctx.is_dmarc(address):
+            if any(not self.ctx.is_dmarc(r) for r in envelope.rcpt_tos):
+                return self._reject("mixed_kinds", replies.INBOUND_ONE_KIND)
+            return self._accept(envelope, address, rcpt_options)
+        if any(self.ctx.is_dmarc(r) for r in envelope.rcpt_tos):
+            return self._reject("mixed_kinds", replies.INBOUND_ONE_KIND)
         tag = self.ctx.tag_of(address)
         box = Mailbox.of(address)
         if tag is None or (box.local == self.ctx.feedback.local and box != self.ctx.feedback):
             return self._reject("no_mailbox", replies.INBOUND_NO_MAILBOX.format(address=address))
         if tag and self.ctx.recording.tagger.verify(tag) is None:  # forged, mangled or stale
             return self._reject("bad_tag", replies.INBOUND_NO_MAILBOX.format(address=address))
+        return self._accept(envelope, address, rcpt_options)
+
+    def _accept(self, envelope: Envelope, address: str, rcpt_options) -> str:
         if len(envelope.rcpt_tos) >= self.ctx.max_recipients:
             return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
         envelope.rcpt_tos.append(address)
@@ -166,6 +191,8 @@ class InboundHandler:
         screened = screen_data(raw, self.ctx.max_header_fields, self.ctx.max_header_field_bytes)
         if isinstance(screened, Refusal):
             return self._reject(screened.reason, screened.reply)
+        if envelope.rcpt_tos and self.ctx.is_dmarc(envelope.rcpt_tos[0]):
+            return await self._dmarc_report(raw)
         tags = tuple(t for t in (self.ctx.verified(r) for r in envelope.rcpt_tos) if t)
         report = await asyncio.to_thread(parse_report, raw, tagged=bool(tags))
         if report is None:
@@ -190,6 +217,38 @@ class InboundHandler:
         return replies.INBOUND_RECORDED.format(
             kind=outcome.kind, suppressed=len(outcome.suppressed)
         )
+
+    async def _dmarc_report(self, raw: bytes) -> str:
+        """A DMARC aggregate report: read, stored (or found stored), then 250."""
+        try:
+            report = await asyncio.to_thread(parse_mail, raw)
+        except NotAReport:
+            return self._reject("not_a_dmarc_report", replies.INBOUND_NOT_A_DMARC_REPORT)
+        except TooLarge as exc:
+            return self._reject(
+                "dmarc_too_large", replies.INBOUND_DMARC_TOO_LARGE.format(reason=exc)
+            )
+        except Refused as exc:
+            return self._reject(
+                "dmarc_unreadable", replies.INBOUND_DMARC_UNREADABLE.format(reason=exc)
+            )
+        try:
+            stored = await asyncio.to_thread(
+                store_report, self.ctx.engine, report, self.ctx.clock.now()
+            )
+        except ForeignDomain:
+            return self._reject(
+                "dmarc_foreign", replies.INBOUND_DMARC_FOREIGN.format(domain=report.domain)
+            )
+        except SQLAlchemyError as exc:
+            log.error(
+                "DMARC report %s from %s not recorded: %s", report.report_id, report.org_name, exc
+            )
+            return self._reject("not_recorded", replies.INBOUND_NOT_RECORDED)
+        self.ctx.metrics.reports.labels(kind="dmarc", matched="True").inc()
+        if stored.duplicate:
+            return replies.INBOUND_DMARC_DUPLICATE
+        return replies.INBOUND_DMARC_RECORDED.format(records=stored.records)
 
     async def handle_exception(self, error: Exception) -> str:
         return exception_reply(error, self.ctx.metrics.rejected)

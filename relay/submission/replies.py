@@ -66,6 +66,26 @@ INBOUND_NOT_A_REPORT = (
 INBOUND_RECORDED = "250 2.0.0 Ok: {kind} recorded, {suppressed} recipient(s) suppressed"
 INBOUND_UNMATCHED = "250 2.0.0 Ok: {kind} recorded; it matches no message sent through us"
 INBOUND_NOT_RECORDED = "451 4.3.0 Report not recorded; try again later"
+# DMARC aggregate reports (RFC 7489 7.2) at the rua address (relay/inbound/dmarc.py). A mail
+# without one is refused like a non-report above; one that cannot be read safely says why
+# (X.6.0: media error), one that inflates past the limit is too big (X.3.4), one about a domain
+# that does not send through us is not ours to keep (X.7.1).
+INBOUND_NOT_A_DMARC_REPORT = (
+    "550 5.7.1 Not a DMARC aggregate report: only RFC 7489 aggregate reports (XML, gzip or"
+    " zip) are accepted here"
+)
+INBOUND_DMARC_UNREADABLE = "550 5.6.0 DMARC aggregate report refused: {reason}"
+INBOUND_DMARC_TOO_LARGE = "552 5.3.4 DMARC aggregate report refused: {reason}"
+INBOUND_DMARC_FOREIGN = (
+    "550 5.7.1 DMARC aggregate report about {domain}, which does not send through this relay"
+)
+INBOUND_DMARC_RECORDED = "250 2.0.0 Ok: DMARC aggregate report recorded, {records} record(s)"
+INBOUND_DMARC_DUPLICATE = "250 2.0.0 Ok: DMARC aggregate report already recorded"
+# A transaction carries one kind of report: the DMARC mailbox's DATA is read differently.
+INBOUND_ONE_KIND = (
+    "452 4.5.3 DMARC reports and other reports go in separate transactions; send to this"
+    " recipient again"
+)
 
 # --- session limits ---
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address; try again later"
