@@ -2,14 +2,17 @@
 
 All DNS goes to the sandbox DNS through `SandboxLookup`. dkimpy does the DKIM verification
 itself, in a worker thread, from key records fetched beforehand without blocking the loop.
-Simplifications, each safe for the sandbox's own domains: the organisational domain is the
-last two labels (no Public Suffix List), SPF macros and the `ptr` mechanism are not
-evaluated (a macro is a permerror, `ptr` never matches), and `exp=` is ignored.
+The organisational domain (DMARC relaxed alignment, RFC 7489 3.2) comes from the Public Suffix
+List as the publicsuffixlist package ships it (offline), never "the last two labels": under
+co.uk, shop.co.uk is one, not co.uk. Simplifications, each safe for the sandbox's own domains:
+SPF macros and the `ptr` mechanism are not evaluated (a macro is a permerror, `ptr` never
+matches), and `exp=` is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from email.utils import getaddresses
 
 import dkim
 import dkim.util
+from publicsuffixlist import PublicSuffixList
 
 from sandbox.lookup import SandboxLookup
 
@@ -264,8 +268,17 @@ class Authentication:
         return "Authentication-Results: " + ";\r\n\t".join(parts)
 
 
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    # Private section included (RFC 7489 3.2); a name under an unknown TLD (.test) counts as
+    # under a public suffix, so relay.axiom.test's is axiom.test.
+    return PublicSuffixList()
+
+
 def organisational_domain(domain: str) -> str:
-    return ".".join(domain.lower().rstrip(".").split(".")[-2:])
+    """The public suffix plus one label; a name that is itself a public suffix is its own."""
+    name = domain.lower().rstrip(".")
+    return _public_suffixes().privatesuffix(name) or name
 
 
 def _aligned(a: str, b: str, mode: str) -> bool:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from sandbox.authn import organisational_domain
 from sandbox.behaviour import Behaviour, DnsblZone
 from sandbox.state import Listing, Override
 
@@ -194,10 +195,12 @@ class Zone:
         return code, source.txt.format(meaning=meaning, subject=subject)
 
     def _soa(self, name: str) -> Rr:
-        labels = name.split(".")
-        apex = ".".join(labels[-2:]) if len(labels) >= 2 else name
+        # The apex the negative answer names: the organisational domain (Public Suffix List),
+        # as a registered zone would be; reverse names all answer from in-addr.arpa / ip6.arpa.
         if name.endswith(".in-addr.arpa") or name.endswith(".ip6.arpa"):
-            apex = ".".join(labels[-2:])
+            apex = ".".join(name.split(".")[-2:])
+        else:
+            apex = organisational_domain(name)
         ttl = self._negative()
         return Rr(apex, "SOA", SOA_VALUE.format(ttl=ttl), ttl)
 

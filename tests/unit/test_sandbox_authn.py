@@ -12,7 +12,13 @@ import pytest
 
 from relay.submission.dkim import generate_key, load_signing_key, sign, txt_record_value
 from runbooks.loader import dkim_signing
-from sandbox.authn import authenticate, check_dkim, check_spf, header_from_domain
+from sandbox.authn import (
+    authenticate,
+    check_dkim,
+    check_spf,
+    header_from_domain,
+    organisational_domain,
+)
 from sandbox.lookup import Found
 from tests.patching import patched
 
@@ -192,3 +198,73 @@ def test_header_from_needs_exactly_one_address():
     assert header_from_domain(MESSAGE) == "acme.example"
     assert header_from_domain(b"From: a@x.example, b@y.example\r\n\r\n") is None
     assert header_from_domain(b"Subject: none\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "organisational"),
+    [
+        ("acme.example", "acme.example"),
+        ("news.acme.example", "acme.example"),
+        ("a.b.example.com", "example.com"),
+        ("shop.co.uk", "shop.co.uk"),  # "the last two labels" would say co.uk
+        ("bounces.shop.co.uk", "shop.co.uk"),
+        ("comune.roma.it", "comune.roma.it"),  # roma.it is a public suffix
+        ("relay.axiom.test", "axiom.test"),  # an unknown TLD counts as a public suffix
+        ("Shop.CO.UK.", "shop.co.uk"),
+        ("co.uk", "co.uk"),  # a public suffix is its own
+    ],
+)
+def test_organisational_domain_comes_from_the_public_suffix_list(name, organisational):
+    assert organisational_domain(name) == organisational
+
+
+async def test_dmarc_alignment_under_a_multi_label_public_suffix():
+    """Under co.uk, two customers are two organisations: a signature of other.co.uk does not
+    align with From: shop.co.uk (the last two labels, co.uk, would have said it does), while a
+    return path under shop.co.uk aligns with it."""
+    uk = MESSAGE.replace(b"shop@acme.example", b"shop@shop.co.uk")
+    records = key_records("other.co.uk") | {("_dmarc.shop.co.uk", "TXT"): ["v=DMARC1; p=reject"]}
+    other = await authenticate(
+        signed(uk, "other.co.uk"), "b@other.co.uk", "h", IP, FakeLookup(records)
+    )
+    assert other.dkim_pass and other.from_domain == "shop.co.uk"
+    assert (other.dmarc, other.dmarc_policy) == ("fail", "reject")
+
+    records = {
+        ("bounces.shop.co.uk", "TXT"): ["v=spf1 include:_spf.relay.axiom.test ~all"],
+        ("_spf.relay.axiom.test", "TXT"): ["v=spf1 ip4:127.0.0.10 -all"],
+        ("_dmarc.shop.co.uk", "TXT"): ["v=DMARC1; p=reject"],
+    }
+    ours = await authenticate(uk, "bounces+x@bounces.shop.co.uk", "h", IP, FakeLookup(records))
+    assert (ours.spf, ours.dkim) == ("pass", ())
+    assert (ours.dmarc, ours.dmarc_policy) == ("pass", "reject")
+
+
+async def test_a_subdomain_under_a_public_suffix_finds_its_organisations_dmarc_record():
+    """news.shop.co.uk has no record of its own: the one at _dmarc.shop.co.uk applies (its sp=),
+    and _dmarc.co.uk, a public suffix's, is never asked."""
+    data = MESSAGE.replace(b"shop@acme.example", b"shop@news.shop.co.uk")
+    lookup = FakeLookup({("_dmarc.shop.co.uk", "TXT"): ["v=DMARC1; p=none; sp=reject"]})
+    auth = await authenticate(data, "", "h", IP, lookup)
+    assert (auth.from_domain, auth.dmarc, auth.dmarc_policy) == (
+        "news.shop.co.uk",
+        "fail",
+        "reject",
+    )
+    assert ("_dmarc.co.uk", "TXT") not in lookup.asked
+
+
+def test_the_sandbox_dns_names_the_organisational_domain_in_negative_answers():
+    from sandbox.behaviour import behaviour
+    from sandbox.zones import NXDOMAIN, Zone
+
+    zone = Zone(behaviour(), [])
+    for name, apex in [
+        ("nobody.shop.co.uk", "shop.co.uk"),
+        ("_dmarc.news.acme.example", "acme.example"),
+        ("x.relay.axiom.test", "axiom.test"),
+        ("10.0.0.127.in-addr.arpa", "in-addr.arpa"),
+    ]:
+        answer = zone.answer(name, "TXT")
+        assert answer.rcode == NXDOMAIN and answer.soa is not None
+        assert answer.soa.name == apex, name
