@@ -59,7 +59,7 @@ class SourceSummary:
 
 def our_addresses(session: Session) -> set[str]:
     """Every IpAddress of ours, normalised as the relay stores report sources."""
-    return {_normalised(a) for a in session.exec(select(IpAddress.address)).all()}
+    return {_normalised(a) for a in session.execute(select(IpAddress.address)).scalars()}
 
 
 def summary(
@@ -104,7 +104,7 @@ def _summaries(session: Session, where: list, ours: set[str]) -> list[SourceSumm
         .where(*where)
         .group_by(DmarcRecord.domain, DmarcRecord.source_ip)
     )
-    totals = session.exec(query).all()
+    totals = session.execute(query).all()
     reporters = _reporters(session, where)
     rows = [
         SourceSummary(
@@ -133,7 +133,7 @@ def _reporters(session: Session, where: list) -> dict[tuple[str, str], set[str]]
         .distinct()
     )
     found: dict[tuple[str, str], set[str]] = {}
-    for d, ip, org in session.exec(query).all():
+    for d, ip, org in session.execute(query).all():
         found.setdefault((d, ip), set()).add(org)
     return found
 

@@ -1,7 +1,8 @@
 """Stores a DMARC aggregate report (relay/inbound/dmarc.py reads it) in one transaction.
 
-Only reports about our customers' domains are kept: the published domain is one of ours, a
-parent of one (a customer's organisational-domain record) or a subdomain of one. Anyone can
+Only reports about our customers' domains are kept: the published domain's organisational
+domain (the public suffix list's, as DMARC finds it) is one of ours or a parent of one of ours
+(a customer sending from news.shop.example publishes DMARC at shop.example or at news.). Anyone can
 mail the rua address; a report about somebody else's domain is refused, not stored, so the
 tables hold what the Protocol reads and no one can fill them with strangers' data.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 
 from sqlalchemy import Engine, insert, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -56,7 +58,7 @@ def _store(engine: Engine, report: AggregateReport, now: datetime) -> Stored:
     with session_scope(engine) as session:
         if not _ours(session, report.domain):
             raise ForeignDomain(report.domain)
-        existing = session.exec(_same(report)).first()
+        existing = session.execute(_same(report)).scalar()
         if existing is not None:
             return Stored(existing, len(report.records), duplicate=True)
         row = DmarcReport(
@@ -113,17 +115,28 @@ def _same(report: AggregateReport):
 
 def _existing(engine: Engine, report: AggregateReport) -> int | None:
     with session_scope(engine) as session:
-        return session.exec(_same(report)).first()
+        return session.execute(_same(report)).scalar()
 
 
 def _ours(session, domain: str) -> bool:
-    """domain, one of its parents, or one of its subdomains is a Domain of ours."""
-    labels = domain.split(".")
-    parents = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+    """A Domain of ours is domain's organisational domain or under it."""
+    organisational = _suffixes().privatesuffix(domain)
+    if organisational is None:  # a public suffix itself (com, co.uk): no one's domain
+        return False
     query = select(Domain.id).where(
-        or_(Domain.name.in_(parents), Domain.name.like(f"%.{_escaped(domain)}", escape="\\"))
+        or_(
+            Domain.name == organisational,
+            Domain.name.like(f"%.{_escaped(organisational)}", escape="\\"),
+        )
     )
-    return session.exec(query.limit(1)).first() is not None
+    return session.execute(query.limit(1)).scalar() is not None
+
+
+@cache
+def _suffixes():
+    from publicsuffixlist import PublicSuffixList  # the bundled list: offline, read once
+
+    return PublicSuffixList()
 
 
 def _escaped(text: str) -> str:
