@@ -27,6 +27,9 @@ from prefect.schedules import Cron, Interval
 from prefect.schedules import Schedule as PrefectSchedule
 
 from runbooks.loader import (
+    dkim_rotation,
+    domain_health,
+    domain_onboarding,
     events_retention,
     operator_verbs,
     procedures_sweep,
@@ -45,6 +48,9 @@ class Procedure:
     runbook: Callable[[], ProcedureRunbook]
     description: str  # the deployment's; the parameters' are in the flow's signature
     tags: tuple[str, ...] = field(default=("protocol",))
+    # False: on demand although its runbook has a schedule (a runbook's second deployment,
+    # e.g. dkim-rotation/on-demand beside dkim-rotation/scheduled)
+    scheduled: bool = True
 
     @property
     def deployment_name(self) -> str:
@@ -57,7 +63,7 @@ class Procedure:
             description=self.description,
             tags=list(self.tags),
             version=f"{rules.id}-{rules.version}",
-            schedules=prefect_schedules(rules.schedule),
+            schedules=prefect_schedules(rules.schedule) if self.scheduled else [],
         )
 
 
@@ -72,6 +78,9 @@ def prefect_schedules(schedule: Schedule) -> list[PrefectSchedule]:
 
 def procedures() -> list[Procedure]:
     """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
+    from flows.dkim_rotation import dkim_rotation_flow
+    from flows.domain_health import domain_health_flow
+    from flows.domain_onboarding import domain_onboarding as domain_onboarding_flow
     from flows.events_retention import events_retention_flow
     from flows.operator_verbs import FLOWS
     from flows.suspend_stream import suspend_stream as suspend_stream_flow
@@ -108,6 +117,47 @@ def procedures() -> list[Procedure]:
                 "roll-ups past their retention (runbooks/events-retention.yaml)."
             ),
             tags=("protocol", "signals"),
+        ),
+        Procedure(
+            name="on-demand",
+            flow=domain_onboarding_flow,
+            runbook=domain_onboarding,
+            description=(
+                "Onboard a sending domain: its DKIM keys and records, DNS checked until right, "
+                "a pool proposed (dedicated or shared), activation approved by a lead."
+            ),
+            tags=("protocol", "checkpoint", "domains"),
+        ),
+        Procedure(
+            name="scheduled",
+            flow=dkim_rotation_flow,
+            runbook=dkim_rotation,
+            description=(
+                "Starts a DKIM key rotation for every active domain whose keys have signed for "
+                "the runbook's period (one run of dkim-rotation/on-demand each)."
+            ),
+            tags=("protocol", "domains"),
+        ),
+        Procedure(
+            name="on-demand",
+            flow=dkim_rotation_flow,
+            runbook=dkim_rotation,
+            description=(
+                "Rotate one domain's DKIM keys: new selectors, DNS checked, approval, the switch, "
+                "the old keys kept published for the overlap, then retired."
+            ),
+            tags=("protocol", "checkpoint", "domains"),
+            scheduled=False,
+        ),
+        Procedure(
+            name="scheduled",
+            flow=domain_health_flow,
+            runbook=domain_health,
+            description=(
+                "Re-checks every active domain's DNS and reads the DMARC aggregate reports; "
+                "opens an incident, alerts Slack and tells the customer when something breaks."
+            ),
+            tags=("protocol", "domains"),
         ),
         Procedure(
             name="on-demand",

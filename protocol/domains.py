@@ -11,6 +11,7 @@ from models import (
     Domain,
     DomainState,
     KeyState,
+    Tenant,
 )
 from models.audit_trail import record
 from protocol.errors import DOMAIN_NAME, ServiceError, operator_actor
@@ -32,6 +33,13 @@ def get_domain(session: Session, name: str) -> Domain:
     if domain is None:
         raise ServiceError(f"domain {name!r} does not exist")
     return domain
+
+
+def get_tenant_name(session: Session, domain_name: str) -> str:
+    """The name of the tenant a domain belongs to (whose contact its notices go to)."""
+    domain = get_domain(session, domain_name)
+    tenant = session.get(Tenant, domain.tenant_id)
+    return tenant.name if tenant else ""
 
 
 def add_domain(

@@ -47,13 +47,17 @@ def test_every_deployment_is_built_from_the_registry_with_described_parameters()
         assert fields or rules.schedule.enabled, deployment.name  # only a schedule needs no form
         undescribed = [name for name, f in fields.items() if not f.get("description")]
         assert not undescribed, f"{procedure.deployment_name}: {undescribed}"
-        assert bool(deployment.schedules) == rules.schedule.enabled, deployment.name
+        expected = rules.schedule.enabled and procedure.scheduled
+        assert bool(deployment.schedules) == expected, deployment.name
     sweep = next(d for d in built if d.flow_name == "procedures-sweep")
     (every,) = sweep.schedules
     assert every.schedule.interval == timedelta(
         seconds=procedures_sweep().schedule.interval_seconds
     )
     assert "suspend-stream/on-demand" in {p.deployment_name for p in procedures()}
+    # a runbook may have a scheduled deployment and an on-demand one
+    rotation = {d.name: bool(d.schedules) for d in built if d.flow_name == "dkim-rotation"}
+    assert rotation == {"scheduled": True, "on-demand": False}
 
 
 def test_schedules_map_to_prefect_schedule_objects():
