@@ -10,6 +10,7 @@ from axiom.cli import (  # noqa: F401  (imported for the commands they register)
     approvals,
     audit,
     dmarc,
+    domain_check,
     domains,
     egress,
     incidents,
