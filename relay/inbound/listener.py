@@ -226,11 +226,11 @@ class InboundHandler:
             return self._reject("not_a_dmarc_report", replies.INBOUND_NOT_A_DMARC_REPORT)
         except TooLarge as exc:
             return self._reject(
-                "dmarc_too_large", replies.INBOUND_DMARC_TOO_LARGE.format(reason=exc)
+                "dmarc_too_large", replies.INBOUND_DMARC_TOO_LARGE.format(reason=_said(exc))
             )
         except Refused as exc:
             return self._reject(
-                "dmarc_unreadable", replies.INBOUND_DMARC_UNREADABLE.format(reason=exc)
+                "dmarc_unreadable", replies.INBOUND_DMARC_UNREADABLE.format(reason=_said(exc))
             )
         try:
             stored = await asyncio.to_thread(
@@ -256,3 +256,9 @@ class InboundHandler:
     def _reject(self, reason: str, reply: str) -> str:
         self.ctx.metrics.rejected.labels(reason=reason).inc()
         return reply
+
+
+def _said(error: Exception) -> str:
+    """A refusal's reason as one short reply line (a zip's error may quote a member's name)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:197] + "..."
