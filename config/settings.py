@@ -241,6 +241,15 @@ class Settings(BaseSettings):
         ge=1000,
         description="Bytes per header field (552 5.3.4); Postfix's header_size_limit",
     )
+    policy_cache_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description=(
+            "Sending domains and tenant pauses are re-read this often; DKIM keys every 12 times "
+            "this (60 s by default): a key rotation's switch signs within that, with no restart"
+        ),
+    )
     credential_cache_seconds: int = Field(
         default=60,
         ge=0,

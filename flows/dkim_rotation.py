@@ -82,7 +82,9 @@ def dkim_rotation_flow(
         while True:
             attempt += 1
             check = p.step(f"check#{attempt}", lambda s: _check(s, settings, name, new, p))
-            if check["passed"] or p.now() >= until:
+            # the check made at or after the deadline is the last one (a replayed earlier
+            # check never ends the wait: the next one is made first)
+            if check["passed"] or _aware(check["at"]) >= until:
                 break
             next_at = min(_aware(check["at"]) + timedelta(seconds=spec.recheck_seconds), until)
             p.sleep_until(f"dns#{attempt}", next_at, waiting_for=f"DNS of {name}'s new keys")

@@ -107,6 +107,7 @@ def build_context(settings: Settings, engine, clock: Clock) -> RelayContext:
         engine,
         KeyBox(secret),
         CredentialCache(secret, settings.credential_cache_seconds),
+        ttl=settings.policy_cache_seconds,
     )
     spool = Spool(engine, batch_max=settings.spool_batch_max, clock=clock)
 
@@ -158,6 +159,7 @@ def build_inbound_context(settings: Settings, engine, clock: Clock) -> InboundCo
         clock=clock,
         feedback=Mailbox.of(settings.feedback_mailbox),
         bounces=Mailbox.of(settings.bounce_mailbox),
+        dmarc=Mailbox.of(settings.dmarc_mailbox),
         metrics=build_inbound_metrics(),
         recording=recording,
         max_header_fields=settings.max_header_fields,

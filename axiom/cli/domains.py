@@ -33,18 +33,19 @@ def domain_add(tenant: str, domain: str) -> None:
 
 @domain_app.command("records")
 def domain_records_command(domain: str, json_output: JsonFlag = False) -> None:
-    """The DNS records the customer must publish for DOMAIN."""
+    """The DNS records the customer must publish for DOMAIN (runbooks/dns-records.yaml)."""
     # DKIM and key libraries (~90 ms) load for the domain commands only
     from protocol.domains import domain_records
 
+    config = settings()
     with admin() as session:
-        records = domain_records(session, domain, settings().hostname)
+        records = domain_records(session, domain, config.hostname, config.dmarc_mailbox)
     if json_output:
-        print_json([r.__dict__ for r in records])
+        print_json([r.as_json() for r in records])
         return
     # Zone-file lines rather than a table: the values are long and must be copied whole.
     for r in records:
-        sys.stdout.write(f'; {r.purpose}\n{r.name}. IN {r.type} "{r.value}"\n')
+        sys.stdout.write(f"; {r.purpose}\n{r.zone_line()}\n")
 
 
 @domain_app.command("activate")
