@@ -47,7 +47,7 @@ def domain_health_flow() -> dict:
     with session_scope(engine) as session:
         domain_health.check_dmarc_reports(session, result, now=now, actor=actor, runbook=runbook)
         session.commit()
-    for notice in result.notices:
+    for notice in result.notices:  # marked due in the incident: never sent twice
         with session_scope(engine) as session:
             said = customer_mail.send_notice(
                 session,
@@ -60,7 +60,7 @@ def domain_health_flow() -> dict:
                 missing=notice["missing"],
             )
             session.commit()
-        notice["sent"] = said["sent"]
+        notice.update(sent=said["sent"], reason=said["reason"], queued_as=said["queued_as"])
     notifier = SlackNotifier.from_settings(settings)
     for incident_id in sorted(set(result.incidents + result.resolved)):
         publish_incident(engine, notifier, incident_id)
