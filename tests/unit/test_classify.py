@@ -479,6 +479,248 @@ def test_receivers_wordings(reply, category, rule_id, permanent):
     assert (result.category, result.rule_id, result.permanent) == (category, rule_id, permanent)
 
 
+# --------------------------------------------------------------------------- 1.3 families
+SISIMAI = "sisimai/p5-sisimai@21cfb932:lib/Sisimai/"
+
+
+@pytest.mark.parametrize(
+    ("reply", "provider", "category", "rule_id", "permanent", "source"),
+    [
+        # a phrase of each ported list, in a reply as receivers send it
+        (
+            "550 sorry, no mailbox by that name is currently available",
+            "generic",
+            "mailbox_unknown",
+            "sisimai-user-unknown",
+            True,
+            "Reason/UserUnknown.pm",
+        ),
+        (
+            "553 mail domain mentioned in email address is unknown",
+            "generic",
+            "bad_domain",
+            "sisimai-host-unknown",
+            True,
+            "Reason/HostUnknown.pm",
+        ),
+        (
+            "550 5.1.1 <x@example.org>: Recipient address rejected: Domain not found",
+            "generic",
+            "bad_domain",
+            "sisimai-host-unknown",
+            True,
+            "Reason/HostUnknown.pm",
+        ),
+        (
+            "554 Host does not accept mail",
+            "generic",
+            "bad_domain",
+            "sisimai-host-unknown",
+            True,
+            "Reason/NotAccept.pm",
+        ),
+        (
+            "552 Maildir delivery failed: Userdisk quota 10485760 exceeded",
+            "generic",
+            "mailbox_full",
+            "sisimai-mailbox-full",
+            False,
+            "Reason/MailboxFull.pm",
+        ),
+        (
+            "552 too much mail data",
+            "generic",
+            "mailbox_full",
+            "sisimai-mailbox-full",
+            False,
+            "Reason/MailboxFull.pm (NTT Docomo)",
+        ),
+        (
+            "550 Mailbox is frozen",
+            "generic",
+            "mailbox_disabled",
+            "sisimai-suspend",
+            True,
+            "Reason/Suspend.pm",
+        ),
+        (
+            "550 kijitora@example.jp has been replaced by neko@example.jp",
+            "generic",
+            "mailbox_disabled",
+            "sisimai-suspend",
+            True,
+            "Reason/HasMoved.pm",
+        ),
+        (
+            "550 5.7.1 <root@example.jp>... BATV validation failure",
+            "generic",
+            "authentication",
+            "sisimai-rejected",
+            True,
+            "Reason/Rejected.pm (SonicWall)",
+        ),
+        (
+            "550 5.7.0 <s@example.jp>... Please use the smtp server of your ISP.",
+            "generic",
+            "reputation",
+            "text-client-refused",
+            True,
+            "Reason/Blocked.pm",
+        ),
+        (
+            "554 mr28p00im-smtpin040.me.com ESMTP not accepting connections",
+            "generic",
+            "reputation",
+            "text-client-refused",
+            True,
+            "Reason/Blocked.pm (iCloud)",
+        ),
+        (
+            "554 mr28p00im-smtpin040.me.com ESMTP not accepting connections",
+            "apple",
+            "reputation",
+            "apple-not-accepting-connections",
+            True,
+            "Rhost/Apple.pm",
+        ),
+        (
+            "450 service permits 2 unverifyable sending IPs - example.com is not 192.0.2.2",
+            "generic",
+            "rdns",
+            "sisimai-require-ptr",
+            False,
+            "Reason/RequirePTR.pm",
+        ),
+        (
+            "550 5.7.1 Rejected: SpamAssassin score 12.5",
+            "generic",
+            "content",
+            "text-content",
+            True,
+            "Reason/SpamDetected.pm",
+        ),
+        (
+            "554 Message rejected: Email address is not verified. The following identities failed the check in region US-EAST-1: s@example.com",
+            "generic",
+            "policy",
+            "sisimai-policy",
+            True,
+            "Reason/NoRelaying.pm (Amazon SES)",
+        ),
+        (
+            "550 5.7.1 Message MIME complexity exceeds the policy maximum",
+            "generic",
+            "content",
+            "text-malformed",
+            True,
+            "Reason/ContentError.pm (Exchange)",
+        ),
+        (
+            "552 Line limit exceeded",
+            "generic",
+            "message_too_large",
+            "text-message-too-large",
+            True,
+            "Reason/MesgTooBig.pm",
+        ),
+        (
+            "421 Too many SMTP sessions for this host",
+            "generic",
+            "rate_limited",
+            "text-rate-limited",
+            False,
+            "Reason/TooManyConn.pm (Sendmail)",
+        ),
+        (
+            "451 Requested action aborted: local error in processing",
+            "generic",
+            "transient",
+            "text-receiver-error",
+            False,
+            "Reason/SystemError.pm (RFC 5321's 451 text)",
+        ),
+        (
+            "451 Host not found, try again",
+            "generic",
+            "transient",
+            "text-network",
+            False,
+            "Reason/NetworkError.pm",
+        ),
+        (
+            "550 5.1.0 <s@example.com> sender rejected. Refer to Error Codes section at https://www.cox.com/residential/support/email-error-codes.html for more information. AUP#CDRBL",
+            "generic",
+            "reputation",
+            "aup-client-blocked",
+            True,
+            "Rhost/Cox.pm",
+        ),
+        (
+            "550 5.1.0 <s@example.com> sender rejected. AUP#In-1310",
+            "generic",
+            "rate_limited",
+            "text-rate-limited",
+            True,
+            "Rhost/Spectrum.pm",
+        ),
+        (
+            "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains",
+            "microsoft",
+            "policy",
+            "microsoft-unregistered-domain",
+            True,
+            "Microsoft 5.7.750 (and Rhost/Microsoft.pm)",
+        ),
+    ],
+)
+def test_ported_phrase_lists(reply, provider, category, rule_id, permanent, source):
+    result = classify(read_reply(reply), provider)
+    assert (result.category, result.rule_id, result.permanent) == (category, rule_id, permanent), (
+        SISIMAI + source
+    )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # our own sender refused: no recipient is suppressed (1.2 read these as unknown or bad domain)
+        "550 Unroutable sender address",
+        "550 Sender email address rejected",
+        "550 Sender IP address rejected",
+        # at MAIL FROM no recipient had been named yet, whatever words follow
+        "SMTP error from remote mail server after MAIL FROM:<s@example.com>: host mx.example.org [192.0.2.1]: 550 this recipient is not in my validrcptto list",
+        "host mx.example.org[192.0.2.1] said: 550 Mailbox is frozen (in reply to MAIL FROM command)",
+        # X.1.7/X.1.8 are about our sender
+        "550 5.1.7 <s@example.com>: no mailbox by that name is currently available",
+    ],
+)
+def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
+    result = classify(read_reply(reply), "generic")
+    assert result.category not in ("mailbox_unknown", "bad_domain", "mailbox_disabled")
+    assert result.action != "suppress_recipient"
+
+
+def test_an_outgoing_quota_or_the_receivers_disk_is_not_a_full_mailbox():
+    # Amazon SES's sending quota (Sisimai TooManyConn) and a receiver's own disk (RFC 3463 X.3.1)
+    assert classify(
+        "454 Throttling failure: Daily message quota exceeded.", "generic"
+    ).category == ("rate_limited")
+    assert classify("452 4.3.1 Insufficient disk space; try again later", "generic").category == (
+        "transient"
+    )
+
+
+def test_a_4xx_from_a_ported_list_is_never_permanent():
+    for reply in (
+        "450 sorry, no mailbox by that name is currently available",
+        "451 Mailbox is frozen",
+        "452 mail domain mentioned in email address is unknown",
+        "421 Please use the smtp server of your ISP",
+        "451 AUP#CDRBL",
+    ):
+        assert classify(read_reply(reply), "generic").permanent is False, reply
+
+
 def test_a_text_rule_drives_suspensions_only_for_a_named_list_or_a_rate():
     """blocklisted and rate_limited feed runbooks/shaping.yaml's suspensions: the generic text
     rules that give them are these, each backed by its source; words like 'blocked' alone or a
