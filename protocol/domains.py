@@ -216,3 +216,67 @@ def _check_may_activate(session: Session, name: str, domain: str, reason: str) -
     # has been written in this transaction (the checks above only read).
     session.commit()
     raise ServiceError(f"refused: {refusal}")
+
+
+def describe(session: Session, domain_name: str) -> dict:
+    """A domain as the domain runbooks read it: state, keys, return path, last DNS check, the
+    open procedures about it, and what its tenant's streams declared (`axiom domain show`)."""
+    from models import IpPool, Procedure, ProcedureState, Stream
+
+    domain = get_domain(session, domain_name)
+    keys = session.exec(
+        select(DkimKey).where(DkimKey.domain_id == domain.id).order_by(DkimKey.id)
+    ).all()
+    checks = domain.dns_checks or {}
+    subjects = (f"domain:{domain.name}", f"domain:{domain.name}/dkim")
+    procedures = session.exec(
+        select(Procedure).where(
+            Procedure.subject.in_(subjects),  # type: ignore[attr-defined]
+            Procedure.state.in_(ProcedureState.OPEN),  # type: ignore[attr-defined]
+        )
+    ).all()
+    streams = session.exec(select(Stream).where(Stream.tenant_id == domain.tenant_id)).all()
+
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "domain": domain.name,
+        "tenant": get_tenant_name(session, domain.name),
+        "state": str(domain.state),
+        "activated_at": when(domain.activated_at),
+        "return_path": return_path_of(domain),
+        "return_path_published": domain.return_path_published_at is not None,
+        "keys": [
+            {
+                "selector": k.selector,
+                "algorithm": k.algorithm,
+                "state": str(k.state),
+                "activated_at": when(k.activated_at),
+                "retire_at": when(k.retire_at),
+            }
+            for k in keys
+        ],
+        "dns": {
+            "checked_at": when(domain.dns_checked_at),
+            "passed": checks.get("passed"),
+            "failing": [c["name"] for c in checks.get("checks", []) if not c.get("ok")],
+        },
+        "procedures": [
+            {"id": p.id, "name": p.name, "state": p.state, "waiting_for": p.waiting_for}
+            for p in procedures
+        ],
+        "streams": [
+            {
+                "stream": s.name,
+                "pool": (pool.name if (pool := session.get(IpPool, s.pool_id)) else None),
+                "kind": s.kind,
+                "per_day": s.declared_per_day,
+                "per_month": s.declared_per_month,
+                "days_per_week": s.sending_days_per_week,
+                "list_source": s.list_source,
+                "list_age_months": s.list_age_months,
+            }
+            for s in streams
+        ],
+    }

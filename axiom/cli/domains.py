@@ -94,3 +94,56 @@ def domain_return_path(
         rp, live = found.return_path_domain, found.return_path_published_at is not None
     state = "published: used in MAIL FROM" if live else "not published: the relay's own is used"
     out.print(f"domain [bold]{domain.lower()}[/bold]: return path {rp} ({state})")
+
+
+@domain_app.command("show")
+def domain_show(domain: str, json_output: JsonFlag = False) -> None:
+    """DOMAIN as the domain runbooks see it: state, keys, return path, DNS, open procedures."""
+    from rich.table import Table
+
+    from protocol.domains import describe
+
+    with admin() as session:
+        shown = describe(session, domain)
+    if json_output:
+        print_json(shown)
+        return
+    dns = shown["dns"]
+    verdict = {True: "passes", False: "FAILS", None: "never checked"}[dns["passed"]]
+    out.print(
+        f"[bold]{shown['domain']}[/bold] ({shown['tenant']}): {shown['state']}; return path "
+        f"{shown['return_path']} ({'in use' if shown['return_path_published'] else 'not in use'});"
+        f" DNS {verdict}"
+        + (f" at {dns['checked_at'][:16]}" if dns["checked_at"] else "")
+        + (f": {', '.join(dns['failing'])}" if dns["failing"] else "")
+    )
+    keys = Table(title="DKIM keys", title_justify="left")
+    for column in ("selector", "algorithm", "state", "signing since", "retired at"):
+        keys.add_column(column)
+    for k in shown["keys"]:
+        keys.add_row(
+            k["selector"],
+            k["algorithm"],
+            k["state"],
+            (k["activated_at"] or "")[:16],
+            (k["retire_at"] or "")[:16],
+        )
+    out.print(keys)
+    if shown["procedures"]:
+        for p in shown["procedures"]:
+            out.print(f"procedure #{p['id']} {p['name']}: {p['state']} ({p['waiting_for'] or ''})")
+    if shown["streams"]:
+        streams = Table(title=f"Streams of {shown['tenant']} (declared)", title_justify="left")
+        for column in ("stream", "pool", "kind", "per day", "per month", "days/week", "list"):
+            streams.add_column(column)
+        for s in shown["streams"]:
+            streams.add_row(
+                s["stream"],
+                s["pool"] or "",
+                s["kind"] or "",
+                f"{s['per_day']:,}" if s["per_day"] is not None else "",
+                f"{s['per_month']:,}" if s["per_month"] is not None else "",
+                str(s["days_per_week"] or ""),
+                f"{s['list_source']} ({s['list_age_months']} mo)" if s["list_source"] else "",
+            )
+        out.print(streams)

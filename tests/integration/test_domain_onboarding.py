@@ -208,8 +208,12 @@ def test_onboarding_waits_for_dns_through_a_restart_and_activates_on_the_cli_ans
     assert [name for name, ok in first.items() if name.startswith("dkim:") and not ok] != []
     checked = cli("domain", "check", DOMAIN, "--json", check=False)
     assert checked.returncode == 1 and json.loads(checked.stdout)["passed"] is False
-    with session_scope(engine) as s:
-        assert s.exec(select(Domain).where(Domain.name == DOMAIN)).one().state == "pending"
+    shown = json.loads(cli("domain", "show", DOMAIN, "--json").stdout)
+    assert (shown["state"], shown["dns"]["passed"]) == ("pending", False)
+    assert [(p["name"], p["state"]) for p in shown["procedures"]] == [
+        ("domain-onboarding", "waiting")
+    ]
+    assert {k["state"] for k in shown["keys"]} == {"pending"}
 
     # The customer publishes SPF and DMARC first: those now pass, DKIM and the return path not.
     publish("spf", "dmarc")
@@ -255,6 +259,21 @@ def test_onboarding_waits_for_dns_through_a_restart_and_activates_on_the_cli_ans
             5,
         )
         assert stream.list_source == "customers"
+    shown = json.loads(cli("domain", "show", DOMAIN, "--json").stdout)
+    assert (shown["state"], shown["dns"]["passed"], shown["procedures"]) == ("active", True, [])
+    assert shown["streams"] == [
+        {
+            "stream": "transactional",
+            "pool": "default",
+            "kind": "transactional",
+            "per_day": 7_000,
+            "per_month": 150_000,
+            "days_per_week": 5,
+            "list_source": "customers",
+            "list_age_months": 2,
+        }
+    ]
+    assert "Streams of acme (declared)" in cli("domain", "show", DOMAIN).stdout
     (activated,) = _audit(engine, "domain.activate")
     assert activated.runbook_id == "domain-onboarding" and activated.actor.startswith("flow:")
     assert activated.evidence["approved_by"] == "bob"
