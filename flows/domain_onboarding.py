@@ -151,11 +151,15 @@ def domain_onboarding(
                 "dry run": dry_run,
             },
             evidence={
-                "dns": "every check passed" if check["passed"] else "checks fail",
-                **{c["name"]: c["reason"] for c in check["checks"]},
                 "declared": f"{stream_kind}, {expected_per_month:,}/month, "
                 f"{sending_days_per_week} days/week, list {list_source} "
                 f"({list_age_months} months)",
+                "dns": f"all {len(check['checks'])} checks pass (axiom domain check {name})",
+                "records": p.step("published", lambda s: _record_names(s, settings, name))[
+                    "records"
+                ],
+                # warnings do not stop a domain; the approver sees them
+                **{c["name"]: c["reason"] for c in check["checks"] if not c["ok"]},
             },
             settings=settings,
             runbook=runbook,
@@ -236,7 +240,7 @@ def _keys(session, settings, tenant: str, name: str, p: ProcedureRun) -> dict:
 
 
 def _send_records(session, settings, p: ProcedureRun, tenant: str, name: str, until) -> dict:
-    records = domains.domain_records(session, name, settings.hostname)
+    records = domains.domain_records(session, name, settings.hostname, settings.dmarc_mailbox)
     return customer_mail.send_notice(
         session,
         settings,
@@ -248,6 +252,12 @@ def _send_records(session, settings, p: ProcedureRun, tenant: str, name: str, un
         recheck=_for_people(rules().spec.recheck_seconds),
         deadline=f"{until:%Y-%m-%d %H:%M} UTC",
     )
+
+
+def _record_names(session, settings, name: str) -> dict:
+    """The records the approver is shown (runbooks/dns-records.yaml), by name and type."""
+    records = domains.domain_records(session, name, settings.hostname, settings.dmarc_mailbox)
+    return {"records": ", ".join(f"{r.name} {r.type}" for r in records)}
 
 
 def _check(session, settings, name: str, p: ProcedureRun, recheck_seconds: int) -> dict:

@@ -338,6 +338,7 @@ def test_the_activation_answered_in_slack_binds_a_dedicated_pool_and_notes_its_c
         text = json.dumps(posted.args)
         assert f"approval:{asking.approval_id}" in text and "dedicated-acme" in text
         assert "pool=default" in text  # the other choice, for the approver
+        assert f"._domainkey.{DOMAIN} TXT" in text  # the records, from the same template
 
         body = button_click(asking.approval_id, "approve", "U0BOB")
         answer = httpx.post(
