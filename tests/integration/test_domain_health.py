@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from prefect.logging.handlers import APILogWorker
+from sqlalchemy import event
 from sqlmodel import select
 
 from config.settings import load_settings
@@ -354,3 +355,21 @@ def test_our_ip_failing_dmarc_at_a_reporter_opens_an_incident_above_the_threshol
     run_flow()
     (folded,) = incidents_of(engine, domain_health.DMARC_FAILING)
     assert (folded.id, folded.occurrences) == (incident.id, 2)
+
+
+def test_a_run_with_no_active_domain_costs_one_query(prefect, tmp_path, monkeypatch):
+    home = make_home(tmp_path / "home", f"sqlite:///{tmp_path / 'axiom.db'}", hostname=RELAY)
+    for key, value in home.env.items():
+        if key.startswith("AXIOM_"):
+            monkeypatch.setenv(key, value)
+    resources.forget()
+    statements: list[str] = []
+    engine = resources.engine_for(resources.settings())  # the one the flow will use
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        assert run_flow() == {"checked": []}
+    finally:
+        APILogWorker.drain_all(timeout=5)
+        resources.forget()
+    queries = [q for q in statements if not q.startswith("BEGIN")]  # SQLite's BEGIN IMMEDIATE
+    assert len(queries) == 1 and "FROM domain" in queries[0], statements
