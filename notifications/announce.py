@@ -25,8 +25,16 @@ log = logging.getLogger("axiom.announce")
 
 SLACK_TIMELINE = 8  # the newest entries a Slack message shows; the artifact has them all
 CAUSES = {
-    "en": {"repeated-reactions": "repeated protective reactions"},
-    "it": {"repeated-reactions": "reazioni protettive ripetute"},
+    "en": {
+        "repeated-reactions": "repeated protective reactions",
+        "dns-broken": "DNS records broken",
+        "dmarc-failing": "our mail failing DMARC",
+    },
+    "it": {
+        "repeated-reactions": "reazioni protettive ripetute",
+        "dns-broken": "record DNS non corretti",
+        "dmarc-failing": "la nostra posta non supera DMARC",
+    },
 }
 
 

@@ -641,17 +641,18 @@ def _dkim_check(key: DkimExpected, resolver: _Dns) -> Check:
     elif got_k != want_k:
         reason = f"the key at {key.name} has k={got_k}, ours is k={want_k}"
     elif got_p != want_p:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(got_p, want_p, strict=False)) if a != b),
+            min(len(got_p), len(want_p)),
+        )
         reason = (
-            f"the key at {key.name} differs from ours (p={_short(got_p)}, ours "
-            f"p={_short(want_p)}): copy the record again, whole"
+            f"the key at {key.name} differs from ours from character {at + 1} of p= "
+            f"(…{got_p[at : at + 8]}… vs ours …{want_p[at : at + 8]}…): copy the record "
+            "again, whole"
         )
     else:
         return Check(name, True, f"{key.name} publishes our {want_k} key", records[0], key.value)
     return Check(name, False, reason, records[0], key.value)
-
-
-def _short(key: str) -> str:
-    return key if len(key) <= 24 else f"{key[:12]}…{key[-8:]}"
 
 
 # --- DMARC

@@ -50,14 +50,15 @@ def test_registered_deployments_come_back_through_the_api_with_their_schedules(p
             rules = procedure.runbook()
             stored = client.read_deployment_by_name(procedure.deployment_name)
             assert stored.version == f"{rules.id}-{rules.version}"
-            # The sweep and reactions-watch every minute, events-retention hourly by cron;
-            # the others on demand.
+            # The sweep and reactions-watch every minute, events-retention hourly by cron,
+            # dkim-rotation/scheduled and domain-health daily; the others on demand (a
+            # runbook's on-demand deployment beside its scheduled one has no schedule).
             assert [
                 getattr(s.schedule, "cron", None) or getattr(s.schedule, "interval").total_seconds()  # noqa: B009
                 for s in stored.schedules
             ] == (
                 [rules.schedule.cron or rules.schedule.interval_seconds]
-                if rules.schedule.enabled
+                if rules.schedule.enabled and procedure.scheduled
                 else []
             )
             fields = stored.parameter_openapi_schema["properties"]
@@ -189,7 +190,7 @@ def test_axiom_flows_serve_registers_every_deployment_of_the_registry(prefect, t
                 stored = client.read_deployment_by_name(procedure.deployment_name)
                 rules = procedure.runbook()
                 assert stored.version == f"{rules.id}-{rules.version}"
-                assert bool(stored.schedules) == rules.schedule.enabled
+                assert bool(stored.schedules) == (rules.schedule.enabled and procedure.scheduled)
             sweep = client.read_deployment_by_name("procedures-sweep/scheduled")
             assert [s.schedule.interval for s in sweep.schedules] == [timedelta(seconds=60)]
     finally:
