@@ -348,7 +348,8 @@ def test_our_ip_failing_dmarc_at_a_reporter_opens_an_incident_above_the_threshol
     assert "google.com" not in incident.summary
     (reporter,) = incident.evidence["reporters"]
     assert reporter["sources"] == {OUR_IP: {"messages": minimum, "failed": minimum}}
-    assert "dmarc-failing" in json.dumps(world["slack"].wait_for("chat.postMessage")[0].args)
+    posted = json.dumps(world["slack"].wait_for("chat.postMessage")[0].args)
+    assert "our mail failing DMARC" in posted  # the cause named for people (announce.CAUSES)
     assert incidents_of(engine, domain_health.DNS_BROKEN) == []  # the DNS is right
 
     # The next run reads the same reports: folded, not a second incident.
