@@ -134,27 +134,6 @@ def cli(tmp_path, db_url, monkeypatch):
     return run
 
 
-# The modules whose tests take longest (tens of seconds each: processes, Prefect, peers), run
-# first. `make test`'s workers split the list in two and steal from each other's end, so with
-# these at the front the run ends on short tests instead of one worker finishing a two-minute
-# test while the other idles. Only the order changes; every test is independent of it.
-SLOW_FIRST = (
-    "tests/integration/test_scale_out.py",
-    "tests/integration/test_domain_onboarding.py",
-    "tests/integration/test_dkim_rotation.py",
-    "tests/integration/test_durable_procedures.py",
-    "tests/integration/test_up.py",
-    "tests/integration/test_sandbox_cli.py",
-    "tests/integration/test_fault_matrix.py",
-    "tests/integration/test_domain_health.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {module: n for n, module in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
 def pytest_terminal_summary(terminalreporter):
     """Measurements tests record (record_property("measurement", text)) — figures reported,
     never asserted, such as the classifier's agreement on its held-back corpus — printed at
