@@ -64,10 +64,13 @@ def world_records(
         for host in {host for _, host in provider.mx}:
             out.append(Rr(host, "A", addresses[provider.name], ttl))
     inbound = behaviour.customer_provider.mx[0][1]
+    hostname = customers.relay_hostname.lower()
     for domain, records in customers.domains.items():
         out.append(Rr(domain, "MX", f"10 {inbound}.", ttl))
         out += [Rr(name.lower(), rdtype, value, ttl) for name, rdtype, value in records]
-    hostname = customers.relay_hostname.lower()
+        # The relay's domain accepts DMARC reports about this one (RFC 7489 §7.1): its rua
+        # names an address outside the domain, which receivers honour only with this record.
+        out.append(Rr(f"{domain}._report._dmarc.{hostname}", "TXT", "v=DMARC1", ttl))
     by_name: dict[str, list[str]] = defaultdict(list)
     for address, ptr in sorted(customers.source_ips.items()):
         name = (ptr or hostname).lower()
