@@ -78,16 +78,13 @@ def dkim_rotation_flow(
         )
         until = _aware(deadline["at"])
         p.step("records", lambda s: _send_records(s, settings, p, name, new, until))
-        attempt = 0
-        while True:
-            attempt += 1
-            check = p.step(f"check#{attempt}", lambda s: _check(s, settings, name, new, p))
-            # the check made at or after the deadline is the last one (a replayed earlier
-            # check never ends the wait: the next one is made first)
-            if check["passed"] or _aware(check["at"]) >= until:
-                break
-            next_at = min(_aware(check["at"]) + timedelta(seconds=spec.recheck_seconds), until)
-            p.sleep_until(f"dns#{attempt}", next_at, waiting_for=f"DNS of {name}'s new keys")
+        check = p.poll(
+            "check",
+            lambda s: _check(s, settings, name, new, p),
+            until=until,
+            every=timedelta(seconds=spec.recheck_seconds),
+            waiting_for=f"DNS of {name}'s new keys",
+        )
         if not check["passed"]:
             p.step(
                 "withdraw",

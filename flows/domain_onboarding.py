@@ -105,20 +105,13 @@ def domain_onboarding(
         until = _aware(deadline["at"])
         p.step("records", lambda s: _send_records(s, settings, p, tenant, name, until))
 
-        # Wait for DNS: one recorded check per attempt, a sleep between them.
-        attempt = 0
-        while True:
-            attempt += 1
-            check = p.step(
-                f"check#{attempt}",
-                lambda s: _check(s, settings, name, p, spec.recheck_seconds),
-            )
-            # the check made at or after the deadline is the last one (a replayed earlier
-            # check never ends the wait: the next one is made first)
-            if check["passed"] or _aware(check["at"]) >= until:
-                break
-            next_at = min(_aware(check["next_at"]), until)
-            p.sleep_until(f"dns#{attempt}", next_at, waiting_for=f"DNS of {name}")
+        check = p.poll(
+            "check",
+            lambda s: _check(s, settings, name, p),
+            until=until,
+            every=timedelta(seconds=spec.recheck_seconds),
+            waiting_for=f"DNS of {name}",
+        )
         _artifact(name, check, None, settings)
         if not check["passed"]:
             logger.info("%s: DNS not right by the deadline; stays pending", name)
@@ -260,7 +253,7 @@ def _record_names(session, settings, name: str) -> dict:
     return {"records": ", ".join(f"{r.name} {r.type}" for r in records)}
 
 
-def _check(session, settings, name: str, p: ProcedureRun, recheck_seconds: int) -> dict:
+def _check(session, settings, name: str, p: ProcedureRun) -> dict:
     now = p.now()
     result = dns_checks.check_and_record(session, name, settings, now=now)
     return {
@@ -268,7 +261,6 @@ def _check(session, settings, name: str, p: ProcedureRun, recheck_seconds: int) 
         "checks": [{"name": c.name, "ok": c.ok, "reason": c.reason} for c in result.checks],
         "missing": [{"name": c.name, "reason": c.reason} for c in result.missing()],
         "at": now.isoformat(),
-        "next_at": (now + timedelta(seconds=recheck_seconds)).isoformat(),
     }
 
 

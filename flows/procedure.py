@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from prefect.context import FlowRunContext
@@ -157,6 +157,33 @@ class ProcedureRun:
             )
             time.sleep(min(IN_PROCESS_POLL_SECONDS, (until - self.now()).total_seconds()))
         procedures.resumed(self.engine, self.id, now=self.now())
+
+    def poll(
+        self,
+        name: str,
+        check: Callable[[Session], dict],
+        *,
+        until: datetime,
+        every: timedelta,
+        waiting_for: str,
+    ) -> dict:
+        """Repeat a recorded check until it passes or one is made at or after `until`,
+        sleeping `every` between checks on this procedure's clock (no process waits).
+
+        `check` is a step returning at least {"passed": bool, "at": ISO 8601 time}. A run
+        started again replays the checks already made; a replayed check never ends the wait
+        early (the next one is made first), so the last check is always a fresh one."""
+        attempt = 0
+        while True:
+            attempt += 1
+            result = self.step(f"{name}#{attempt}", check)
+            at = datetime.fromisoformat(result["at"])
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)
+            if result["passed"] or at >= until:
+                return result
+            self.sleep_until(
+                f"{name}-next#{attempt}", min(at + every, until), waiting_for=waiting_for
+            )
 
     def finish(self, outcome: dict) -> None:
         procedures.finish(self.engine, self.id, outcome, now=self.now())
