@@ -217,6 +217,8 @@ def _unzip(payload: bytes) -> Iterator[bytes]:
         with archive.open(member) as stream:  # inflates lazily: read() bounds the work
             while chunk := stream.read(CHUNK):
                 yield chunk
+    # zipfile raises NotImplementedError for a compression method it does not support: the
+    # report is refused like a corrupt one, not a stub of ours
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as exc:
         raise Refused(f"the zip attachment is corrupt ({exc})") from None
 
