@@ -13,6 +13,7 @@ from models.egress import (
     StreamKind,
     WarmupDay,
     WarmupPlan,
+    WarmupState,
 )
 from models.events import (
     DeliveryEvent,
@@ -69,4 +70,5 @@ __all__ = [
     "Tenant",
     "WarmupDay",
     "WarmupPlan",
+    "WarmupState",
 ]

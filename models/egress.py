@@ -68,13 +68,38 @@ class Stream(SQLModel, table=True):
     created_at: datetime = created_at_field()
 
 
+class WarmupState(StrEnum):
+    running = "running"  # caps rise stage by stage
+    review = "review"  # the signals stopped it: caps stay, a person decides (warmup.review)
+    paused = "paused"  # a person paused it: the subject sends nothing under this plan
+    done = "done"  # declared warm: no caps
+    cancelled = "cancelled"
+
+
+# States whose caps the relay enforces (a paused plan's cap is 0).
+CAPPED_STATES = ("running", "review", "paused")
+
+
 class WarmupPlan(SQLModel, table=True):
+    """A warm-up of one IP (ip_id) or one new sending domain (domain_id), on a plan of
+    runbooks/ip-warmup.yaml; where it stands per provider is `stages` (provider -> stage,
+    "*" for the rest), advanced per sending day by protocol/warmup.py."""
+
     id: int | None = Field(default=None, primary_key=True)
-    ip_id: int = Field(foreign_key="ipaddress.id", index=True)
-    schedule_id: str = Field(max_length=64)  # the runbook schedule it follows
+    ip_id: int | None = Field(default=None, foreign_key="ipaddress.id", index=True)
+    domain_id: int | None = Field(default=None, foreign_key="domain.id", index=True)
+    schedule_id: str = Field(max_length=64)  # the runbook plan it follows
     runbook_version: str = Field(max_length=32)
     started_on: date
-    state: str = Field(default="running", max_length=16)
+    state: str = Field(default="running", max_length=16)  # WarmupState
+    reason: str = Field(default="new", max_length=32)  # new, idle, delisted, domain
+    stages: dict = json_field()  # provider -> stage (1-based)
+    held: dict = json_field()  # provider -> why its stage holds
+    # "marked": only messages carrying the candidate header use it; "all": every message,
+    # marked ones first.
+    candidates: str = Field(default="all", max_length=8)
+    evaluated_on: date | None = None  # the last day judged
+    progressed_on: date | None = None  # the last day a provider advanced (or the start)
     created_at: datetime = created_at_field()
 
 

@@ -27,6 +27,9 @@ class Message(SQLModel, table=True):
     data: bytes = Field(sa_type=LargeBinary)  # the message exactly as it will be sent
     client_address: str = Field(default="", max_length=64)
     auth_user: str | None = Field(default=None, max_length=128)
+    # The customer marked it for an engaged recipient (runbooks/ip-warmup.yaml
+    # candidate_header): warming IPs and domains prefer it.
+    warmup_candidate: bool = False
     created_at: datetime = created_at_field()
 
 

@@ -26,6 +26,7 @@ from runbooks.schema_protocol import (
     ReactionsWatchRunbook,
     SuspendStreamRunbook,
 )
+from runbooks.schema_warmup import IpWarmupRunbook
 
 # Every kind of runbook file; `kind` picks the schema.
 Runbook = Annotated[
@@ -43,7 +44,8 @@ Runbook = Annotated[
     | DnsRecordsRunbook
     | DomainOnboardingRunbook
     | DkimRotationRunbook
-    | DomainHealthRunbook,
+    | DomainHealthRunbook
+    | IpWarmupRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -181,3 +183,7 @@ def _typed(runbook_id: str, kind: type):
     if not isinstance(runbook, kind):
         raise RunbookError(RUNBOOK_DIR, runbook_id, f"expected kind {kind.__name__}")
     return runbook
+
+
+def ip_warmup() -> IpWarmupRunbook:
+    return _typed("ip-warmup", IpWarmupRunbook)
