@@ -945,3 +945,13 @@ def check_and_record(
     domain.dns_checked_at = now
     session.add(domain)
     return result
+
+
+def check_ip(address: str, ptr_name: str | None, settings: Settings, timeout: float = 3.0) -> Check:
+    """Forward-confirmed reverse DNS of one sending IP, as the domain checks do it: the warm-up
+    runbook shows it as evidence before an IP starts warming (a receiver refuses an IP whose
+    PTR does not confirm, whatever its volume)."""
+    from config.settings import parse_nameserver
+
+    nameservers = [parse_nameserver(entry) for entry in settings.dns_nameservers]
+    return _fcrdns(SourceIp(address, ptr_name), _Dns(nameservers, timeout))
