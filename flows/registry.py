@@ -31,6 +31,7 @@ from runbooks.loader import (
     domain_health,
     domain_onboarding,
     events_retention,
+    ip_warmup,
     operator_verbs,
     procedures_sweep,
     reactions_watch,
@@ -82,6 +83,7 @@ def procedures() -> list[Procedure]:
     from flows.domain_health import domain_health_flow
     from flows.domain_onboarding import domain_onboarding as domain_onboarding_flow
     from flows.events_retention import events_retention_flow
+    from flows.ip_warmup import ip_warmup_flow
     from flows.operator_verbs import FLOWS
     from flows.suspend_stream import suspend_stream as suspend_stream_flow
     from flows.sweep import procedures_sweep_flow
@@ -158,6 +160,27 @@ def procedures() -> list[Procedure]:
                 "opens an incident, alerts Slack and tells the customer when something breaks."
             ),
             tags=("protocol", "domains"),
+        ),
+        Procedure(
+            name="scheduled",
+            flow=ip_warmup_flow,
+            runbook=ip_warmup,
+            description=(
+                "Judges every warming IP and new domain per provider on the day that ended: "
+                "advance, hold a provider, or stop and ask; writes the new day's caps."
+            ),
+            tags=("protocol", "warmup"),
+        ),
+        Procedure(
+            name="on-demand",
+            flow=ip_warmup_flow,
+            runbook=ip_warmup,
+            description=(
+                "Start warming an IP on a plan, review a warm-up the signals stopped, or "
+                "declare an IP warm: each through a checkpoint (action and its fields)."
+            ),
+            tags=("protocol", "checkpoint", "warmup"),
+            scheduled=False,
         ),
         Procedure(
             name="on-demand",

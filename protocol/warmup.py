@@ -171,7 +171,10 @@ def decide(ev: Evidence, plan: Plan, j: Judgement) -> Proposal:
             stages.setdefault(x.provider, default)
             held[x.provider] = x.reason
     last = len(plan.stages)
-    if stages and all(stage > last for stage in stages.values()):
+    # "*" is the stage of the providers not named in the runbook; when none of them sends it
+    # stays where it began and must not hold back a completion it has no part in.
+    relevant = [s for p, s in stages.items() if p != ALL_PROVIDERS or p in sending]
+    if relevant and all(stage > last for stage in relevant):
         return Proposal("complete", stages, held, judged, [f"every provider past stage {last}"])
     if advanced:
         return Proposal("advance", stages, held, judged, [])

@@ -20,6 +20,7 @@ from axiom.cli import (  # noqa: F401  (imported for the commands they register)
     runbooks,
     signals,
     tenants,
+    warmup,
 )
 from axiom.cli.app import app
 from sandbox.cli import sandbox_app

@@ -143,6 +143,7 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
         "domain-onboarding",
         "dkim-rotation",
         "domain-health",
+        "ip-warmup",
     }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
