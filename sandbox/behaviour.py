@@ -165,25 +165,55 @@ class SpamRate(Strict):
 
 class Losses(Strict):
     rate_limited: float = Field(ge=0)
+    over_allowance: float = Field(ge=0)
     unknown_mailbox: float = Field(ge=0)
     complaint: float = Field(ge=0)
     auth_failure: float = Field(ge=0)
     blocklisted: float = Field(ge=0)
 
 
+class CleanDay(Strict):
+    """What a sending day must look like to count toward an IP's history."""
+
+    min_delivered: int = Field(ge=1)
+    max_complaint_rate: float = Field(ge=0, lt=1)  # complaints per delivered message
+    max_unknown_share: float = Field(ge=0, lt=1)  # of the day's recipients
+    max_auth_failure_share: float = Field(ge=0, lt=1)
+    max_deferred_share: float = Field(ge=0, lt=1)  # short-term (token bucket) deferrals
+
+
+class Daily(Strict):
+    """Volume per UTC day of the world's clock, judged against the IP's history."""
+
+    cold_allowance: float = Field(gt=0)
+    growth_per_clean_day: float = Field(gt=1)
+    max_allowance: float = Field(gt=0)
+    clean_day_gain: float = Field(gt=0)  # score points a clean day adds
+    clean_day: CleanDay
+    pushed_day_setback: float = Field(ge=0)  # clean days a pushed or blocked day takes away
+    push_block_factor: float = Field(gt=1)
+    push_block_seconds: int = Field(ge=1)
+    idle_grace_days: int = Field(ge=0)
+    idle_half_life_days: float = Field(gt=0)
+    note: str = ""
+
+    def allowance(self, clean_days: float) -> float:
+        """Messages a day a provider takes from an IP with this many clean sending days."""
+        return min(self.max_allowance, self.cold_allowance * self.growth_per_clean_day**clean_days)
+
+
 class ReputationModel(Strict):
     initial_score: float
     min_score: float
     max_score: float
-    clean_delivery_gain: float = Field(ge=0)
-    max_gain_per_minute: float = Field(gt=0)
     losses: Losses
     block_below: float
     block_seconds: int = Field(ge=1)
-    # Points a day the score drifts back toward initial_score by itself: an IP that stops
-    # sending loses its standing, a damaged one recovers once the abuse stops.
+    # Points a day a score below initial_score recovers by itself once the abuse stops. (A
+    # score above it cools only on idle days: `daily.idle_half_life_days`.)
     decay_per_day: float = Field(default=0.0, ge=0)
     tiers: list[Tier] = Field(min_length=1)
+    daily: Daily
     note: str = ""
     spam_rate: SpamRate
 

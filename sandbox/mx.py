@@ -4,7 +4,8 @@ One handler per provider, one handle_<VERB> per verb, each check an early return
 provider's published reply (sandbox/behaviour.yaml):
 
     MAIL  per-connection limit → TLS required → IP blocked → DNSBL listing → PTR → DBL listing
-    RCPT  rate for the IP's reputation tier (block after sustained abuse) → unknown mailbox
+    RCPT  today's allowance for the IP's history, then the rate for its reputation tier
+          (block after pushing on past either) → unknown mailbox
     DATA  DMARC reject → SPF-or-DKIM for all senders → SPF-and-DKIM for bulk senders → accept
 
 Accepted mail is stored per recipient; a share of it draws a complaint, which costs the IP
@@ -101,6 +102,8 @@ class ProviderHandler:
         if p.require_tls and not session.ssl:
             return self._refuse(ip, "", "tls_required", {})
         if self.ctx.reputation.blocked(p.name, ip):
+            # Trying on while blocked counts against the IP's day.
+            self.ctx.reputation.refused(p.name, ip)
             return self._refuse(ip, "", "blocked", {})
         # Asked again for every transaction, not once per connection: a listing made while
         # the relay keeps a session open must bite on its next message.

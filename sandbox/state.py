@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ CREATE TABLE IF NOT EXISTS knob (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS standing (
     provider TEXT NOT NULL, ip TEXT NOT NULL, score REAL NOT NULL, blocked_until REAL NOT NULL,
     accepted INTEGER NOT NULL, deferred INTEGER NOT NULL, rejected INTEGER NOT NULL,
-    complaints INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (provider, ip));
+    complaints INTEGER NOT NULL, updated_at REAL NOT NULL, clean_days REAL NOT NULL DEFAULT 0,
+    allowance REAL NOT NULL DEFAULT 0, day INTEGER NOT NULL DEFAULT 0,
+    last_active_day INTEGER NOT NULL DEFAULT 0, today TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (provider, ip));
 CREATE TABLE IF NOT EXISTS command (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, args TEXT NOT NULL,
     created_at REAL NOT NULL, done_at REAL, result TEXT);
@@ -44,6 +47,14 @@ CREATE TABLE IF NOT EXISTS world (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
+# Columns the standing table gained after its first release: added to an older state file.
+STANDING_ADDED = {
+    "clean_days": "REAL NOT NULL DEFAULT 0",
+    "allowance": "REAL NOT NULL DEFAULT 0",
+    "day": "INTEGER NOT NULL DEFAULT 0",
+    "last_active_day": "INTEGER NOT NULL DEFAULT 0",
+    "today": "TEXT NOT NULL DEFAULT '{}'",
+}
 MAX_VERDICTS = 100_000  # older rows are dropped; the table is for status and scenarios
 
 
@@ -75,6 +86,17 @@ class StandingRow:
     rejected: int
     complaints: int
     updated_at: float
+    # The daily history (sandbox/reputation.py): clean sending days so far, the allowance
+    # they earn, the UTC day number (of the world's clock) the `today` counters belong to,
+    # the last day anything was sent. day 0: a row from before the daily model.
+    clean_days: float = 0.0
+    allowance: float = 0.0
+    day: int = 0
+    last_active_day: int = 0
+    today: dict[str, int] = field(default_factory=dict)
+
+
+STANDING_COLUMNS = [f.name for f in fields(StandingRow)]
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,10 @@ class StateStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(standing)")}
+            for column, kind in STANDING_ADDED.items():
+                if column not in have:  # fixed names and types, above
+                    db.execute(f"ALTER TABLE standing ADD COLUMN {column} {kind}")
 
     @classmethod
     def for_home(cls, home: Path) -> StateStore:
@@ -227,27 +253,14 @@ class StateStore:
 
     # --- what the world writes back ---
     def save_standings(self, rows: Iterable[StandingRow]) -> None:
+        columns = ", ".join(STANDING_COLUMNS)
+        marks = ", ".join("?" for _ in STANDING_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in STANDING_COLUMNS[2:])
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO standing VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (provider, ip) DO UPDATE SET score = excluded.score,"
-                " blocked_until = excluded.blocked_until, accepted = excluded.accepted,"
-                " deferred = excluded.deferred, rejected = excluded.rejected,"
-                " complaints = excluded.complaints, updated_at = excluded.updated_at",
-                [
-                    (
-                        r.provider,
-                        r.ip,
-                        r.score,
-                        r.blocked_until,
-                        r.accepted,
-                        r.deferred,
-                        r.rejected,
-                        r.complaints,
-                        r.updated_at,
-                    )
-                    for r in rows
-                ],
+                f"INSERT INTO standing ({columns}) VALUES ({marks})"
+                f" ON CONFLICT (provider, ip) DO UPDATE SET {updates}",
+                [(*astuple(r)[:-1], json.dumps(r.today)) for r in rows],
             )
 
     def delete_standings(self, provider: str | None, ip: str | None) -> None:
@@ -259,8 +272,10 @@ class StateStore:
 
     def standings(self) -> list[StandingRow]:
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM standing ORDER BY ip, provider").fetchall()
-        return [StandingRow(*row) for row in rows]
+            rows = db.execute(
+                f"SELECT {', '.join(STANDING_COLUMNS)} FROM standing ORDER BY ip, provider"
+            ).fetchall()
+        return [StandingRow(*row[:-1], json.loads(row[-1])) for row in rows]
 
     def add_verdicts(self, rows: Iterable[tuple[float, str, str, str, str, str]]) -> None:
         """(at, provider, ip, recipient, outcome, reply) for each answer the MX servers gave."""

@@ -1,4 +1,4 @@
-"""sandbox/reputation.py on a manual clock: cold IPs are rate limited, clean volume warms them,
+"""sandbox/reputation.py on a manual clock: cold IPs are rate limited, clean days warm them,
 abuse blocks them, and a complaint rate over the published line damages them."""
 
 from __future__ import annotations
@@ -61,27 +61,27 @@ def test_standings_are_per_provider_and_per_ip(rep):
     assert rep.admit("google", "127.0.0.11").admission == "ok"
 
 
-def test_clean_volume_warms_an_ip_but_only_as_fast_as_the_minute_cap(rep, clock):
+def test_clean_volume_warms_an_ip_by_the_day_not_by_the_minute(rep, clock):
+    """A day of clean mail, however much, counts as one day: established takes days."""
     model = behaviour().reputation
-    warming = tier("warming")
-    for _ in range(200):  # a burst of clean mail in one minute counts for one minute's gain
-        rep.delivered("google", IP)
-    assert rep.standing("google", IP).score == pytest.approx(model.max_gain_per_minute)
-    minutes = 0
-    while rep.tier("google", IP).name != "warming":
-        clock.advance(60)
-        minutes += 1
-        for _ in range(int(model.max_gain_per_minute)):
+    days = 0  # clean sending days behind the IP
+    while True:
+        clock.now = (10 + days) * 86400.0  # midnight UTC: the day before is judged
+        if rep.tier("google", IP).name == "established":
+            break
+        assert rep.tier("google", IP).name == ("warming" if days else "cold")
+        for _ in range(30):  # a steady day: one every 10 minutes, within the allowance
+            clock.advance(600)
+            assert rep.admit("google", IP).admission == "ok"
             rep.delivered("google", IP)
-        assert minutes < 100
-    assert rep.standing("google", IP).score >= warming.min_score
-    while rep.tier("google", IP).name != "established":
-        clock.advance(60)
-        for _ in range(int(model.max_gain_per_minute)):
-            rep.delivered("google", IP)
-        minutes += 1
-        assert minutes < 100
-    assert rep.admit("google", IP).admission == "ok"
+        # however much clean mail: nothing changes before the day is over
+        assert rep.standing("google", IP).score == model.initial_score + days * (
+            model.daily.clean_day_gain
+        )
+        days += 1
+        assert days < 20
+    clean_days_to_establish = tier("established").min_score / model.daily.clean_day_gain
+    assert days == clean_days_to_establish
 
 
 def test_pushing_into_the_limit_damages_then_blocks_the_ip(rep, clock):
