@@ -482,11 +482,12 @@ class DeliveryEngine:
             await self._settle(outcome, attempts)
             return
         provider = provider_for_mx(mx.targets[0].host)
-        choice = self.egress.choose_cached(message.tenant_id, message.stream, provider)
+        # The From domain (a new sending domain warms per provider on every IP) and the
+        # customer's warm-up candidate mark (warming IPs prefer it).
+        pick = (message.tenant_id, message.stream, provider, message.from_domain)
+        choice = self.egress.choose_cached(*pick, message.warmup_candidate)
         if choice is None:
-            choice = await asyncio.to_thread(
-                self.egress.choose, message.tenant_id, message.stream, provider
-            )
+            choice = await asyncio.to_thread(self.egress.choose, *pick, message.warmup_candidate)
         now = self.clock.now()
         if choice.source is None:
             until = choice.wait_until or now + timedelta(seconds=self.spec.capped_wait_seconds)
@@ -516,9 +517,12 @@ class DeliveryEngine:
             )
             await self._settle(outcome, attempts)
         finally:
-            # choose() counted a warm-up pick in WarmupDay.sent; now make it what was delivered.
-            if choice.warmup_day_id is not None:
-                await asyncio.to_thread(self.egress.release, choice.warmup_day_id, delivered)
+            # choose() counted a warm-up pick in WarmupDay.sent (the IP's day, the domain's);
+            # now make it what was delivered.
+            if choice.warmup_day_id is not None or choice.domain_day_id is not None:
+                await asyncio.to_thread(
+                    self.egress.release, choice.warmup_day_id, delivered, choice.domain_day_id
+                )
 
     async def _transmit(
         self,

@@ -57,6 +57,9 @@ class QueuedMessage:
     # Read with the message, not cached: a pause holds the tenant's mail from the next claim,
     # and a resume releases it as soon as the woken recipients fall due.
     tenant_paused: bool = False
+    # The customer marked it for an engaged recipient (runbooks/ip-warmup.yaml
+    # candidate_header): warming IPs prefer it (relay/delivery/egress.py).
+    warmup_candidate: bool = False
 
 
 # The last_reply of a recipient postponed because its tenant is paused (`axiom queue` shows it).
@@ -224,6 +227,7 @@ _LOADED = (
     Message.created_at,
     Message.header_from_domain,
     Tenant.paused,
+    Message.warmup_candidate,
 )
 
 

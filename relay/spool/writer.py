@@ -53,6 +53,8 @@ class SpoolEntry:
     # None: the spool stamps it with its clock when it takes the entry (the sandbox's shifted
     # time there, so retries and expiry count from the same time the delivery engine reads).
     created_at: datetime | None = None
+    # The customer's warm-up candidate header said so (relay/submission/server.py).
+    warmup_candidate: bool = False
 
 
 class SpoolUnavailable(Exception):
@@ -128,6 +130,7 @@ def spool_rows(entries: list[SpoolEntry]) -> tuple[list[dict], list[dict]]:
             "data": e.data,
             "client_address": e.client_address,
             "auth_user": e.auth_user,
+            "warmup_candidate": e.warmup_candidate,
             "created_at": e.created_at,
         }
         for e in entries

@@ -56,6 +56,7 @@ MAX_DOMAIN = 253  # Recipient.domain; also the longest domain name DNS allows
 DEFAULT_STREAM = "transactional"
 STREAM_HEADER = "x-axiom-stream"
 _STREAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+_CANDIDATE_VALUES = {"1", "yes", "true"}
 _BUILTIN_AUTH = ("CRAM-MD5", "LOGIN", "PLAIN")  # aiosmtpd's own auth_* mechanisms
 # Messages up to this size are signed on the event loop; larger ones in a thread. Signing is
 # CPU work (no I/O): ~0.5 ms for a 2 KB message. In a thread it bought no parallelism (dkimpy
@@ -521,6 +522,10 @@ class SubmissionHandler:
         if not _STREAM_NAME.match(stream):
             stream = DEFAULT_STREAM
         headers.remove(STREAM_HEADER)  # an instruction to us, not for the recipient
+        # The customer marks an engaged recipient for warming IPs and domains; also ours only.
+        candidate_values = headers.values(_candidate_header())
+        candidate = bool(candidate_values) and candidate_values[0].lower() in _CANDIDATE_VALUES
+        headers.remove(_candidate_header())
 
         queue_id = new_queue_id()
         if not headers.values("message-id"):
@@ -555,6 +560,7 @@ class SubmissionHandler:
             data=signatures + unsigned,
             client_address=_client_ip(session),
             auth_user=principal.username,
+            warmup_candidate=candidate,
         )
         started = asyncio.get_running_loop().time()
         try:
@@ -704,3 +710,11 @@ def make_protocol_factory(
         return protocol
 
     return factory
+
+
+@functools.cache
+def _candidate_header() -> str:
+    """The warm-up candidate header's name (runbooks/ip-warmup.yaml), read once."""
+    from runbooks.loader import ip_warmup
+
+    return ip_warmup().spec.candidate_header.lower()
