@@ -200,6 +200,7 @@ def domain_onboarding(
             ),
         )
         logger.info("%s is active on pool %s", name, activation["pool"])
+        p.step("warmup", lambda s: _start_warmups(activation["cold_ips"]))
         notice = p.step(
             "notify",
             lambda s: customer_mail.send_notice(
@@ -217,6 +218,24 @@ def domain_onboarding(
             p,
             OnboardingOutcome(outcome="activated", activation=activation, notice=notice, **outcome),
         )
+
+
+def _start_warmups(cold_ips: list[str]) -> dict:
+    """The pool's cold IPs carry no traffic until a plan covers them: a run of
+    ip-warmup/on-demand for each, which asks warmup.start (not twice for one IP)."""
+    from prefect.deployments import run_deployment
+
+    from flows.ip_warmup import ON_DEMAND, open_procedure
+
+    started = []
+    for address in cold_ips:
+        if open_procedure(f"ip:{address}", "start"):
+            continue
+        run = run_deployment(
+            ON_DEMAND, parameters={"action": "start", "ip": address}, timeout=0, as_subflow=False
+        )
+        started.append({"ip": address, "flow_run_id": str(run.id)})
+    return {"started": started}
 
 
 def _keys(session, settings, tenant: str, name: str, p: ProcedureRun) -> dict:

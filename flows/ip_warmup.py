@@ -133,6 +133,11 @@ def _procedure_subject(action: str, subject: str) -> str:
     return f"{subject}/warmup-{action}"
 
 
+def open_procedure(subject: str, action: str) -> bool:
+    """An ip-warmup procedure for this subject and action is running or waiting."""
+    return _open(resources.engine_for(resources.settings()), _procedure_subject(action, subject))
+
+
 def _open(engine, subject: str) -> bool:
     with session_scope(engine) as session:
         return (

@@ -23,10 +23,12 @@ from sqlmodel import Session, col, select
 
 from models import IpAddress, IpPool, IpState, PoolKind, Stream, StreamKind
 from models.audit_trail import record
+from protocol import warmup
 from protocol.domains import get_domain, mark_domain_active
 from protocol.errors import NAME, ServiceError
 from protocol.return_paths import set_return_path
 from protocol.tenants import get_tenant
+from runbooks.loader import ip_warmup
 from runbooks.schema_domains import PoolRule
 
 ListSource = Literal["opt_in", "double_opt_in", "customers", "imported", "purchased", "rented"]
@@ -339,26 +341,16 @@ def activate(
     )
     set_return_path(session, domain.name, published=True, actor=actor, now=now)
     cold = _cold_ips(session, pool.id or 0)
-    if cold:
-        # The warm-up runbook (issue 15) will be started here; until it exists, say so.
-        record(
-            session,
-            action="warmup.needed",
-            subject=f"pool:{choice.pool}",
-            evidence={
-                "cold_ips": cold,
-                "stream": f"{tenant}/{stream}",
-                "note": "the ip-warmup runbook does not exist yet: warm these IPs by hand "
-                "before they carry the stream's full volume",
-            },
-            **audit,
-        )
+    # A new sending domain warms even on a warm pool (its own caps per provider); the cold
+    # IPs of the pool are the flow's to hand to the ip-warmup runbook, which asks warmup.start.
+    domain_warmup = warmup.start_domain(session, domain.name, ip_warmup(), actor=actor, now=now)
     return {
         "activated": domain.name,
         "pool": choice.pool,
         "pool_kind": choice.pool_kind,
         "fallback_pool": choice.fallback_pool,
         "cold_ips": cold,
+        "domain_warmup": domain_warmup,
     }
 
 

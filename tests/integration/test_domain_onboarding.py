@@ -34,6 +34,7 @@ from models import (
     Procedure,
     ProcedureState,
     Stream,
+    WarmupPlan,
 )
 from models.db import make_engine, session_scope
 from notifications import customer_mail
@@ -358,9 +359,28 @@ def test_the_activation_answered_in_slack_binds_a_dedicated_pool_and_notes_its_c
         assert s.get(IpPool, stream.fallback_pool_id).name == "default"
         keys = s.exec(select(DkimKey)).all()
         assert len(keys) == 2  # the keys `domain add` made, reused
-    (warmup,) = _audit(engine, "warmup.needed")
-    assert warmup.evidence["cold_ips"] == ["127.0.0.2"]
-    assert "does not exist yet" in warmup.evidence["note"]
+    # the new domain warms on its own plan; the pool's cold IP waits for warmup.start
+    (warmup,) = _audit(engine, "warmup.start")
+    assert (warmup.subject, warmup.evidence["plan"]) == (f"domain:{DOMAIN}", "domain")
+    assert done.outcome["activation"]["cold_ips"] == ["127.0.0.2"]
+    with session_scope(engine) as s:
+        plan = s.exec(select(WarmupPlan)).one()
+        assert plan.domain_id is not None and plan.state == "running"
+    asked = _until("warm-up asked", _warmup_start_waiting(engine))
+    assert asked.parameters["ip"] == "127.0.0.2" and "approval #" in asked.waiting_for
+
+
+def _warmup_start_waiting(engine):
+    def check():
+        with session_scope(engine) as s:
+            row = s.exec(
+                select(Procedure).where(
+                    Procedure.name == "ip-warmup", Procedure.subject == "ip:127.0.0.2/warmup-start"
+                )
+            ).first()
+        return row if row and row.state == ProcedureState.WAITING else None
+
+    return check
 
 
 def test_past_the_deadline_the_domain_stays_pending_and_the_customer_is_told_what_is_missing(
