@@ -100,6 +100,36 @@ def test_stream_header_selects_stream_and_is_removed(world):
     assert b"X-Axiom-Stream" not in message.data
 
 
+def test_warmup_candidate_header_marks_the_message_and_is_removed_before_signing(world):
+    """runbooks/ip-warmup.yaml candidate_header: 1/yes/true in any case mark the message as a
+    warm-up candidate; any other value does not; the header never reaches the recipient."""
+    relay, acme = world["relay"], world["acme"]
+    values = {"yes": True, "TRUE": True, "1": True, "no": False, "": None}
+    with login(relay, acme) as client:
+        for value in values:
+            extra = f"X-Axiom-Warmup: {value}\r\n" if value else ""
+            refused = client.sendmail(
+                "shop@acme.example",
+                [f"w-{value or 'none'}@example.org"],
+                _message("shop@acme.example", extra=extra),
+            )
+            assert refused == {}
+    engine = make_engine(world["home"].db_url)
+    with Session(engine) as s:
+        rows = s.exec(
+            select(Recipient.address, Message)
+            .join(Message, Message.id == Recipient.message_id)
+            .where(Message.mail_from == "shop@acme.example")
+        ).all()
+    engine.dispose()
+    marked = {address.split("@")[0][2:]: m.warmup_candidate for address, m in rows}
+    assert marked == {"yes": True, "TRUE": True, "1": True, "no": False, "none": False}
+    for _, message in rows:
+        assert b"X-Axiom-Warmup" not in message.data
+        head = message.data.split(b"\r\n\r\n", 1)[0]
+        assert b"h=" in head and b"x-axiom-warmup" not in head.lower()
+
+
 def _expect(client_call, code: int, text_start: str):
     try:
         result = client_call()
