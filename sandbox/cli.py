@@ -246,9 +246,34 @@ def reputation(
             if result.startswith("error"):
                 raise _fail(result)
             out.print(f"{address}: {result}", highlight=False)
+            model, now = behaviour().reputation, _sandbox_now(_settings())
+            for row in state.standings():
+                if row.ip == address and provider in (None, row.provider):
+                    s = _standing_view(row, model, now)
+                    out.print(
+                        f"  {s['provider']}: score {s['score']:.1f} ({s['tier']}), today"
+                        f" {s['sent_today']} of {s['allowance']:.0f} allowed, clean days"
+                        f" {s['clean_days']:.1f}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             return
         time.sleep(0.1)
     raise _fail("the sandbox world did not answer within 10 s; is it running?")
+
+
+def _standing_view(row, model, now: float) -> dict:
+    """A standing as status shows it: its tier, whether blocked, and today's volume against
+    the day's allowance (counters of an earlier day, not yet closed by the world, are 0)."""
+    current = row.day == int(now // 86400)
+    return {
+        **row.__dict__,
+        "tier": model.tier_for(row.score).name,
+        "blocked": row.blocked_until > now,
+        "allowance": row.allowance or model.daily.allowance(row.clean_days),
+        "sent_today": row.today.get("admitted", 0) if current else 0,
+        "deferred_today": row.today.get("deferred", 0) + row.today.get("over", 0) if current else 0,
+    }
 
 
 # ---------------------------------------------------------------- status
@@ -265,14 +290,7 @@ def status(json_output: JsonFlag = False) -> None:
     running = bool(info) and _alive(int(info.get("pid", 0)))
     model = behaviour().reputation
     now = _sandbox_now(settings)
-    standings = [
-        {
-            **row.__dict__,
-            "tier": model.tier_for(row.score).name,
-            "blocked": row.blocked_until > now,
-        }
-        for row in state.standings()
-    ]
+    standings = [_standing_view(row, model, now) for row in state.standings()]
     verdicts = state.verdict_counts()
     complaints = state.complaints()
     data = {
@@ -328,6 +346,25 @@ def status(json_output: JsonFlag = False) -> None:
                 str(s["deferred"]),
                 str(s["rejected"]),
                 str(s["complaints"]),
+            )
+        out.print(table)
+        table = Table(
+            "ip",
+            "provider",
+            "sent today",
+            "deferred today",
+            "allowed a day",
+            "clean days",
+            title="Volume today against the allowance",
+        )
+        for s in standings:
+            table.add_row(
+                s["ip"],
+                s["provider"],
+                str(s["sent_today"]),
+                str(s["deferred_today"]),
+                f"{s['allowance']:.0f}",
+                f"{s['clean_days']:.1f}",
             )
         out.print(table)
     if verdicts:

@@ -200,12 +200,18 @@ def test_bad_input_fails_with_one_line_naming_it(axiom_home, args, message):
 def test_reputation_is_steered_in_the_running_world(world):
     out = world.cli("reputation", "127.0.0.10", "--score", "80", "--provider", "yahoo").stdout
     assert "set 1 standings to 80.0" in out
+    # 80 points stand for 8 clean sending days: 40 a day x 1.5^8 (sandbox/behaviour.yaml)
+    assert "yahoo: score 80.0 (established), today 0 of 1025 allowed, clean days 8.0" in out, out
     assert _wait_for(
         lambda: any(
             s["ip"] == "127.0.0.10" and s["tier"] == "established"
             for s in json.loads(world.cli("status", "--json").stdout)["standings"]
         )
     )
+    [row] = json.loads(world.cli("status", "--json").stdout)["standings"]
+    assert (row["clean_days"], round(row["allowance"]), row["sent_today"]) == (8.0, 1025, 0)
+    shown = world.cli("status").stdout
+    assert "Volume today against the allowance" in shown and "1025" in shown, shown
     assert "reset 1 standings" in world.cli("reputation", "127.0.0.10", "--reset").stdout
 
 
@@ -570,7 +576,8 @@ def test_advancing_the_clock_ends_a_suspension_and_brings_retries_due(stack):
         {k: a[k] for k in ("provider", "outcome")} for a in answers
     ]
 
-    # A week later the world has let the IP's standing at Apple decay (5 points a day).
+    # A week later the world has let the IP's standing at Apple cool: of its 6 whole idle
+    # days, 4 are past the 2-day grace, and the history halves every 5 (behaviour.yaml).
     stack.cli("reputation", "127.0.0.1", "--score", "80", "--provider", "apple")
     stack.cli("clock", "advance", "7d")
 
@@ -579,7 +586,7 @@ def test_advancing_the_clock_ends_a_suspension_and_brings_retries_due(stack):
         return next(r["score"] for r in rows if r["provider"] == "apple")
 
     assert _wait_for(lambda: apple_score() < 50, timeout=10), apple_score()
-    assert apple_score() == pytest.approx(45, abs=1)
+    assert apple_score() == pytest.approx(80 * 0.5 ** (4 / 5), abs=0.1)
 
     done = json.loads(stack.cli("reset", "--json").stdout)
     assert done["clock_offset_was_seconds"] == 10800 + 7 * 86400
