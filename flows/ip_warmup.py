@@ -120,7 +120,7 @@ def _evaluate() -> WarmupOutcome:
             continue  # its checkpoint is already asked
         from prefect.deployments import run_deployment
 
-        run_deployment(ON_DEMAND, parameters=follow.parameters(), timeout=0)
+        run_deployment(ON_DEMAND, parameters=follow.parameters(), timeout=0, as_subflow=False)
         started.append(follow.parameters())
     _publish_status(engine, settings, runbook, now)
     logger.info("warm-up judged: %s", report.as_json())

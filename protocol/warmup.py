@@ -331,7 +331,8 @@ class FollowUp:
 
     def parameters(self) -> dict:
         values = {"action": self.action, "plan_id": self.plan_id, "ip": self.ip}
-        values |= {"plan": self.plan, "reason": self.reason or "new"}
+        if self.action == "start":  # why it warms (new, idle, delisted); else `reason` says
+            values |= {"plan": self.plan, "reason": self.reason or "new"}  # why it is asked
         return {k: v for k, v in values.items() if v is not None}
 
 
