@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal
 
-from sqlalchemy import func
+from sqlalchemy import func, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from models import (
@@ -301,18 +303,27 @@ def write_caps(session: Session, plan: WarmupPlan, day: date, rules: IpWarmupRun
     caps = day_caps(plan_rules(rules, plan), plan.stages or {}, rules.spec.providers)
     if plan.state == WarmupState.paused:
         caps = dict.fromkeys(caps, 0)
-    existing = {
-        r.provider: r
-        for r in session.exec(
-            select(WarmupDay).where(WarmupDay.plan_id == plan.id, WarmupDay.day == day)
-        ).all()
-    }
-    for provider, cap in caps.items():
-        row = existing.get(provider) or WarmupDay(
-            plan_id=plan.id or 0, day=day, provider=provider, cap=cap
+    # The relay may have written the day's rows already (at the plan's cap, when it needed
+    # them before this run): insert what is missing, then set every cap; `sent` stays.
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else pg_insert
+    session.execute(
+        insert(WarmupDay)
+        .values(
+            [
+                {"plan_id": plan.id, "day": day, "provider": p, "cap": c, "sent": 0, "signals": {}}
+                for p, c in caps.items()
+            ]
         )
-        row.cap = cap
-        session.add(row)
+        .on_conflict_do_nothing(index_elements=["plan_id", "day", "provider"])
+    )
+    for provider, cap in caps.items():
+        session.execute(
+            update(WarmupDay)
+            .where(
+                WarmupDay.plan_id == plan.id, WarmupDay.day == day, WarmupDay.provider == provider
+            )
+            .values(cap=cap)
+        )
     session.flush()
     return caps
 

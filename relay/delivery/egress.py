@@ -4,8 +4,7 @@ An IP is a candidate for a provider when its state allows sending, no active sus
 covers its (IP, provider) path and, while it warms up, its warm-up allowance for that provider
 is not used: the day's cap as opened so far by the plan's hourly spread. A cold IP with no
 plan is no candidate (it would carry a stream's full traffic on no history). Among candidates
-the pool's weights decide: warming IPs first for messages marked as warm-up candidates, warm
-IPs first for the rest. When none is left the stream's fallback pool is tried (unless the
+the pool's weights decide, with warming IPs first for messages marked as warm-up candidates. When none is left the stream's fallback pool is tried (unless the
 caps that stopped the pool belong to plans that say wait), else the mail waits. A new sending
 domain's plan caps that domain per provider on every IP.
 
@@ -369,9 +368,11 @@ class Egress:
                 waits_only = plan.overflow == "wait" and waits_only is not False
                 continue
             warming.append((ip, cap, allowance))
-        # Engaged first: a marked message tries the warming IPs (with room) before warm ones;
-        # the rest try warm IPs first (a warming IP that takes only marked mail is left out).
-        for group in (warming, warm) if search.candidate else (warm, warming):
+        # Engaged first: a marked message tries the warming IPs (with room) before warm ones.
+        # The rest go by the pool's weights over warm and warming IPs alike (a warming IP that
+        # takes only marked mail is left out above): putting warm IPs first would starve a
+        # warming IP in a mixed pool whenever the customer marks nothing.
+        for group in (warming, warm) if search.candidate else (warm + warming,):
             while group:
                 pick = self._rng.choices(group, weights=[c[0].weight for c in group])[0]
                 ip, cap, allowance = pick

@@ -6,6 +6,7 @@ overflow; a unit per recipient. On SQLite and PostgreSQL (the `engine` fixture).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -52,7 +53,7 @@ PROVIDERS = len(SPEC.providers) + 1  # and "*"
 class World:
     def __init__(self, engine, clock: ManualClock):
         self.engine, self.clock = engine, clock
-        self.egress = Egress(engine, clock, ttl=0, warmup=SPEC)
+        self.egress = Egress(engine, clock, ttl=0, warmup=SPEC, rng=random.Random(7))
         with session_scope(engine) as s:
             tenant = tenants.add_tenant(s, "acme")
             s.flush()
@@ -270,13 +271,18 @@ def test_the_domains_unit_goes_back_when_no_ip_can_take_the_message(world):
     assert world.days(domain_plan)["*"] == (6, 3)  # the two waits gave their units back
 
 
-def test_marked_messages_go_to_the_warming_ip_first_the_rest_to_warm_ones(world):
+def test_marked_messages_go_to_the_warming_ip_first_the_rest_by_weight(world):
     warming = world.ip(WARMING, "main", IpState.warming)
     world.ip(WARM, "main")
     world.stream(fallback=False)
     world.plan("tiny", ip_id=warming, stages={"*": 2})  # 6
-    assert world.sources(8) == [WARM] * 8
-    assert world.sources(8, candidate=True) == [WARMING] * 6 + [WARM] * 2
+    assert world.sources(6, candidate=True) == [WARMING] * 6  # engaged first, to the cap
+    world.clock.advance(86400)  # a new day, a new cap of 6
+    # Unmarked mail goes by the pool's weights over both IPs (warm first would starve the
+    # warming one whenever the customer marks nothing), the warming IP up to its cap.
+    picks = world.sources(40)
+    assert picks.count(WARMING) == 6 and picks.count(WARM) == 34
+    assert WARMING in picks[:12]  # mixed in from the start, not only after the warm IP
     # With the warm IP suspended an unmarked message may use a plan taking "all"...
     world.clock.advance(86400)
     with session_scope(world.engine) as s:
@@ -344,9 +350,13 @@ def test_choose_cached_needs_no_database_for_uncapped_ips_and_defers_warm_up_pic
     egress = Egress(world.engine, world.clock, ttl=60, warmup=SPEC)
     assert egress.choose_cached(world.tenant_id, "transactional", "generic") is None  # no snapshot
     egress.choose(world.tenant_id, "transactional", "generic")
-    for _ in range(5):
-        choice = egress.choose_cached(world.tenant_id, "transactional", "generic", "x.example")
-        assert choice is not None and choice.source.address == WARM
+    # a pick of the warm IP needs no database; one of the warming IP reserves a unit (None)
+    cached = [
+        egress.choose_cached(world.tenant_id, "transactional", "generic", "x.example")
+        for _ in range(20)
+    ]
+    assert {c.source.address for c in cached if c is not None} == {WARM}
+    assert None in cached  # the weighted draw fell on the warming IP at least once
     assert egress.choose_cached(world.tenant_id, "transactional", "generic", "", True) is None
     world.clock.advance(86400)  # a new day: its rows first
     assert egress.choose_cached(world.tenant_id, "transactional", "generic") is None
