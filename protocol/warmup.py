@@ -887,12 +887,15 @@ def status(session: Session, rules: IpWarmupRunbook, *, now: datetime) -> list[S
 
 
 def history(session: Session, plan_id: int) -> dict[str, list[tuple[date, int, int]]]:
-    """Per provider, each day's cap and sent: the chart of planned against sent."""
+    """Per provider, each day's cap and what was delivered: the chart of planned against sent.
+    A judged day says what the receivers accepted (its signals, from the delivery events); the
+    day in progress what the relay has counted against the cap so far (the same thing: a pick
+    counts as delivered recipients once the attempt is over)."""
     out: dict[str, list[tuple[date, int, int]]] = defaultdict(list)
     for r in session.exec(
         select(WarmupDay).where(WarmupDay.plan_id == plan_id).order_by(WarmupDay.day)
     ).all():
-        out[r.provider].append((r.day, r.cap, r.sent))
+        out[r.provider].append((r.day, r.cap, (r.signals or {}).get("delivered", r.sent)))
     return dict(out)
 
 

@@ -16,6 +16,8 @@ from itertools import count
 
 import httpx
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.deployments import run_deployment
 from sqlmodel import select
 
@@ -191,6 +193,14 @@ def test_a_warmup_starts_through_a_restart_advances_holds_and_steps_back_on_comp
     assert "rate-limited 4 of 22" in plan.held["yahoo"]
     day1 = _now(world).date()
     assert _caps(engine, day1)["google"] == 30 and _caps(engine, day1)["yahoo"] == 20
+    # the run's artifact: the table, and Gmail's planned-against-sent chart
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ip-warmup-status"]))
+        )
+    latest = max(artifacts, key=lambda a: a.created).data
+    assert f"| ip:{IP} | sandbox | running | google | 2/7 | 30 |" in latest
+    assert f"ip:{IP} google: planned" in latest and "█" in latest and "20/20" in latest
     status = json.loads(cli("warmup", "status", "--json").stdout)
     google = next(r for r in status if r["provider"] == "google")
     assert (google["stage"], google["cap"]) == (2, 30)

@@ -288,5 +288,5 @@ def test_status_shows_stage_cap_sent_signals_and_the_next_decision(engine):
     assert google.next.startswith("hold (12 sent, fewer than 20")
     with session_scope(engine) as s:
         lines = warmup.chart(warmup.history(s, plan_id)["google"]).splitlines()
-    assert lines[0].endswith("0/20") and "░" in lines[0]  # day 1: its cap, nothing counted
-    assert lines[1].endswith("12/30") and "█" in lines[1]
+    assert lines[0].endswith(" 20/20") and "░" not in lines[0]  # judged: what was delivered
+    assert lines[1].endswith(" 12/30") and "█" in lines[1] and "░" in lines[1]  # in progress
