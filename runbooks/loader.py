@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
+from runbooks.schema_blocklists import BlocklistsRunbook
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
 from runbooks.schema_domains import (
     DkimRotationRunbook,
@@ -45,7 +46,8 @@ Runbook = Annotated[
     | DomainOnboardingRunbook
     | DkimRotationRunbook
     | DomainHealthRunbook
-    | IpWarmupRunbook,
+    | IpWarmupRunbook
+    | BlocklistsRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -187,3 +189,7 @@ def _typed(runbook_id: str, kind: type):
 
 def ip_warmup() -> IpWarmupRunbook:
     return _typed("ip-warmup", IpWarmupRunbook)
+
+
+def blocklists() -> BlocklistsRunbook:
+    return _typed("blocklists", BlocklistsRunbook)
