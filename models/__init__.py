@@ -2,6 +2,7 @@
 
 from models.announcements import Announcement, ControlCursor
 from models.audit import AuditEntry
+from models.blocklists import BlocklistListing
 from models.dmarc import DmarcRecord, DmarcReport
 from models.domains import DkimKey, Domain, DomainState, KeyState
 from models.egress import (
@@ -34,6 +35,7 @@ __all__ = [
     "Announcement",
     "Approval",
     "AuditEntry",
+    "BlocklistListing",
     "ClientNetwork",
     "ControlCursor",
     "Credential",
