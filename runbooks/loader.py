@@ -10,7 +10,11 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from runbooks.schema import ClassificationRunbook, DkimSigningRunbook, ProvidersRunbook
-from runbooks.schema_blocklists import BlocklistsRunbook
+from runbooks.schema_blocklists import (
+    BlocklistDelistingRunbook,
+    BlocklistScanRunbook,
+    BlocklistsRunbook,
+)
 from runbooks.schema_delivery import DeliveryRunbook, ShapingRunbook
 from runbooks.schema_domains import (
     DkimRotationRunbook,
@@ -47,7 +51,9 @@ Runbook = Annotated[
     | DkimRotationRunbook
     | DomainHealthRunbook
     | IpWarmupRunbook
-    | BlocklistsRunbook,
+    | BlocklistsRunbook
+    | BlocklistScanRunbook
+    | BlocklistDelistingRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -193,3 +199,11 @@ def ip_warmup() -> IpWarmupRunbook:
 
 def blocklists() -> BlocklistsRunbook:
     return _typed("blocklists", BlocklistsRunbook)
+
+
+def blocklist_scan() -> BlocklistScanRunbook:
+    return _typed("blocklist-scan", BlocklistScanRunbook)
+
+
+def blocklist_delisting() -> BlocklistDelistingRunbook:
+    return _typed("blocklist-delisting", BlocklistDelistingRunbook)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from runbooks.schema import RunbookBase, Source, Strict
+from runbooks.schema_protocol import KIND_PATTERN, ProcedureRunbook
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
@@ -115,3 +116,38 @@ class BlocklistsRunbook(RunbookBase):
 
     kind: Literal["blocklists"]
     spec: BlocklistsSpec
+
+
+# --- the procedures ---------------------------------------------------------------------
+
+
+class BlocklistScanSpec(Strict):
+    timeout_seconds: float = Field(gt=0, le=30, description="Per DNS question")
+    concurrency: int = Field(ge=1, le=1024, description="DNS questions in flight at once")
+    protect_hours: int = Field(
+        ge=1,
+        description=(
+            "A listed IP's suspension at the providers that consult the list lasts this long; "
+            "every scan that still sees the listing renews it, so it ends by itself"
+        ),
+    )
+    error_cause: str = Field(description="The incident cause of a list answering errors")
+
+
+class BlocklistScanRunbook(ProcedureRunbook):
+    kind: Literal["blocklist-scan"]
+    spec: BlocklistScanSpec
+
+
+class BlocklistDelistingSpec(Strict):
+    fixed_checkpoint: str = Field(pattern=KIND_PATTERN)
+    requested_checkpoint: str = Field(pattern=KIND_PATTERN)
+    evidence_hours: int = Field(ge=1, description="The IP's traffic shown as evidence")
+    watch_seconds: int = Field(ge=60, description="How often the state is looked at again")
+    deadline_days: int = Field(ge=1, description="Still listed after this: escalate")
+    incident_cause: str
+
+
+class BlocklistDelistingRunbook(ProcedureRunbook):
+    kind: Literal["blocklist-delisting"]
+    spec: BlocklistDelistingSpec

@@ -144,6 +144,8 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
         "dkim-rotation",
         "domain-health",
         "ip-warmup",
+        "blocklist-scan",
+        "blocklist-delisting",
     }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 
