@@ -24,7 +24,7 @@ class BlocklistListing(SQLModel, table=True):
     target: str = Field(max_length=253)  # an IP (as IpAddress.address) or a domain, lower-case
     target_kind: str = Field(max_length=8)  # ip | domain
     list_id: str = Field(max_length=64)  # runbooks/blocklists.yaml
-    state: str = Field(max_length=8, index=True)  # listed | clear
+    state: str = Field(max_length=8, index=True)  # listed | clear | unknown (only errors yet)
     codes: list = Field(default_factory=list, sa_type=JSON, nullable=False)  # A records
     meaning: str = Field(default="")  # the codes' meanings, as the list documents them
     reason: str = Field(default="")  # the list's TXT record at the same name
