@@ -9,6 +9,7 @@ from __future__ import annotations
 from axiom.cli import (  # noqa: F401  (imported for the commands they register)
     approvals,
     audit,
+    blocklist,
     dmarc,
     domain_check,
     domains,
