@@ -293,6 +293,12 @@ class Settings(BaseSettings):
         le=3600,
         description="How long a claimed recipient stays leased; default: runbooks/delivery.yaml",
     )
+    # The blocklist runbooks (runbooks/blocklists.yaml): Spamhaus's public mirrors refuse
+    # queries from public resolvers and commercial use; a Data Query Service key is asked of
+    # <key>.zen.dq.spamhaus.net instead. A secret: never logged, never in the audit trail.
+    spamhaus_dqs_key: str | None = Field(
+        default=None, description="Spamhaus DQS key (26 characters); unset: the public mirrors"
+    )
     # Human checkpoints (flows/checkpoint.py) and Slack (notifications/). Without a bot token
     # and channel, approvals are answered in the Prefect UI and with `axiom approve`.
     slack_bot_token: str | None = Field(default=None, description="Bot token (xoxb-…)")

@@ -27,6 +27,8 @@ from prefect.schedules import Cron, Interval
 from prefect.schedules import Schedule as PrefectSchedule
 
 from runbooks.loader import (
+    blocklist_delisting,
+    blocklist_scan,
     dkim_rotation,
     domain_health,
     domain_onboarding,
@@ -79,6 +81,8 @@ def prefect_schedules(schedule: Schedule) -> list[PrefectSchedule]:
 
 def procedures() -> list[Procedure]:
     """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
+    from flows.blocklist_delisting import blocklist_delisting_flow
+    from flows.blocklist_scan import blocklist_scan_flow
     from flows.dkim_rotation import dkim_rotation_flow
     from flows.domain_health import domain_health_flow
     from flows.domain_onboarding import domain_onboarding as domain_onboarding_flow
@@ -181,6 +185,26 @@ def procedures() -> list[Procedure]:
             ),
             tags=("protocol", "checkpoint", "warmup"),
             scheduled=False,
+        ),
+        Procedure(
+            name="scheduled",
+            flow=blocklist_scan_flow,
+            runbook=blocklist_scan,
+            description=(
+                "Checks every sending IP and domain against the DNS blocklists; a listed IP is "
+                "suspended at once at the providers that consult the list, and delisted."
+            ),
+            tags=("protocol", "blocklists"),
+        ),
+        Procedure(
+            name="on-demand",
+            flow=blocklist_delisting_flow,
+            runbook=blocklist_delisting,
+            description=(
+                "Get a listed IP off a blocklist: evidence, the cause fixed first, the request "
+                "(or the wait), the listing watched until it clears, then a re-warm."
+            ),
+            tags=("protocol", "checkpoint", "blocklists"),
         ),
         Procedure(
             name="on-demand",
