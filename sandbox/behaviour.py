@@ -160,6 +160,7 @@ class SpamRate(Strict):
     limit: float = Field(gt=0, lt=1)
     window_seconds: int = Field(ge=60)
     min_volume: int = Field(ge=1)
+    min_complaints: int = Field(ge=1)  # in the window before the rate counts
     source: Source
 
 
@@ -191,6 +192,8 @@ class Daily(Strict):
     clean_day_gain: float = Field(gt=0)  # score points a clean day adds
     clean_day: CleanDay
     pushed_day_setback: float = Field(ge=0)  # clean days a pushed or blocked day takes away
+    # The short-term bucket holds at least this share of today's allowance (sandbox/reputation.py).
+    burst_share: float = Field(ge=0, le=1)
     push_block_factor: float = Field(gt=1)
     push_block_seconds: int = Field(ge=1)
     idle_grace_days: int = Field(ge=0)

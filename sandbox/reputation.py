@@ -12,11 +12,14 @@ clock: `axiom sandbox clock advance 1d` starts a new day here as everywhere):
   grace halve the history (clean days and the score above the initial score) every
   `idle_half_life_days`. Past today's allowance the provider defers; offered
   `push_block_factor` times it, the provider blocks the IP for `push_block_seconds`.
-- Per minute. The score's tier sets a token bucket, the short-term rate. The score falls with
+- Per minute. The score's tier sets a token bucket, the short-term rate; the bucket holds at
+  least `burst_share` of today's allowance (a damaged IP's excepted), so a day sent within
+  the allowance is not deferred for arriving at once, as a warm-up plan's day does, and a
+  cold IP pushed past its allowance meets the day's limit, then the block. The score falls with
   every message pushed into a limit, unknown mailbox, complaint or authentication failure;
   reaching `block_below` blocks the IP for `block_seconds`. Below the initial score it recovers
-  at `decay_per_day`. A complaint rate above the published spam-rate line makes the IP
-  "damaged" whatever its score.
+  at `decay_per_day`. A complaint rate above the published spam-rate line (on enough mail and
+  more than one complaint) makes the IP "damaged" whatever its score.
 """
 
 from __future__ import annotations
@@ -99,9 +102,10 @@ class Reputation:
         if found is None:
             tier = self.model.tier_for(self.model.initial_score)
             now = self.clock()
-            found = Standing(provider, ip, self.model.initial_score, tier.burst, now)
+            found = Standing(provider, ip, self.model.initial_score, 0.0, now)
             found.decayed_at = now
             found.day = found.last_active_day = self._today()
+            found.tokens = self._bucket(found, tier)
             self._standings[key] = found
         else:
             self._close_days(found)
@@ -111,6 +115,15 @@ class Reputation:
     def allowance(self, provider: str, ip: str) -> float:
         """Messages the provider takes from the IP today."""
         return self.model.daily.allowance(self.standing(provider, ip).clean_days)
+
+    def _bucket(self, s: Standing, tier: Tier) -> float:
+        """The short-term bucket's size: the tier's burst, or the share of today's allowance
+        when larger. A provider that takes N messages a day from an IP takes them in one go
+        too (a campaign, a warm-up plan's day); a damaged IP gets its tier's rate only."""
+        if tier.name == "damaged":
+            return float(tier.burst)
+        daily = self.model.daily
+        return max(float(tier.burst), daily.burst_share * daily.allowance(s.clean_days))
 
     # --- the day scale ---
     def _today(self) -> int:
@@ -210,7 +223,7 @@ class Reputation:
             return Decision("blocked" if self.blocked(provider, ip) else "rate_limited", tier.name)
         now = self.clock()
         rate = tier.per_minute / 60.0
-        s.tokens = min(float(tier.burst), s.tokens + (now - s.refilled_at) * rate)
+        s.tokens = min(self._bucket(s, tier), s.tokens + (now - s.refilled_at) * rate)
         s.refilled_at = now
         if s.tokens >= 1.0:
             s.tokens -= 1.0
@@ -272,7 +285,7 @@ class Reputation:
             s.day = s.last_active_day = self._today()
             s.today = Day()
             s.blocked_until = 0.0
-            s.tokens = float(self.model.tier_for(s.score).burst)
+            s.tokens = self._bucket(s, self.model.tier_for(s.score))
             s.refilled_at = s.decayed_at = self.clock()
             s.deliveries.clear()
             s.complained.clear()
@@ -299,7 +312,6 @@ class Reputation:
             s.score, s.blocked_until = row.score, row.blocked_until
             s.accepted, s.deferred, s.rejected = row.accepted, row.deferred, row.rejected
             s.complaints = row.complaints
-            s.tokens = float(self.model.tier_for(row.score).burst)
             s.decayed_at = row.updated_at  # the time it stood still counts toward recovery
             if row.day:
                 s.clean_days, s.day = row.clean_days, row.day
@@ -309,6 +321,7 @@ class Reputation:
                 gain = self.model.daily.clean_day_gain
                 s.clean_days = max(0.0, row.score - self.model.initial_score) / gain
             self._close_days(s)  # the days the world was down end now, judged as they stood
+            s.tokens = self._bucket(s, self.tier(row.provider, row.ip))
 
     def age(self) -> None:
         """Close days and recover scores for every standing, touched or not, so status shows
@@ -353,5 +366,9 @@ class Reputation:
     def _spam_rate_exceeded(self, s: Standing) -> bool:
         rule = self.model.spam_rate
         self._trim(s, self.clock())
-        volume = len(s.deliveries)
-        return volume >= rule.min_volume and len(s.complained) / volume > rule.limit
+        volume, complaints = len(s.deliveries), len(s.complained)
+        return (
+            volume >= rule.min_volume
+            and complaints >= rule.min_complaints
+            and complaints / volume > rule.limit
+        )

@@ -299,6 +299,19 @@ class StateStore:
             ).fetchall()
         return {(p, o): n for p, o, n in rows}
 
+    def verdict_tally(self, start: float, end: float) -> dict[str, dict[str, int]]:
+        """ip -> outcome -> answers the MX servers gave in [start, end) of the world's time."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT ip, outcome, count(*) FROM verdict WHERE at >= ? AND at < ?"
+                " GROUP BY ip, outcome",
+                (start, end),
+            ).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for ip, outcome, n in rows:
+            out.setdefault(ip, {})[outcome] = n
+        return out
+
     def last_verdict_id(self) -> int:
         with self._connect() as db:
             return int(db.execute("SELECT coalesce(max(id), 0) FROM verdict").fetchone()[0])

@@ -185,7 +185,10 @@ async def test_signed_mail_is_delivered_to_the_simulated_gmail_and_passes_authen
 @pytest.mark.parametrize("relay_and_world", [["127.0.0.10"]], indirect=True)
 async def test_a_cold_ip_is_rate_limited_and_the_relay_suspends_the_path(relay_and_world):
     relay = relay_and_world
-    burst = next(t for t in behaviour().reputation.tiers if t.name == "cold").burst
+    # a cold IP's day arrives at once (the short-term bucket holds the day's allowance),
+    # then the day's limit answers with the rate-limit reply
+    daily = behaviour().reputation.daily
+    burst = int(daily.burst_share * daily.cold_allowance)
     rcpts = existing("gmail.com", burst + 10)
     ids = [await asyncio.to_thread(relay.submit, rcpt, n) for n, rcpt in enumerate(rcpts)]
     await relay.deliver()

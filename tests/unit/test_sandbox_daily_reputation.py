@@ -191,13 +191,21 @@ def test_pushing_past_the_allowance_without_a_block_takes_history_back(rep, cloc
 
 
 def test_short_term_rate_still_applies_within_the_day(rep, clock):
-    """The tiers' token buckets stay as the per-minute limit: a burst of a day's allowance at
-    a cold IP is deferred past the burst, within the allowance."""
-    clock.now = START_DAY * DAY
-    burst = rep.tier("google", IP).burst
-    admissions = [rep.admit("google", IP).admission for _ in range(burst + 2)]
-    assert admissions == ["ok"] * burst + ["rate_limited"] * 2
+    """The tiers' token buckets stay as the short-term limit. They hold the day's allowance
+    (daily.burst_share), so a day sent at once within it passes; a new day's allowance
+    spent right after the old day's burst meets the empty bucket, which refills at the
+    tier's rate."""
+    daily = behaviour().reputation.daily
+    clock.now = (START_DAY + 1) * DAY - 2  # the last seconds of a day
+    burst = int(daily.burst_share * rep.allowance("google", IP))
+    assert burst == daily.cold_allowance
+    assert [rep.admit("google", IP).admission for _ in range(burst)] == ["ok"] * burst
     assert rep.verdict(rep.standing("google", IP)) == "quiet"  # nothing delivered yet
+    clock.now = (START_DAY + 1) * DAY  # 2 s later: a new day, its allowance unused
+    tier = rep.tier("google", IP)
+    assert rep.admit("google", IP).admission == "rate_limited"  # the bucket is empty
+    clock.now += 60 / tier.per_minute + 0.01
+    assert rep.admit("google", IP).admission == "ok"
 
 
 def test_history_and_todays_counts_survive_a_world_restart(rep, clock, tmp_path):

@@ -1,5 +1,6 @@
-"""sandbox/reputation.py on a manual clock: cold IPs are rate limited, clean days warm them,
-abuse blocks them, and a complaint rate over the published line damages them."""
+"""sandbox/reputation.py on a manual clock: cold IPs are deferred past their day's allowance,
+clean days warm them, abuse blocks them, and a complaint rate over the published line damages
+them (a damaged IP gets its tier's short-term rate only)."""
 
 from __future__ import annotations
 
@@ -36,25 +37,33 @@ def tier(name: str):
     return next(t for t in behaviour().reputation.tiers if t.name == name)
 
 
-def test_a_new_ip_is_cold_and_gets_only_its_burst_then_rate_limits(rep):
-    cold = tier("cold")
+def cold_allowance() -> int:
+    return int(behaviour().reputation.daily.cold_allowance)
+
+
+def test_a_new_ip_is_cold_and_gets_its_days_allowance_at_once_then_is_deferred(rep):
+    # The short-term bucket holds the day's allowance (daily.burst_share 1.0): a cold IP's
+    # 40 may come at once; what follows meets the day's limit.
+    assert behaviour().reputation.daily.burst_share == 1.0
     assert rep.tier("google", IP).name == "cold"
-    admitted = [rep.admit("google", IP).admission for _ in range(cold.burst + 3)]
-    assert admitted[: cold.burst] == ["ok"] * cold.burst
-    assert admitted[cold.burst :] == ["rate_limited"] * 3
+    admitted = [rep.admit("google", IP).admission for _ in range(cold_allowance() + 3)]
+    assert admitted[: cold_allowance()] == ["ok"] * cold_allowance()
+    assert admitted[cold_allowance() :] == ["rate_limited"] * 3
 
 
-def test_tokens_come_back_at_the_tiers_rate(rep, clock):
-    cold = tier("cold")
-    for _ in range(cold.burst):
+def test_a_damaged_ip_gets_its_tiers_burst_and_rate_only(rep, clock):
+    damaged = tier("damaged")
+    rep.set_score(["google"], IP, -50)
+    assert rep.tier("google", IP).name == "damaged"
+    for _ in range(damaged.burst):
         assert rep.admit("google", IP).admission == "ok"
     assert rep.admit("google", IP).admission == "rate_limited"
-    clock.advance(60 / cold.per_minute + 0.01)
+    clock.advance(60 / damaged.per_minute + 0.01)
     assert rep.admit("google", IP).admission == "ok"
 
 
 def test_standings_are_per_provider_and_per_ip(rep):
-    for _ in range(tier("cold").burst):
+    for _ in range(cold_allowance()):
         rep.admit("google", IP)
     assert rep.admit("google", IP).admission == "rate_limited"
     assert rep.admit("yahoo", IP).admission == "ok"
@@ -84,19 +93,32 @@ def test_clean_volume_warms_an_ip_by_the_day_not_by_the_minute(rep, clock):
     assert days == clean_days_to_establish
 
 
-def test_pushing_into_the_limit_damages_then_blocks_the_ip(rep, clock):
+def test_pushing_past_the_allowance_damages_then_blocks_the_ip_for_a_day(rep, clock):
     model = behaviour().reputation
     decisions = [rep.admit("yahoo", IP) for _ in range(200)]
     outcomes = [d.admission for d in decisions]
     tiers = [d.tier for d in decisions]
     first_block = outcomes.index("blocked")
-    assert set(outcomes[: tier("cold").burst]) == {"ok"}
-    assert set(outcomes[tier("cold").burst : first_block]) == {"rate_limited"}
+    pushed_to = int(model.daily.push_block_factor * cold_allowance())
+    assert set(outcomes[: cold_allowance()]) == {"ok"}
+    assert set(outcomes[cold_allowance() : first_block]) == {"rate_limited"}
+    assert first_block == pushed_to - 1  # offered twice the allowance: blocked
     assert set(outcomes[first_block:]) == {"blocked"}
     # the limit tightened on the way: cold first, damaged before the block
     assert tiers[0] == "cold" and "damaged" in tiers[:first_block]
+    clock.advance(model.daily.push_block_seconds - 1)
+    assert rep.admit("yahoo", IP).admission == "blocked"
+    clock.advance(2)
+    assert not rep.blocked("yahoo", IP)
+
+
+def test_a_score_at_the_block_line_blocks_the_ip(rep, clock):
+    model = behaviour().reputation
+    rep.set_score(["yahoo"], IP, 90)
+    while not rep.blocked("yahoo", IP):
+        rep.penalise("yahoo", IP, "unknown_mailbox")
+        assert rep.standing("yahoo", IP).score >= model.min_score
     assert rep.standing("yahoo", IP).score <= model.block_below
-    assert rep.blocked("yahoo", IP)
     clock.advance(model.block_seconds - 1)
     assert rep.admit("yahoo", IP).admission == "blocked"
     clock.advance(2)
@@ -111,7 +133,10 @@ def test_a_complaint_rate_over_the_spam_rate_line_damages_a_warm_ip(rep):
     for _ in range(model.spam_rate.min_volume):
         rep.delivered("yahoo", IP)
     assert rep.tier("yahoo", IP).name == "established"  # no complaint yet
-    rep.penalise("yahoo", IP, "complaint")  # 1 in min_volume is far above 0.3 %
+    rep.penalise("yahoo", IP, "complaint")  # 1 in min_volume is far above 0.3 %, but alone
+    assert model.spam_rate.min_complaints == 2
+    assert rep.tier("yahoo", IP).name == "established"
+    rep.penalise("yahoo", IP, "complaint")
     assert rep.tier("yahoo", IP).name == "damaged"
 
 
