@@ -117,30 +117,34 @@ def _rate(part: int, whole: int) -> float:
 def judge(day: ProviderDay, j: Judgement) -> Judged:
     """One provider's day: red (stop and ask), yellow (hold), quiet (too little to judge or
     below the fill) or green (advance). Red before yellow before quiet: a block in a small day
-    is still a block."""
+    is still a block. A day whose cap is below min_sent_to_judge (a provider's small share in
+    the first stages) is judged on its cap: otherwise it could never be judged, and its
+    provider would hold the plan at stage 1 for good."""
     p = day.provider
+    enough = max(1, min(j.min_sent_to_judge, day.cap))
     answered = day.delivered + day.refused
-    if day.sent >= j.min_sent_to_judge and _rate(day.blocked, day.sent) >= j.red_blocked:
+    if day.sent >= enough and _rate(day.blocked, day.sent) >= j.red_blocked:
         return Judged(p, "red", f"{day.blocked} of {day.sent} refused as blocked")
-    if answered >= j.min_sent_to_judge and _rate(day.hard_bounced, answered) >= j.red_hard_bounce:
+    if answered >= enough and _rate(day.hard_bounced, answered) >= j.red_hard_bounce:
         return Judged(p, "red", f"hard bounces {day.hard_bounced} of {answered}")
     if (
         day.delivered >= j.min_delivered_for_complaints
         and _rate(day.complaints, day.delivered) >= j.red_complaint
     ):
         return Judged(p, "red", f"complaints {day.complaints} of {day.delivered} delivered")
-    if day.sent >= j.min_sent_to_judge:
+    if day.sent >= enough:
         if _rate(day.rate_limited, day.sent) >= j.yellow_rate_limited:
             return Judged(p, "yellow", f"rate-limited {day.rate_limited} of {day.sent}")
         if _rate(day.reputation, day.sent) >= j.yellow_reputation:
             return Judged(p, "yellow", f"reputation deferrals {day.reputation} of {day.sent}")
-    if day.sent < j.min_sent_to_judge:
-        return Judged(p, "quiet", f"{day.sent} sent, fewer than {j.min_sent_to_judge} to judge")
+    if day.sent < enough:
+        return Judged(p, "quiet", f"{day.sent} sent, fewer than {enough} to judge")
     if day.delivered < j.advance_min_fill * day.cap:
         return Judged(
             p,
             "quiet",
-            f"{day.delivered} delivered of a cap of {day.cap} (under {j.advance_min_fill:.0%})",
+            f"{day.delivered} delivered of a cap of {day.cap} "
+            f"(under {j.advance_min_fill:.0%})",
         )
     return Judged(p, "green", f"{day.delivered} delivered of {day.cap}, clean")
 
@@ -165,14 +169,16 @@ def decide(ev: Evidence, plan: Plan, j: Judgement) -> Proposal:
         return Proposal("review", stages, {}, judged, [f"{x.provider}: {x.reason}" for x in red])
     held: dict[str, str] = {}
     advanced = False
+    last = len(plan.stages)
     for x in judged:
-        if x.colour == "green":
-            stages[x.provider] = stages.get(x.provider, default) + 1
+        if x.colour == "green" and stages.get(x.provider, default) <= last:
+            stages[x.provider] = stages.get(x.provider, default) + 1  # at most last + 1: done
             advanced = True
+        elif x.colour == "green":
+            stages.setdefault(x.provider, default)
         else:
             stages.setdefault(x.provider, default)
             held[x.provider] = x.reason
-    last = len(plan.stages)
     # "*" is the stage of the providers not named in the runbook; when none of them sends it
     # stays where it began and must not hold back a completion it has no part in.
     relevant = [s for p, s in stages.items() if p != ALL_PROVIDERS or p in sending]

@@ -89,9 +89,12 @@ SCENARIOS = {
             "cold-ip-campaign",
             "A campaign from cold IPs, all at once",
             ("gmail.com", "yahoo.com", "outlook.com", "icloud.com"),
-            120,
+            # 50 a provider: past a cold IP's day (40 a provider, sandbox/behaviour.yaml
+            # reputation.daily), so the rate-limit replies show at the default count.
+            200,
             "Every source IP starts cold at every provider; the relay sends as fast as it may. "
-            "Providers accept a little, then answer with their rate-limit replies; the relay's "
+            "Providers accept a day's allowance, then answer with their rate-limit replies (and "
+            "block an IP pushed to twice it); the relay's "
             "reaction rules suspend or throttle each (IP, provider) path.",
         ),
         Scenario(

@@ -126,6 +126,7 @@ class _Search:
 
     provider: str
     candidate: bool
+    units: int = 1  # recipients in the job: a pick of a capped path takes one unit each
     now: datetime | None = None
     reasons: list[str] = field(default_factory=list)
     waits: list[datetime] = field(default_factory=list)
@@ -164,13 +165,16 @@ class Egress:
         return snap.throttles.get((ip, provider)) or snap.throttles.get((ip, ALL_PROVIDERS))
 
     def release(
-        self, warmup_day_id: int | None, delivered: int, domain_day_id: int | None = None
+        self,
+        warmup_day_id: int | None,
+        delivered: int,
+        domain_day_id: int | None = None,
+        units: int = 1,
     ) -> None:
-        """A warm-up pick is over. choose() counted it as one in WarmupDay.sent (the IP's day
-        and the From domain's); make that what was delivered (0 gives the units back; a
-        message to several recipients counts each). Blocking (a database write): call it from
-        a thread."""
-        change = delivered - 1
+        """A warm-up pick is over. choose() counted it as `units` (its recipients) in
+        WarmupDay.sent (the IP's day and the From domain's); make that what was delivered
+        (0 gives the units back). Blocking (a database write): call it from a thread."""
+        change = delivered - units
         days = [d for d in (warmup_day_id, domain_day_id) if d is not None]
         if not days or change == 0:
             return
@@ -188,11 +192,12 @@ class Egress:
             sent = case((WarmupDay.sent + change < 0, 0), else_=WarmupDay.sent + change)
         conn.execute(update(WarmupDay).where(WarmupDay.id == day_id).values(sent=sent))
 
-    def _reserve(self, snap: _Snapshot, cap: _Cap, allowance: int) -> bool:
-        """One unit of what the day has opened so far, taken in the database where every node
-        sees it at once: the row decides, not this node's snapshot, or each relay node would
-        fill the allowance. The row's own cap bounds it too (the control plane may lower it
-        within the snapshot's lifetime)."""
+    def _reserve(self, snap: _Snapshot, cap: _Cap, allowance: int, units: int = 1) -> bool:
+        """A unit per recipient of what the day has opened so far, taken in the database where
+        every node sees it at once: the row decides, not this node's snapshot, or each relay
+        node would fill the allowance. All the job's units or none: a message to ten
+        recipients picked while one unit is left would overrun the cap by nine. The row's own
+        cap bounds it too (the control plane may lower it within the snapshot's lifetime)."""
         if self._inline:
             raise _NeedsDatabase
         with self._engine.begin() as conn:
@@ -200,10 +205,10 @@ class Egress:
                 update(WarmupDay)
                 .where(
                     WarmupDay.id == cap.day_id,
-                    WarmupDay.sent < allowance,
-                    WarmupDay.sent < WarmupDay.cap,
+                    WarmupDay.sent + units <= allowance,
+                    WarmupDay.sent + units <= WarmupDay.cap,
                 )
-                .values(sent=WarmupDay.sent + 1)
+                .values(sent=WarmupDay.sent + units)
                 .returning(WarmupDay.sent)
             ).first()
         self._set_sent(
@@ -211,10 +216,10 @@ class Egress:
         )
         return row is not None
 
-    def _give_back(self, snap: _Snapshot, day_id: int) -> None:
+    def _give_back(self, snap: _Snapshot, day_id: int, units: int = 1) -> None:
         with self._engine.begin() as conn:
-            self._add_sent(conn, day_id, -1)
-        self._set_sent(snap, day_id, lambda cap, old: max(0, old - 1))
+            self._add_sent(conn, day_id, -units)
+        self._set_sent(snap, day_id, lambda cap, old: max(0, old - units))
 
     @staticmethod
     def _set_sent(snap: _Snapshot | None, day_id: int, new) -> None:
@@ -231,9 +236,11 @@ class Egress:
         provider: str,
         from_domain: str = "",
         candidate: bool = False,
+        units: int = 1,
     ) -> EgressChoice:
+        """A source IP for a job of `units` recipients (a capped path takes one unit each)."""
         with self._lock:  # check and count a warm-up pick together (choose runs in threads)
-            return self._choose(tenant_id, stream, provider, from_domain, candidate)
+            return self._choose(tenant_id, stream, provider, from_domain, candidate, units)
 
     def choose_cached(
         self,
@@ -242,6 +249,7 @@ class Egress:
         provider: str,
         from_domain: str = "",
         candidate: bool = False,
+        units: int = 1,
     ) -> EgressChoice | None:
         """choose() when it needs no database: the snapshot is fresh and the pick reserves no
         warm-up cap. Else None, and the caller runs choose() in a thread. Microseconds, so
@@ -254,14 +262,20 @@ class Egress:
                 return None  # a new day: its caps are in rows this snapshot has not read
             self._inline = True
             try:
-                return self._choose(tenant_id, stream, provider, from_domain, candidate)
+                return self._choose(tenant_id, stream, provider, from_domain, candidate, units)
             except _NeedsDatabase:
                 return None
             finally:
                 self._inline = False
 
     def _choose(
-        self, tenant_id: int, stream: str, provider: str, from_domain: str, candidate: bool
+        self,
+        tenant_id: int,
+        stream: str,
+        provider: str,
+        from_domain: str,
+        candidate: bool,
+        units: int = 1,
     ) -> EgressChoice:
         snap = self._current()
         pool_id, fallback_id = snap.streams.get(
@@ -273,7 +287,7 @@ class Egress:
                 wait_reason=f"stream {stream!r} has no pool and no default pool exists",
                 wait_until=self._clock.now() + timedelta(minutes=5),
             )
-        search = _Search(provider, candidate)
+        search = _Search(provider, candidate, max(1, units))
         domain_day_id = None
         if snap.domain_caps and from_domain:
             domain = from_domain.lower().rstrip(".")
@@ -285,7 +299,7 @@ class Egress:
                 # mail waits rather than overflow.
                 allowance = self._allowance(cap, search)
                 if self._used(cap, allowance, f"domain {domain}", search) or not self._reserve(
-                    snap, cap, allowance
+                    snap, cap, allowance, search.units
                 ):
                     if not search.reasons:  # other nodes used the rest of what is open
                         search.reasons.append(
@@ -307,7 +321,7 @@ class Egress:
             if wait:  # the plans that stopped the stream's own pool say wait, not fallback
                 break
         if domain_day_id is not None:
-            self._give_back(snap, domain_day_id)
+            self._give_back(snap, domain_day_id, search.units)
         return self._wait(search)
 
     @staticmethod
@@ -335,7 +349,13 @@ class Egress:
             suspended = snap.suspended.get((ip.address, provider)) or snap.suspended.get(
                 (ip.address, ALL_PROVIDERS)
             )
-            if suspended is not None:
+            if suspended is not None and search.now is None:
+                search.now = self._clock.now()
+            # A suspension the snapshot still holds but whose end has passed is over: the
+            # engine would otherwise postpone the mail "until" a past time, again and again,
+            # for the snapshot's lifetime (a busy loop after each suspension, and after every
+            # jump of the sandbox clock).
+            if suspended is not None and suspended > search.now:
                 search.reasons.append(
                     f"{ip.address} suspended for {provider} until {suspended:%H:%M:%S}Z"
                 )
@@ -376,7 +396,7 @@ class Egress:
             while group:
                 pick = self._rng.choices(group, weights=[c[0].weight for c in group])[0]
                 ip, cap, allowance = pick
-                if cap is None or self._reserve(snap, cap, allowance):
+                if cap is None or self._reserve(snap, cap, allowance, search.units):
                     day_id = None if cap is None else cap.day_id
                     return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), day_id), False
                 group.remove(pick)  # other nodes used the rest of what is open today
@@ -398,8 +418,8 @@ class Egress:
 
     @staticmethod
     def _used(cap: _Cap, allowance: int, subject: str, search: _Search) -> bool:
-        """Whether nothing is left of what is open; if so, says why in search."""
-        if cap.sent < allowance:
+        """Whether too little is left of what is open for the job's units; if so, says why."""
+        if cap.sent + search.units <= allowance:
             return False
         provider = search.provider
         search.holds.add(HoldReason.capped)

@@ -484,10 +484,14 @@ class DeliveryEngine:
         provider = provider_for_mx(mx.targets[0].host)
         # The From domain (a new sending domain warms per provider on every IP) and the
         # customer's warm-up candidate mark (warming IPs prefer it).
+        # A capped path takes a unit per recipient of the job, all at once.
         pick = (message.tenant_id, message.stream, provider, message.from_domain)
-        choice = self.egress.choose_cached(*pick, message.warmup_candidate)
+        units = len(claims)
+        choice = self.egress.choose_cached(*pick, message.warmup_candidate, units)
         if choice is None:
-            choice = await asyncio.to_thread(self.egress.choose, *pick, message.warmup_candidate)
+            choice = await asyncio.to_thread(
+                self.egress.choose, *pick, message.warmup_candidate, units
+            )
         now = self.clock.now()
         if choice.source is None:
             until = choice.wait_until or now + timedelta(seconds=self.spec.capped_wait_seconds)
@@ -521,7 +525,11 @@ class DeliveryEngine:
             # now make it what was delivered.
             if choice.warmup_day_id is not None or choice.domain_day_id is not None:
                 await asyncio.to_thread(
-                    self.egress.release, choice.warmup_day_id, delivered, choice.domain_day_id
+                    self.egress.release,
+                    choice.warmup_day_id,
+                    delivered,
+                    choice.domain_day_id,
+                    units,
                 )
 
     async def _transmit(

@@ -182,14 +182,14 @@ def test_a_warmup_starts_through_a_restart_advances_holds_and_steps_back_on_comp
     day0 = _now(world).date()
     assert _caps(engine, day0)["google"] == 20 and _caps(engine, day0)["microsoft"] == 10
 
-    # Day 0: Gmail takes its whole cap; Yahoo starts deferring for rate; Microsoft is small.
+    # Day 0: Gmail takes its whole cap; Yahoo starts deferring for rate; Microsoft its half.
     _signals(world, "google", 20)
     _signals(world, "yahoo", 18)
     _signals(world, "yahoo", 4, category="rate_limited")
-    _signals(world, "microsoft", 10)
+    _signals(world, "microsoft", 10)  # its whole half-share cap: judged on the cap, green
     _next_day(world)
     plan = _plan(engine)
-    assert plan.stages == {"*": 1, "google": 2, "yahoo": 1, "microsoft": 1}
+    assert plan.stages == {"*": 1, "google": 2, "yahoo": 1, "microsoft": 2}
     assert "rate-limited 4 of 22" in plan.held["yahoo"]
     day1 = _now(world).date()
     assert _caps(engine, day1)["google"] == 30 and _caps(engine, day1)["yahoo"] == 20
@@ -207,8 +207,8 @@ def test_a_warmup_starts_through_a_restart_advances_holds_and_steps_back_on_comp
     assert google["signals"].startswith("green")
 
     # Day 1: a complaint spike at Gmail: the plan stops, a person is asked.
-    _signals(world, "google", 250)
-    _signals(world, "google", 3, category="complaint", kind=EventKind.complaint)
+    _signals(world, "google", 1000)  # over the cap: the day's mail, from the events
+    _signals(world, "google", 4, category="complaint", kind=EventKind.complaint)
     _next_day(world)
     assert _plan(engine).state == "review"
     review = _until("review waiting", _warmup(engine, f"ip:{IP}/warmup-review"))

@@ -101,8 +101,10 @@ class World:
             s.commit()
             return plan.id
 
-    def choose(self, provider="generic", from_domain="other.example", candidate=False):
-        return self.egress.choose(self.tenant_id, "transactional", provider, from_domain, candidate)
+    def choose(self, provider="generic", from_domain="other.example", candidate=False, units=1):
+        return self.egress.choose(
+            self.tenant_id, "transactional", provider, from_domain, candidate, units
+        )
 
     def sources(self, n: int, **kw) -> list[str | None]:
         return [
@@ -360,3 +362,42 @@ def test_choose_cached_needs_no_database_for_uncapped_ips_and_defers_warm_up_pic
     assert egress.choose_cached(world.tenant_id, "transactional", "generic", "", True) is None
     world.clock.advance(86400)  # a new day: its rows first
     assert egress.choose_cached(world.tenant_id, "transactional", "generic") is None
+
+
+def test_a_job_takes_a_unit_per_recipient_all_or_none(world):
+    """A message to several recipients reserves them all at once: picked while fewer units are
+    left than it has recipients, it goes elsewhere (the month found 300 sent on caps of 50)."""
+    ip = world.ip(WARMING, "main", IpState.cold)
+    world.ip(SPARE, "spare")
+    world.stream(fallback=True)
+    plan = world.plan("tiny", ip_id=ip, stages={"*": 2})  # 6
+    first = world.choose(units=4)
+    assert first.source.address == WARMING and world.days(plan)["*"] == (6, 4)
+    assert world.choose(units=4).source.address == SPARE  # 2 left: not 4
+    assert world.days(plan)["*"] == (6, 4)
+    assert world.choose(units=2).source.address == WARMING
+    assert world.days(plan)["*"] == (6, 6)
+    # three of the first job's four were delivered: the unit of the fourth comes back
+    world.egress.release(first.warmup_day_id, 3, units=4)
+    assert world.days(plan)["*"] == (6, 5)
+
+
+def test_a_suspension_past_its_end_is_over_even_in_a_fresh_snapshot(world):
+    world.ip(WARM, "main")
+    world.stream(fallback=False)
+    with session_scope(world.engine) as s:
+        s.add(
+            Suspension(
+                source_ip=WARM,
+                provider="*",
+                action="suspend",
+                reason="test",
+                expires_at=world.clock.now() + timedelta(seconds=30),
+            )
+        )
+        s.commit()
+    egress = Egress(world.engine, world.clock, ttl=3600, warmup=SPEC)
+    assert egress.choose(world.tenant_id, "transactional", "generic").source is None
+    world.clock.advance(31)  # the snapshot (an hour's ttl) still holds the suspension
+    choice = egress.choose(world.tenant_id, "transactional", "generic")
+    assert choice.source is not None and choice.source.address == WARM

@@ -43,7 +43,7 @@ def test_the_shipped_thresholds_are_the_ones_these_tables_are_written_for():
     assert (J.advance_min_fill, J.min_sent_to_judge) == (0.9, 20)
     assert (J.yellow_rate_limited, J.yellow_reputation) == (0.10, 0.05)
     assert (J.red_blocked, J.red_hard_bounce, J.red_complaint) == (0.02, 0.05, 0.003)
-    assert (J.min_delivered_for_complaints, J.patience_days, J.step_back_stages) == (200, 10, 2)
+    assert (J.min_delivered_for_complaints, J.patience_days, J.step_back_stages) == (1000, 10, 2)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +57,30 @@ def test_fill_of_the_cap_decides_between_advance_and_hold(delivered, colour):
 @pytest.mark.parametrize(("sent", "colour"), [(19, "quiet"), (20, "green")])
 def test_fewer_than_min_sent_is_too_little_to_judge(sent, colour):
     assert judge(day(cap=20, sent=sent, delivered=sent), J).colour == colour
+
+
+@pytest.mark.parametrize(
+    ("cap", "sent", "blocked", "colour"),
+    [(10, 9, 0, "quiet"), (10, 10, 0, "green"), (10, 10, 1, "red"), (0, 0, 0, "quiet")],
+)
+def test_a_cap_below_min_sent_is_judged_on_the_cap(cap, sent, blocked, colour):
+    """Microsoft's half share of the first stages (10, 15) is under 20: judged on its cap, or
+    it would hold at stage 1 for good (the simulated month found it)."""
+    d = day(cap=cap, sent=sent, delivered=sent - blocked, blocked=blocked, refused=blocked)
+    assert judge(d, J).colour == colour
+
+
+def test_a_provider_past_the_last_stage_stays_there():
+    p = decide(
+        ev(
+            day("google", cap=400, sent=400),
+            day("yahoo", cap=200, sent=100),
+            stages={"*": 2, "google": 4, "yahoo": 2},
+        ),
+        PLAN,
+        J,
+    )
+    assert p.stages["google"] == 4 and p.verdict == "hold"  # not 5, 6, ... nor "advance"
 
 
 @pytest.mark.parametrize(("deferred", "colour"), [(9, "green"), (10, "yellow")])
@@ -88,9 +112,9 @@ def test_hard_bounces_at_five_percent_of_answers_are_red(bounced, colour):
     [
         (1000, 2, "green"),  # 0.2 %
         (1000, 3, "red"),  # 0.3 %: Google's line
-        (199, 5, "green"),  # 2.5 %, but under 200 delivered: noise
-        (334, 1, "green"),  # 0.299 %
-        (333, 1, "red"),  # 0.300 %
+        (999, 5, "green"),  # 0.5 %, but under 1,000 delivered: noise
+        (1334, 4, "green"),  # 0.2999 %
+        (1333, 4, "red"),  # 0.3001 %
     ],
 )
 def test_complaints_count_only_above_the_minimum_delivered(delivered, complaints, colour):
