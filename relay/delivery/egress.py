@@ -63,6 +63,9 @@ class EgressChoice:
     source: SourceIp | None
     warmup_day_id: int | None = None  # the IP's warm-up day a unit was taken from
     domain_day_id: int | None = None  # the From domain's warm-up day a unit was taken from
+    # Recipients of the job this source may take: all of them, unless a warm-up cap had fewer
+    # units left (the rest wait for the next pick, without an attempt).
+    units: int = 1
     # When source is None: why (as text for the queue, as a reason for the hold tally), and
     # when to look again.
     wait_reason: str = ""
@@ -192,14 +195,17 @@ class Egress:
             sent = case((WarmupDay.sent + change < 0, 0), else_=WarmupDay.sent + change)
         conn.execute(update(WarmupDay).where(WarmupDay.id == day_id).values(sent=sent))
 
-    def _reserve(self, snap: _Snapshot, cap: _Cap, allowance: int, units: int = 1) -> bool:
-        """A unit per recipient of what the day has opened so far, taken in the database where
-        every node sees it at once: the row decides, not this node's snapshot, or each relay
-        node would fill the allowance. All the job's units or none: a message to ten
-        recipients picked while one unit is left would overrun the cap by nine. The row's own
-        cap bounds it too (the control plane may lower it within the snapshot's lifetime)."""
+    def _reserve(self, snap: _Snapshot, cap: _Cap, allowance: int, units: int = 1) -> int:
+        """Units of what the day has opened so far, one per recipient of the job, taken in the
+        database where every node sees them at once: the row decides, not this node's
+        snapshot, or each relay node would fill the allowance. The row's own cap bounds it
+        too (the control plane may lower it within the snapshot's lifetime). All the job's
+        units when they fit; else what is left (the job sends to that many recipients and
+        the rest wait), so a cap fills exactly whatever the size of the messages. Returns the
+        units taken (0: none left)."""
         if self._inline:
             raise _NeedsDatabase
+        granted = 0
         with self._engine.begin() as conn:
             row = conn.execute(
                 update(WarmupDay)
@@ -211,10 +217,25 @@ class Egress:
                 .values(sent=WarmupDay.sent + units)
                 .returning(WarmupDay.sent)
             ).first()
+            if row is not None:
+                granted = units
+            elif units > 1:
+                seen = conn.execute(
+                    select(WarmupDay.sent, WarmupDay.cap).where(WarmupDay.id == cap.day_id)
+                ).first()
+                left = 0 if seen is None else min(allowance, seen.cap) - seen.sent
+                if left > 0:  # taken only if no other node moved the row meanwhile
+                    row = conn.execute(
+                        update(WarmupDay)
+                        .where(WarmupDay.id == cap.day_id, WarmupDay.sent == seen.sent)
+                        .values(sent=seen.sent + left)
+                        .returning(WarmupDay.sent)
+                    ).first()
+                    granted = left if row is not None else 0
         self._set_sent(
             snap, cap.day_id, lambda c, old: max(old, allowance) if row is None else row.sent
         )
-        return row is not None
+        return granted
 
     def _give_back(self, snap: _Snapshot, day_id: int, units: int = 1) -> None:
         with self._engine.begin() as conn:
@@ -288,7 +309,7 @@ class Egress:
                 wait_until=self._clock.now() + timedelta(minutes=5),
             )
         search = _Search(provider, candidate, max(1, units))
-        domain_day_id = None
+        domain_day_id, domain_units = None, 0
         if snap.domain_caps and from_domain:
             domain = from_domain.lower().rstrip(".")
             cap = snap.domain_caps.get((domain, provider)) or snap.domain_caps.get(
@@ -298,16 +319,18 @@ class Egress:
                 # The domain's reputation follows it to any pool: when its cap is out the
                 # mail waits rather than overflow.
                 allowance = self._allowance(cap, search)
-                if self._used(cap, allowance, f"domain {domain}", search) or not self._reserve(
-                    snap, cap, allowance, search.units
-                ):
+                taken = 0
+                if not self._used(cap, allowance, f"domain {domain}", search):
+                    taken = self._reserve(snap, cap, allowance, search.units)
+                if not taken:
                     if not search.reasons:  # other nodes used the rest of what is open
                         search.reasons.append(
                             f"domain {domain} reached its warm-up cap for {provider} today"
                         )
                         search.holds.add(HoldReason.capped)
                     return self._wait(search)
-                domain_day_id = cap.day_id
+                domain_day_id, domain_units = cap.day_id, taken
+                search.units = taken  # an IP takes at most what the domain may send
         for candidate_pool in (pool_id, fallback_id):
             if candidate_pool is None:
                 continue
@@ -315,13 +338,18 @@ class Egress:
             if choice is not None:
                 if domain_day_id is None:
                     return choice
+                if choice.units < domain_units:  # the IP took fewer: the rest back
+                    self._give_back(snap, domain_day_id, domain_units - choice.units)
                 return EgressChoice(
-                    choice.source, warmup_day_id=choice.warmup_day_id, domain_day_id=domain_day_id
+                    choice.source,
+                    warmup_day_id=choice.warmup_day_id,
+                    domain_day_id=domain_day_id,
+                    units=choice.units,
                 )
             if wait:  # the plans that stopped the stream's own pool say wait, not fallback
                 break
         if domain_day_id is not None:
-            self._give_back(snap, domain_day_id, search.units)
+            self._give_back(snap, domain_day_id, domain_units)
         return self._wait(search)
 
     @staticmethod
@@ -396,9 +424,15 @@ class Egress:
             while group:
                 pick = self._rng.choices(group, weights=[c[0].weight for c in group])[0]
                 ip, cap, allowance = pick
-                if cap is None or self._reserve(snap, cap, allowance, search.units):
+                taken = (
+                    search.units
+                    if cap is None
+                    else self._reserve(snap, cap, allowance, search.units)
+                )
+                if taken:
                     day_id = None if cap is None else cap.day_id
-                    return EgressChoice(SourceIp(ip.address, ip.ptr_name, pool), day_id), False
+                    source = SourceIp(ip.address, ip.ptr_name, pool)
+                    return EgressChoice(source, day_id, units=taken), False
                 group.remove(pick)  # other nodes used the rest of what is open today
                 search.reasons.append(f"{ip.address} reached its warm-up cap for {provider} today")
                 search.holds.add(HoldReason.capped)
@@ -418,8 +452,8 @@ class Egress:
 
     @staticmethod
     def _used(cap: _Cap, allowance: int, subject: str, search: _Search) -> bool:
-        """Whether too little is left of what is open for the job's units; if so, says why."""
-        if cap.sent + search.units <= allowance:
+        """Whether nothing is left of what is open; if so, says why in search."""
+        if cap.sent < allowance:
             return False
         provider = search.provider
         search.holds.add(HoldReason.capped)

@@ -501,11 +501,19 @@ class DeliveryEngine:
             return
         source = choice.source
         delivered = 0
+        if choice.units < len(claims):
+            # A warm-up cap had room for only some of the job's recipients: those go now, the
+            # rest wait for the next pick (another IP, or the next hour's room), no attempt.
+            until = now + timedelta(seconds=self.spec.capped_wait_seconds)
+            waiting = f"waiting: warm-up cap of {source.address} for {provider} reached"
+            outcome.postponed = [(c, until, waiting) for c in claims[choice.units :]]
+            outcome.hold = Hold(HoldReason.capped, provider)
+            claims = claims[: choice.units]
         try:
             gate = self.shaper.gate(source.address, provider, _site(mx, provider))
             delay = gate.delay_for_next(self.egress.throttle_for(source.address, provider))
             if delay > MAX_PACING_WAIT:
-                outcome.postponed = [
+                outcome.postponed += [
                     (c, now + timedelta(seconds=delay), f"paced: {provider} via {source.address}")
                     for c in claims
                 ]
@@ -529,7 +537,7 @@ class DeliveryEngine:
                     choice.warmup_day_id,
                     delivered,
                     choice.domain_day_id,
-                    units,
+                    choice.units,
                 )
 
     async def _transmit(

@@ -364,19 +364,23 @@ def test_choose_cached_needs_no_database_for_uncapped_ips_and_defers_warm_up_pic
     assert egress.choose_cached(world.tenant_id, "transactional", "generic") is None
 
 
-def test_a_job_takes_a_unit_per_recipient_all_or_none(world):
-    """A message to several recipients reserves them all at once: picked while fewer units are
-    left than it has recipients, it goes elsewhere (the month found 300 sent on caps of 50)."""
+def test_a_job_takes_a_unit_per_recipient_and_at_most_what_is_left(world):
+    """A message to several recipients reserves a unit for each at once; picked when fewer are
+    left, it takes what is left and the rest of its recipients wait (the month found caps of
+    50 overrun to 300 by ten-recipient messages counted as one, then never filled when a job
+    had to fit whole)."""
     ip = world.ip(WARMING, "main", IpState.cold)
     world.ip(SPARE, "spare")
     world.stream(fallback=True)
     plan = world.plan("tiny", ip_id=ip, stages={"*": 2})  # 6
     first = world.choose(units=4)
-    assert first.source.address == WARMING and world.days(plan)["*"] == (6, 4)
-    assert world.choose(units=4).source.address == SPARE  # 2 left: not 4
+    assert (first.source.address, first.units) == (WARMING, 4)
     assert world.days(plan)["*"] == (6, 4)
-    assert world.choose(units=2).source.address == WARMING
+    second = world.choose(units=4)
+    assert (second.source.address, second.units) == (WARMING, 2)  # the last two units
     assert world.days(plan)["*"] == (6, 6)
+    third = world.choose(units=3)
+    assert (third.source.address, third.units) == (SPARE, 3)  # uncapped: the whole job
     # three of the first job's four were delivered: the unit of the fourth comes back
     world.egress.release(first.warmup_day_id, 3, units=4)
     assert world.days(plan)["*"] == (6, 5)
