@@ -104,7 +104,9 @@ class Provider(Strict):
     accepts_customer_domains: bool = False
     require_tls: bool
     require_ptr: bool
-    dnsbl_zones: list[str]
+    # From runbooks/blocklists.yaml (consulted_by), not from behaviour.yaml: the lists a
+    # provider consults are the Protocol's data, so the world and the runbooks agree.
+    dnsbl_zones: list[str] = Field(default_factory=list)
     dbl_zone: str | None = None
     messages_per_connection: int | None = Field(default=None, ge=1)
     messages_per_connection_source: Source | None = None
@@ -240,6 +242,9 @@ class DnsblZone(Strict):
     kind: Literal["ip", "domain"]
     default_code: str | None = None
     codes: dict[str, str] = Field(default_factory=dict)  # return code -> meaning
+    # Answers that are not listings (Spamhaus's 127.255.255.254, ...): `axiom sandbox list-ip
+    # --code` may serve one, so a scan's error path can be seen in the world.
+    errors: dict[str, str] = Field(default_factory=dict)
     txt: str = ""
     part_of: str | None = None  # a component zone answering part of another zone's listing
     part_codes: list[str] = Field(default_factory=list)
@@ -247,7 +252,12 @@ class DnsblZone(Strict):
 
     @model_validator(mode="after")
     def _codes(self) -> DnsblZone:
-        for code in [*self.codes, *self.part_codes, *filter(None, [self.default_code])]:
+        for code in [
+            *self.codes,
+            *self.errors,
+            *self.part_codes,
+            *filter(None, [self.default_code]),
+        ]:
             address = ipaddress.ip_address(code)
             if address not in ipaddress.ip_network("127.0.0.0/8"):
                 raise ValueError(f"{self.zone}: return code {code} is not in 127.0.0.0/8")
@@ -317,7 +327,7 @@ class Behaviour(Strict):
 def load_behaviour(path: Path = BEHAVIOUR_FILE) -> Behaviour:
     try:
         data = yaml.safe_load(path.read_text())
-        return Behaviour.model_validate(data)
+        return Behaviour.model_validate(_with_blocklists(data))
     except (OSError, yaml.YAMLError) as exc:
         raise BehaviourError(f"{path}: {exc}") from None
     except ValidationError as exc:
@@ -329,3 +339,59 @@ def load_behaviour(path: Path = BEHAVIOUR_FILE) -> Behaviour:
 @cache
 def behaviour() -> Behaviour:
     return load_behaviour()
+
+
+def _with_blocklists(data: dict) -> dict:
+    """behaviour.yaml plus the blocklists of runbooks/blocklists.yaml: every zone (and ZEN's
+    parts) with its codes, error codes and TXT reason, and per provider the lists it consults.
+    behaviour.yaml must not declare them itself: one declaration, read by both sides."""
+    from runbooks.loader import blocklists
+
+    if not isinstance(data, dict):
+        return data
+    if "dnsbl" in data:
+        raise BehaviourError("dnsbl: the lists are declared in runbooks/blocklists.yaml")
+    zones: list[dict] = []
+    consulted: dict[str, list[str]] = {}
+    domain_zone: dict[str, str] = {}
+    for b in blocklists().spec.lists:
+        source = b.sources[0].model_dump()
+        zones.append(
+            {
+                "zone": b.zone,
+                "kind": b.kind,
+                "default_code": next(iter(b.codes)),
+                "codes": dict(b.codes),
+                "errors": dict(b.errors),
+                "txt": b.txt,
+                "source": source,
+            }
+        )
+        for part in b.parts:
+            zones.append(
+                {
+                    "zone": part.zone,
+                    "kind": b.kind,
+                    "part_of": b.zone,
+                    "part_codes": list(part.codes),
+                    "source": source,
+                }
+            )
+        for provider in b.consulted_by:
+            if b.kind == "ip":
+                consulted.setdefault(provider, []).append(b.zone)
+            else:
+                domain_zone.setdefault(provider, b.zone)
+    providers = []
+    for p in data.get("providers") or []:
+        if isinstance(p, dict):
+            for key in ("dnsbl_zones", "dbl_zone"):
+                if key in p:
+                    raise BehaviourError(
+                        f"providers.{p.get('name')}.{key}: runbooks/blocklists.yaml says which "
+                        "lists a provider consults (consulted_by)"
+                    )
+            name = p.get("name")
+            p = {**p, "dnsbl_zones": consulted.get(name, []), "dbl_zone": domain_zone.get(name)}
+        providers.append(p)
+    return {**data, "dnsbl": zones, "providers": providers}

@@ -157,7 +157,12 @@ def list_ip(
     ip: str,
     zone: ZoneOption = "zen.spamhaus.org",
     code: Annotated[
-        str | None, typer.Option("--code", help="Return code; default: the zone's listing code.")
+        str | None,
+        typer.Option(
+            "--code",
+            help="Return code; default: the zone's listing code. An error code (127.255.255.254 "
+            "for ZEN) is answered but is no listing: the scan's error path.",
+        ),
     ] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (shown in status).")] = "cli",
 ) -> None:
@@ -168,9 +173,13 @@ def list_ip(
         raise _fail(f"{ip!r} is not an IPv4 or IPv6 address") from None
     found = _zone(zone, "ip")
     code = code or found.default_code
-    if code not in found.codes:
-        raise _fail(f"--code: {code!r} is not a {zone} listing code ({', '.join(found.codes)})")
+    if code not in found.codes and code not in found.errors:
+        known = ", ".join([*found.codes, *found.errors])
+        raise _fail(f"--code: {code!r} is not a {zone} listing or error code ({known})")
     _state().list(zone, address, code, reason)
+    if code in found.errors:  # the zone answers it, but it is no listing (runbooks/blocklists)
+        out.print(f"{address}: {zone} answers the error {code} ({found.errors[code]})")
+        return
     out.print(f"{address} listed in {zone} ({code}: {found.codes[code]})", highlight=False)
 
 

@@ -40,7 +40,6 @@ log = logging.getLogger("axiom.sandbox.mx")
 RCPT_OK = "250 2.1.5 OK"
 SENDER_OK = "250 2.1.0 OK"
 INTERNAL_ERROR = "451 4.3.0 Temporary sandbox error; try again later"
-LISTING_CODES = ("127.0.0.", "127.0.1.")  # a listing; 127.255.255.x and 127.0.1.255 are errors
 
 
 @dataclass
@@ -140,7 +139,10 @@ class ProviderHandler:
         """The TXT reason when subject is listed in zone (asked of the sandbox DNS), else None."""
         name = dnsbl_query_name(subject, zone)
         found = await self.ctx.lookup.query(name, "A")
-        codes = [c for c in found.values if c.startswith(LISTING_CODES) and c != "127.0.1.255"]
+        # A listing is a code the list documents (runbooks/blocklists.yaml); an error answer
+        # (127.255.255.254, DBL's 127.0.1.255) is not, as real MTAs match codes explicitly.
+        listing = self.ctx.behaviour.zone(zone).codes
+        codes = [c for c in found.values if c in listing]
         if not found.ok or not codes:
             return None
         txt = await self.ctx.lookup.txt(name)

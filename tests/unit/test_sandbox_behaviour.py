@@ -117,11 +117,38 @@ def test_unknown_placeholders_in_replies_are_refused(tmp_path):
 
 def test_a_provider_consulting_a_dnsbl_needs_a_blocklist_reply(tmp_path):
     def mutate(d):
-        google = d["providers"][0]
-        google["dnsbl_zones"] = ["zen.spamhaus.org"]
+        microsoft = next(p for p in d["providers"] if p["name"] == "microsoft")
+        del microsoft["replies"]["blocklisted"]  # it consults ZEN (runbooks/blocklists.yaml)
 
     with pytest.raises(BehaviourError, match="blocklisted"):
         load_behaviour(_write(tmp_path, mutate))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.__setitem__("dnsbl", []),
+        lambda d: d["providers"][0].__setitem__("dnsbl_zones", ["zen.spamhaus.org"]),
+    ],
+)
+def test_the_lists_are_declared_once_in_the_runbook_not_here(tmp_path, mutate):
+    with pytest.raises(BehaviourError, match=r"runbooks/blocklists\.yaml"):
+        load_behaviour(_write(tmp_path, mutate))
+
+
+def test_the_world_serves_every_declared_list_and_providers_consult_what_it_says():
+    from runbooks.loader import blocklists
+
+    model = behaviour()
+    for b in blocklists().spec.lists:
+        zone = model.zone(b.zone)
+        assert (zone.kind, zone.codes, zone.errors) == (b.kind, b.codes, b.errors)
+        for part in b.parts:
+            assert model.zone(part.zone).part_of == b.zone
+        for provider in b.consulted_by:
+            p = model.provider(provider)
+            assert b.zone in (p.dnsbl_zones if b.kind == "ip" else [p.dbl_zone])
+    assert model.provider("google").dnsbl_zones == []  # Google consults no public list
 
 
 def test_reputation_tiers_must_be_ordered(tmp_path):
