@@ -70,6 +70,28 @@ def blocklist_scan_flow() -> dict:
                 runbook=audit,
             )
             protected.append({"ip": answer.target, "list": answer.list_id, **done})
+        for event in result.listings:
+            if event.target_kind != "domain":
+                continue
+            # A listed domain's mail is refused wherever it leaves from: moving IPs protects
+            # nothing, so no automatic step; a person looks (incident, Slack).
+            reported = incidents.report(
+                session,
+                subject=f"domain:{event.target}",
+                cause="blocklisted",
+                severity="critical",
+                summary=f"{event.target} listed on {event.list_name}: {event.meaning}",
+                actor=actor,
+                now=now,
+                evidence={
+                    "list": event.list_id,
+                    "codes": list(event.codes),
+                    "reason": event.reason,
+                },
+                runbook_id=runbook.id,
+                runbook_version=runbook.version,
+            )
+            touched.add(reported.incident.id or 0)
         for answer in result.errors:
             reported = incidents.report(
                 session,
