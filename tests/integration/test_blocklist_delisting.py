@@ -105,6 +105,7 @@ def test_a_listing_is_protected_at_once_and_delisted_through_a_restart(axiom_hom
 
         # The world lists the IP in its Spamhaus ZEN; one scan finds and protects it.
         world.cli("list-ip", LISTED, "--reason", "spam trap hits")
+        world.cli("list-domain", tenant.domain, "--reason", "spamvertised")
         checked = cli("blocklist", "check", LISTED, "--json", check=False)
         assert checked.returncode == 1
         zen = next(r for r in json.loads(checked.stdout)["lists"] if r["list"] == "spamhaus-zen")
@@ -114,9 +115,18 @@ def test_a_listing_is_protected_at_once_and_delisted_through_a_restart(axiom_hom
         with session_scope(engine) as s:
             rows = s.exec(select(BlocklistListing)).all()
             # one listing, and no list failed to answer (the sandbox serves every declared zone)
-            assert [(r.target, r.list_id, r.state, r.codes, r.last_error) for r in rows] == [
-                (LISTED, "spamhaus-zen", "listed", ["127.0.0.2"], None)
-            ]
+            found = {(r.target, r.list_id, r.state, tuple(r.codes), r.last_error) for r in rows}
+            assert (LISTED, "spamhaus-zen", "listed", ("127.0.0.2",), None) in found
+            assert (tenant.domain, "spamhaus-dbl", "listed", ("127.0.1.2",), None) in found
+            # nothing else but the domain's return path (DBL ignores the host part): no list
+            # failed to answer, 127.0.0.1 is clean
+            assert {t for t, *_ in found} <= {LISTED, tenant.domain, f"bounces.{tenant.domain}"}
+            assert all(r.state == "listed" and r.last_error is None for r in rows)
+            # a listed domain: an incident for a person, no automatic step
+            domain_incident = s.exec(
+                select(Incident).where(Incident.subject == f"domain:{tenant.domain}")
+            ).one()
+            assert (domain_incident.cause, domain_incident.severity) == ("blocklisted", "critical")
             protected = {r.provider for r in s.exec(select(Suspension)).all()}
         assert protected == ZEN_PROVIDERS  # Google consults no list: not suspended there
 
@@ -185,12 +195,16 @@ def test_a_listing_is_protected_at_once_and_delisted_through_a_restart(axiom_hom
             assert live == []  # the protection lifted
             plan = s.exec(select(WarmupPlan)).one()
             assert (plan.schedule_id, plan.reason, plan.state) == ("rewarm", "delisted", "running")
-            incident = s.exec(select(Incident).where(Incident.cause == "blocklisted")).one()
+            incident = s.exec(select(Incident).where(Incident.subject == f"ip:{LISTED}")).one()
             assert incident.state == "resolved" and incident.subject == f"ip:{LISTED}"
             actions = [
                 e.action
                 for e in s.exec(select(AuditEntry).order_by(AuditEntry.id)).all()
-                if e.action.startswith(("blocklist.", "warmup.")) or e.action == "incident.resolved"
+                if (
+                    e.action.startswith(("blocklist.", "warmup."))
+                    or e.action == "incident.resolved"
+                )
+                and not e.subject.startswith("domain:")
             ]
         assert actions == [
             "blocklist.listed",
