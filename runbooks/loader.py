@@ -31,6 +31,7 @@ from runbooks.schema_protocol import (
     ReactionsWatchRunbook,
     SuspendStreamRunbook,
 )
+from runbooks.schema_triage import DegradationTriageRunbook
 from runbooks.schema_warmup import IpWarmupRunbook
 
 # Every kind of runbook file; `kind` picks the schema.
@@ -53,7 +54,8 @@ Runbook = Annotated[
     | IpWarmupRunbook
     | BlocklistsRunbook
     | BlocklistScanRunbook
-    | BlocklistDelistingRunbook,
+    | BlocklistDelistingRunbook
+    | DegradationTriageRunbook,
     Field(discriminator="kind"),
 ]
 
@@ -207,3 +209,7 @@ def blocklist_scan() -> BlocklistScanRunbook:
 
 def blocklist_delisting() -> BlocklistDelistingRunbook:
     return _typed("blocklist-delisting", BlocklistDelistingRunbook)
+
+
+def degradation_triage() -> DegradationTriageRunbook:
+    return _typed("degradation-triage", DegradationTriageRunbook)

@@ -146,6 +146,7 @@ def test_procedure_runbooks_carry_id_version_and_schedule():
         "ip-warmup",
         "blocklist-scan",
         "blocklist-delisting",
+        "degradation-triage",
     }
     assert procedures_sweep().schedule.interval_seconds == 60  # the sweep runs by itself
 

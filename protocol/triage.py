@@ -1,0 +1,597 @@
+"""Degradation triage: what the delivery events say about each subject, which cause that
+suggests, which action to propose next, and whether the last one helped
+(runbooks/degradation-triage.yaml).
+
+A subject is an (IP, provider) path, a (From domain, provider) pair or a tenant's stream. Its
+signals are counts over protocol/signals.py's windows (15 min, 1 h, 24 h, and 7 days for the
+baseline), all ending now. `assess` compares each rate of the rules with its warn and act
+level over a short and a long window, counting it only above its minimums of sends and
+events; with the subject's own 7-day baseline (a change of behaviour below the absolute
+levels is an "info" finding); and, for a stream, with the volume declared at onboarding.
+`suspect` names one cause with its evidence, `propose` the next rung of that cause's ladder not
+tried yet, `verify` whether the subject improved since the action.
+
+After an action on a subject ends (`since`), every window that began before it is read from
+that moment instead (`SubjectSignals.after`): mail before the action is not held against the
+subject twice, and a subject still misbehaving is caught again as soon as its new traffic
+reaches the minimums, never exempted for a cool-down.
+
+The decision functions are pure (no I/O, no clock: `now` is an argument) and table-tested at
+every threshold; `signals_for` reads the events, raw for what is not rolled up yet and from
+the hourly roll-up for whole hours, as protocol/signals.py does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from models import DeliveryEvent, EventKind, EventRollup, Stream, Tenant
+from models.audit import as_utc
+from models.events import SubjectRollup
+from protocol import signals
+from runbooks.schema_triage import (
+    WINDOW_SECONDS,
+    ActionName,
+    CauseName,
+    Level,
+    SignalRule,
+    SubjectKind,
+    TriageSpec,
+)
+
+LevelName = Literal["change", "warn", "act"]
+Severity = Literal["info", "warning", "critical"]  # protocol/incidents.py SEVERITIES
+SEVERITY: dict[str, Severity] = {"change": "info", "warn": "warning", "act": "critical"}
+RANK = {"change": 0, "warn": 1, "act": 2}
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+BASELINE = "7d"
+DAY = 86400
+
+
+# ---------------------------------------------------------------- subjects and counts
+@dataclass(frozen=True)
+class Subject:
+    kind: SubjectKind
+    provider: str | None = None  # ip-provider, domain-provider
+    ip: str | None = None  # ip-provider
+    domain: str | None = None  # domain-provider
+    tenant_id: int | None = None  # stream
+    stream: str | None = None  # stream
+    tenant: str | None = None  # the tenant's name, for the label
+
+    @property
+    def label(self) -> str:
+        """The incident's subject (protocol/incidents.py): path:IP/provider as the relay's
+        reactions write it, domain:NAME/provider, stream:TENANT/STREAM."""
+        if self.kind == "ip-provider":
+            return f"path:{self.ip}/{self.provider}"
+        if self.kind == "domain-provider":
+            return f"domain:{self.domain}/{self.provider}"
+        return f"stream:{self.tenant or self.tenant_id}/{self.stream}"
+
+
+def _add(a: Mapping[str, int], b: Mapping[str, int], sign: int = 1) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + sign * v
+    return {k: v for k, v in out.items() if v}
+
+
+@dataclass(frozen=True)
+class Window:
+    """What the receivers answered one subject from start to end."""
+
+    start: datetime
+    end: datetime
+    sent: int = 0  # attempts
+    delivered: int = 0
+    deferred: Mapping[str, int] = field(default_factory=dict)  # transient answers by category
+    refused: Mapping[str, int] = field(default_factory=dict)  # permanent answers by category
+    bounced: Mapping[str, int] = field(default_factory=dict)  # asynchronous, permanent
+    complaints: int = 0
+
+    @property
+    def answered(self) -> int:
+        """Recipients that got a final answer: each counts once however often it was tried."""
+        return self.delivered + sum(self.refused.values())
+
+    def volume(self, over: str) -> int:
+        return {"sent": self.sent, "delivered": self.delivered, "answered": self.answered}[over]
+
+    def events(self, rule: SignalRule) -> dict[str, int]:
+        """The signal's events by category (complaints under "complaint")."""
+        out: dict[str, int] = {}
+        for count in rule.counts:
+            if count.outcome == "complaint":
+                found = {"complaint": self.complaints} if self.complaints else {}
+            else:
+                found = getattr(self, count.outcome)
+                if count.categories:
+                    found = {c: n for c, n in found.items() if c in count.categories}
+            out = _add(out, found)
+        return out
+
+    def minus(self, other: Window) -> Window:
+        """This window less a later part of it (the baseline before the compared window)."""
+        return Window(
+            self.start,
+            other.start,
+            self.sent - other.sent,
+            self.delivered - other.delivered,
+            _add(self.deferred, other.deferred, -1),
+            _add(self.refused, other.refused, -1),
+            _add(self.bounced, other.bounced, -1),
+            self.complaints - other.complaints,
+        )
+
+    def as_json(self) -> dict:
+        return {
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "deferred": dict(sorted(self.deferred.items())),
+            "refused": dict(sorted(self.refused.items())),
+            "bounced": dict(sorted(self.bounced.items())),
+            "complaints": self.complaints,
+        }
+
+
+@dataclass(frozen=True)
+class SubjectSignals:
+    """One subject's windows (15m, 1h, 24h and the 7d baseline), all ending at `end`; `after`:
+    from the end of the last action on it to `end`, when that is within the longest window;
+    and, for a stream, the daily volume it declared at onboarding."""
+
+    subject: Subject
+    end: datetime
+    windows: Mapping[str, Window]
+    after: Window | None = None
+    declared_per_day: int | None = None
+
+
+# ---------------------------------------------------------------- findings (pure)
+@dataclass(frozen=True)
+class Finding:
+    signal: str  # a signal of the rules, or volume_declared / volume_change
+    level: LevelName
+    window: str  # "15m", "1h", "24h" as the rules name it
+    start: datetime  # where the window began: later than end - window after an action
+    rate: float  # for volume_*: the ratio to the declaration or the average day
+    threshold: float  # the level it reached (baseline: factor × the baseline's rate)
+    events: int  # the numerator (volume_*: final answers)
+    sends: int  # the denominator (volume_*: the declared or average day)
+    source: str
+    categories: Mapping[str, int] = field(default_factory=dict, hash=False)  # events by category
+    baseline_rate: float | None = None
+
+    @property
+    def severity(self) -> Severity:
+        return SEVERITY[self.level]
+
+    def as_json(self) -> dict:
+        return {
+            "signal": self.signal,
+            "level": self.level,
+            "severity": self.severity,
+            "window": self.window,
+            "from": self.start.isoformat(),
+            "rate": round(self.rate, 6),
+            "threshold": round(self.threshold, 6),
+            "events": self.events,
+            "sends": self.sends,
+            "categories": dict(sorted(self.categories.items())),
+            "baseline_rate": None if self.baseline_rate is None else round(self.baseline_rate, 6),
+            "source": self.source,
+        }
+
+
+def _window(signals: SubjectSignals, name: str, now: datetime, since: datetime | None) -> Window:
+    """The window `name` ending now, or the counts since the last action when that ended
+    inside it (the window starts again from then)."""
+    if since is not None and since > now - timedelta(seconds=_seconds(name)):
+        after = signals.after
+        if after is None or after.start != since or after.end != now:
+            raise ValueError(
+                f"{signals.subject.label}: the signals hold no window from {since.isoformat()} "
+                "(read them with the same since)"
+            )
+        return after
+    return signals.windows[name]
+
+
+def _seconds(name: str) -> int:
+    return WINDOW_SECONDS.get(name) or signals.WINDOWS[name]
+
+
+def _level(signal: str, rule: SignalRule, level: Level, w: Window) -> Finding | None:
+    events = w.events(rule)
+    n, volume = sum(events.values()), w.volume(rule.over)
+    if volume < level.min_sends or n < level.min_events:
+        return None  # too little to be a rate: noise
+    rate = n / volume
+    name: LevelName | None = "act" if rate >= level.act else "warn" if rate >= level.warn else None
+    if name is None:
+        return None
+    threshold = level.act if name == "act" else level.warn
+    return Finding(
+        signal, name, level.window, w.start, rate, threshold, n, volume, level.source, events
+    )
+
+
+def assess(
+    signals: SubjectSignals, rules: TriageSpec, now: datetime, since: datetime | None = None
+) -> list[Finding]:
+    """Every threshold the subject reached at `now`, worst first. `since`: the end of the last
+    action on the subject; the windows that began before it start again from it."""
+    if signals.end != now:
+        raise ValueError(f"signals read at {signals.end.isoformat()}, assessed at {now}")
+    found: list[Finding] = []
+    for name, rule in rules.signals.items():
+        absolute = [
+            f
+            for level in (rule.short, rule.long)
+            if (f := _level(name, rule, level, _window(signals, level.window, now, since)))
+        ]
+        found += absolute
+        if not absolute and rule.change_min is not None:
+            change = _change(signals, name, rule, rules, now, since)
+            if change is not None:
+                found.append(change)
+    found += _declared(signals, rules, now, since)
+    found += _volume_change(signals, rules, now, since)
+    return sorted(found, key=lambda f: -RANK[f.level])
+
+
+def _change(
+    signals: SubjectSignals,
+    name: str,
+    rule: SignalRule,
+    rules: TriageSpec,
+    now: datetime,
+    since: datetime | None,
+) -> Finding | None:
+    """The baseline rule: the long window's rate at factor × the 7 days before it, and at
+    least change_min above it; both above their minimums."""
+    b = rules.baseline
+    current = _window(signals, rule.long.window, now, since)
+    prior = signals.windows[BASELINE].minus(signals.windows[rule.long.window])
+    events = current.events(rule)
+    n, volume = sum(events.values()), current.volume(rule.over)
+    prior_volume = prior.volume(rule.over)
+    if volume < rule.long.min_sends or n < b.min_events or prior_volume < b.min_baseline_sends:
+        return None
+    rate, base = n / volume, sum(prior.events(rule).values()) / prior_volume
+    if rate < b.factor * base or rate - base < (rule.change_min or 0):
+        return None
+    return Finding(
+        name,
+        "change",
+        rule.long.window,
+        current.start,
+        rate,
+        b.factor * base,
+        n,
+        volume,
+        b.source,
+        events,
+        baseline_rate=base,
+    )
+
+
+def _declared(
+    signals: SubjectSignals, rules: TriageSpec, now: datetime, since: datetime | None
+) -> list[Finding]:
+    """A stream's final answers over 24 h against its declared daily volume."""
+    d, declared = rules.declared, signals.declared_per_day
+    if signals.subject.kind != "stream" or declared is None:
+        return []
+    w = _window(signals, "24h", now, since)
+    if w.answered < d.min_sends:
+        return []
+    ratio = w.answered / declared if declared else float("inf")
+    name: LevelName | None = (
+        "act" if ratio >= d.act_factor else "warn" if ratio >= d.warn_factor else None
+    )
+    if name is None:
+        return []
+    threshold = d.act_factor if name == "act" else d.warn_factor
+    finding = Finding(
+        "volume_declared", name, "24h", w.start, ratio, threshold, w.answered, declared, d.source
+    )
+    return [finding]
+
+
+def _volume_change(
+    signals: SubjectSignals, rules: TriageSpec, now: datetime, since: datetime | None
+) -> list[Finding]:
+    """The last 24 h against the average day of the 6 before (the 7-day baseline less the
+    day): a day at volume_factor × the usual is a change of behaviour."""
+    b = rules.baseline
+    day = _window(signals, "24h", now, since)
+    prior = signals.windows[BASELINE].minus(signals.windows["24h"])
+    if day.answered < b.volume_min_sends or prior.answered < b.min_baseline_sends:
+        return []
+    average = prior.answered * DAY / (_seconds(BASELINE) - DAY)
+    ratio = day.answered / average
+    if ratio < b.volume_factor:
+        return []
+    return [
+        Finding(
+            "volume_change",
+            "change",
+            "24h",
+            day.start,
+            ratio,
+            b.volume_factor,
+            day.answered,
+            round(average),
+            b.source,
+            baseline_rate=average,
+        )
+    ]
+
+
+# ---------------------------------------------------------------- cause, proposal, verdict
+@dataclass(frozen=True)
+class Cause:
+    name: CauseName
+    subject: Subject
+    severity: Severity  # the worst of its evidence
+    evidence: tuple[Finding, ...]  # the findings that suggest it
+    others: tuple[Finding, ...] = ()  # the subject's other findings, for the report
+
+    @property
+    def behaviour_change(self) -> bool:
+        """Only baseline findings: a low-severity change of behaviour, below every level."""
+        return all(f.level == "change" for f in self.evidence)
+
+    def as_json(self) -> dict:
+        return {
+            "cause": self.name,
+            "subject": self.subject.label,
+            "severity": self.severity,
+            "behaviour_change": self.behaviour_change,
+            "evidence": [f.as_json() for f in self.evidence],
+            "others": [f.as_json() for f in self.others],
+        }
+
+
+def _matches(finding: Finding, signal: str, category: str | None) -> bool:
+    if finding.signal != signal:
+        return False
+    if category is None:
+        return True
+    top = max(finding.categories.items(), key=lambda kv: kv[1], default=(None, 0))
+    return top[0] == category  # the category holds the most of its events (a tie: the first)
+
+
+def causes(findings: Iterable[Finding], subject: Subject, rules: TriageSpec) -> list[Cause]:
+    """Every cause the findings suggest on this subject, the one to act on first: worst
+    severity, then the rules' order. A finding may suggest more than one cause."""
+    findings = list(findings)
+    found: list[tuple[int, int, Cause]] = []
+    for order, (name, rule) in enumerate(rules.causes.items()):
+        if subject.kind not in rule.subjects:
+            continue
+        clues = [c for c in rule.clues if c.subjects is None or subject.kind in c.subjects]
+        evidence = tuple(
+            f for f in findings if any(_matches(f, c.signal, c.category) for c in clues)
+        )
+        if not evidence:
+            continue
+        severity = max((f.severity for f in evidence), key=SEVERITY_RANK.__getitem__)
+        others = tuple(f for f in findings if f not in evidence)
+        cause = Cause(name, subject, severity, evidence, others)
+        found.append((-SEVERITY_RANK[severity], order, cause))
+    return [c for *_, c in sorted(found, key=lambda t: t[:2])]
+
+
+def suspect(findings: Iterable[Finding], subject: Subject, rules: TriageSpec) -> Cause | None:
+    """The one cause to open (or update) an incident for; None when nothing was found."""
+    found = causes(findings, subject, rules)
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Action:
+    name: ActionName
+    cause: CauseName
+    subject: Subject
+    approval: Literal["required", "automatic"]
+    checkpoint: str | None  # the kind to ask when approval is required
+    duration_seconds: int | None = None
+    rate_factor: float | None = None
+    rung: int = 0  # its place in the cause's ladder
+
+    def as_json(self) -> dict:
+        return {
+            "action": self.name,
+            "cause": self.cause,
+            "subject": self.subject.label,
+            "approval": self.approval,
+            "checkpoint": self.checkpoint,
+            "duration_seconds": self.duration_seconds,
+            "rate_factor": self.rate_factor,
+            "rung": self.rung,
+        }
+
+
+def propose(cause: Cause, rules: TriageSpec, tried: Iterable[str] = ()) -> Action | None:
+    """The first rung of the cause's ladder that was not tried on this incident, is proposed
+    at the cause's severity and can act on its subject. None: nothing left (or a change of
+    behaviour, which is watched, not acted on): a person decides."""
+    done = set(tried)
+    for rung, step in enumerate(rules.causes[cause.name].ladder):
+        action = rules.actions[step.action]
+        if (
+            step.action in done
+            or cause.severity not in step.severities
+            or cause.subject.kind not in action.subjects
+        ):
+            continue
+        return Action(
+            step.action,
+            cause.name,
+            cause.subject,
+            action.approval,
+            rules.checkpoint if action.approval == "required" else None,
+            action.duration_seconds,
+            action.rate_factor,
+            rung,
+        )
+    return None
+
+
+def verify_after(cause: Cause, rules: TriageSpec) -> timedelta:
+    return timedelta(seconds=rules.causes[cause.name].verify_after_seconds)
+
+
+def verify(
+    before: Cause, after: Iterable[Finding], rules: TriageSpec
+) -> Literal["improved", "not_improved"]:
+    """`after`: assess() over the windows since the action. Not improved while a signal of
+    the cause is found again at warn or above, or at the lowest level it was found at before
+    (a change of behaviour that persists). Too little traffic since the action to reach the
+    minimums is no finding: improved, and the windows that start again from the action catch
+    the subject as soon as it sends enough."""
+    clues = {c.signal for c in rules.causes[before.name].clues}
+    lowest: dict[str, int] = {}
+    for f in before.evidence:
+        lowest[f.signal] = min(lowest.get(f.signal, RANK["warn"]), RANK[f.level])
+    for f in after:
+        if f.signal in clues and RANK[f.level] >= lowest.get(f.signal, RANK["warn"]):
+            return "not_improved"
+    return "improved"
+
+
+# ---------------------------------------------------------------- reading the signals
+def _subject_filter(subject: Subject, table) -> list:
+    """The subject's columns on DeliveryEvent (None as NULL) or EventRollup ("" / 0)."""
+    raw = table is DeliveryEvent
+
+    def eq(column, value, unknown):
+        if value is None:
+            return column.is_(None) if raw else column == unknown
+        return column == value
+
+    if subject.kind == "ip-provider":
+        return [eq(table.source_ip, subject.ip, ""), eq(table.provider, subject.provider, "")]
+    if subject.kind == "domain-provider":
+        return [eq(table.from_domain, subject.domain, ""), eq(table.provider, subject.provider, "")]
+    return [eq(table.tenant_id, subject.tenant_id, 0), eq(table.stream, subject.stream, "")]
+
+
+def _rows(conn, subject: Subject, start: datetime, end: datetime, rolled: datetime | None):
+    """(kind, category, permanent, count) rows of [start, end): whole rolled-up hours from the
+    roll-up (a stream's from event_rollup_subject, a pair's from event_rollup), the edges and
+    what is not rolled up yet from raw events."""
+    first_hour = _floor_hour(start)
+    if first_hour != start:
+        first_hour += timedelta(hours=1)
+    rollup_end = min(rolled, _floor_hour(end)) if rolled is not None else None
+    if rollup_end is None or rollup_end <= first_hour:
+        yield from _raw(conn, subject, start, end)
+        return
+    yield from _raw(conn, subject, start, first_hour)
+    yield from _rolled(conn, subject, first_hour, rollup_end)
+    yield from _raw(conn, subject, rollup_end, end)
+
+
+def _floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def _raw(conn, subject: Subject, start: datetime, end: datetime):
+    if start >= end:
+        return
+    e = DeliveryEvent
+    yield from conn.execute(
+        select(e.kind, e.category, e.permanent, func.count())
+        .where(*_subject_filter(subject, e), e.at >= start, e.at < end)
+        .group_by(e.kind, e.category, e.permanent)
+    )
+
+
+def _rolled(conn, subject: Subject, start: datetime, end: datetime):
+    if subject.kind == "stream":
+        r = SubjectRollup
+        where = [r.by == "stream", r.tenant_id == (subject.tenant_id or 0)]
+        where.append(r.subject == (subject.stream or ""))
+    else:
+        r = EventRollup
+        where = _subject_filter(subject, r)
+    yield from conn.execute(
+        select(r.kind, r.category, r.permanent, func.sum(r.count))
+        .where(*where, r.hour >= start, r.hour < end)
+        .group_by(r.kind, r.category, r.permanent)
+    )
+
+
+def _count(rows, start: datetime, end: datetime) -> Window:
+    sent = delivered = complaints = 0
+    deferred: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    bounced: dict[str, int] = {}
+    for kind, category, permanent, n in rows:
+        n = int(n)
+        if kind == EventKind.complaint:
+            complaints += n
+        elif kind == EventKind.bounce:
+            if permanent:  # a delayed-delivery notice is not a bounce
+                bounced[category] = bounced.get(category, 0) + n
+        else:
+            sent += n
+            if category == "delivered":
+                delivered += n
+            else:
+                into = refused if permanent else deferred
+                into[category] = into.get(category, 0) + n
+    return Window(start, end, sent, delivered, deferred, refused, bounced, complaints)
+
+
+def signals_for(
+    bind: Session | Engine, subject: Subject, now: datetime, since: datetime | None = None
+) -> SubjectSignals:
+    """The subject's windows ending at now: 15m, 1h, 24h and the 7d baseline; `after` from
+    since when since is later than the start of the 24 h window; a stream's declared volume."""
+    now = as_utc(now)
+    since = as_utc(since) if since is not None else None
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    with engine.connect() as conn:
+        rolled = signals.rolled_until(conn)
+
+        def read(start: datetime) -> Window:
+            return _count(_rows(conn, subject, start, now, rolled), start, now)
+
+        windows = {
+            name: read(now - timedelta(seconds=_seconds(name)))
+            for name in ("15m", "1h", "24h", BASELINE)
+        }
+        after = None
+        if since is not None and now - timedelta(seconds=_seconds("24h")) < since <= now:
+            after = read(since)
+        declared = None
+        if subject.kind == "stream" and subject.tenant_id is not None:
+            declared = conn.execute(
+                select(Stream.declared_per_day).where(
+                    Stream.tenant_id == subject.tenant_id, Stream.name == subject.stream
+                )
+            ).scalar()
+    return SubjectSignals(subject, now, windows, after, declared)
+
+
+def stream_subject(bind: Session | Engine, tenant: str, stream: str) -> Subject:
+    """A stream's subject by the tenant's name (the CLI's and the tests' way to name it)."""
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    with engine.connect() as conn:
+        tenant_id = conn.execute(select(Tenant.id).where(Tenant.name == tenant)).scalar()
+    if tenant_id is None:
+        raise ValueError(f"no tenant {tenant!r}")
+    return Subject("stream", tenant_id=tenant_id, stream=stream, tenant=tenant)
