@@ -143,8 +143,7 @@ def judge(day: ProviderDay, j: Judgement) -> Judged:
         return Judged(
             p,
             "quiet",
-            f"{day.delivered} delivered of a cap of {day.cap} "
-            f"(under {j.advance_min_fill:.0%})",
+            f"{day.delivered} delivered of a cap of {day.cap} (under {j.advance_min_fill:.0%})",
         )
     return Judged(p, "green", f"{day.delivered} delivered of {day.cap}, clean")
 
