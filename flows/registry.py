@@ -29,6 +29,7 @@ from prefect.schedules import Schedule as PrefectSchedule
 from runbooks.loader import (
     blocklist_delisting,
     blocklist_scan,
+    degradation_triage,
     dkim_rotation,
     domain_health,
     domain_onboarding,
@@ -83,6 +84,7 @@ def procedures() -> list[Procedure]:
     """Every procedure of the Protocol, in the order `axiom runbooks list` shows them."""
     from flows.blocklist_delisting import blocklist_delisting_flow
     from flows.blocklist_scan import blocklist_scan_flow
+    from flows.degradation_triage import degradation_triage_flow
     from flows.dkim_rotation import dkim_rotation_flow
     from flows.domain_health import domain_health_flow
     from flows.domain_onboarding import domain_onboarding as domain_onboarding_flow
@@ -205,6 +207,17 @@ def procedures() -> list[Procedure]:
                 "(or the wait), the listing watched until it clears, then a re-warm."
             ),
             tags=("protocol", "checkpoint", "blocklists"),
+        ),
+        Procedure(
+            name="scheduled",
+            flow=degradation_triage_flow,
+            runbook=degradation_triage,
+            description=(
+                "Every subject's delivery signals against the runbook's thresholds, its own "
+                "baseline and its declared volume; one incident per subject and cause, with the "
+                "evidence and the proposed action (acting on it is not built yet)."
+            ),
+            tags=("protocol", "signals"),
         ),
         Procedure(
             name="on-demand",

@@ -595,3 +595,98 @@ def stream_subject(bind: Session | Engine, tenant: str, stream: str) -> Subject:
     if tenant_id is None:
         raise ValueError(f"no tenant {tenant!r}")
     return Subject("stream", tenant_id=tenant_id, stream=stream, tenant=tenant)
+
+
+# ---------------------------------------------------------------- one cycle (detection)
+def subjects_with_mail(bind: Session | Engine, now: datetime) -> list[Subject]:
+    """Every subject that sent in the last 24 h: its (IP, provider) paths, (From domain,
+    provider) pairs and tenant streams. A cycle with no mail costs this one query."""
+    now = as_utc(now)
+    since = now - timedelta(seconds=_seconds("24h"))
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                DeliveryEvent.source_ip,
+                DeliveryEvent.from_domain,
+                DeliveryEvent.provider,
+                DeliveryEvent.tenant_id,
+                DeliveryEvent.stream,
+            )
+            .where(DeliveryEvent.at >= since, DeliveryEvent.kind == EventKind.attempt)
+            .distinct()
+        ).all()
+        names = dict(conn.execute(select(Tenant.id, Tenant.name)).all()) if rows else {}
+    found: set[Subject] = set()
+    for ip, domain, provider, tenant_id, stream in rows:
+        if ip and provider:
+            found.add(Subject("ip-provider", provider=provider, ip=ip))
+        if domain and provider:
+            found.add(Subject("domain-provider", provider=provider, domain=domain))
+        if tenant_id is not None and stream:
+            found.add(
+                Subject("stream", tenant_id=tenant_id, stream=stream, tenant=names.get(tenant_id))
+            )
+    return sorted(found, key=lambda s: s.label)
+
+
+@dataclass
+class CycleReport:
+    subjects: int = 0
+    causes: list[dict] = field(default_factory=list)  # per subject with a cause
+    incidents: list[int] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"subjects": self.subjects, "causes": self.causes, "incidents": self.incidents}
+
+
+def detect(
+    session: Session,
+    rules: TriageSpec,
+    *,
+    now: datetime,
+    actor: str,
+    runbook: tuple[str, str],
+) -> CycleReport:
+    """Steps 1 and 2 of the runbook: every subject's signals against the rules, and one
+    incident per subject and cause (folded while open: no alert storms), with the suspected
+    cause, its evidence and the action the ladder proposes next. It changes nothing the relay
+    reads; acting on the proposal (checkpoint triage.act) and verifying are the next steps."""
+    from protocol import incidents
+
+    report = CycleReport()
+    wanted = subjects_with_mail(session, now)
+    report.subjects = len(wanted)
+    # Every subject is read before anything is written: the reads use their own connection,
+    # which must not wait behind this session's write (SQLite has one writer at a time).
+    found_causes = []
+    for subject in wanted:
+        cause = suspect(assess(signals_for(session, subject, now), rules, now), subject, rules)
+        if cause is not None:
+            found_causes.append(cause)
+    for cause in found_causes:
+        subject = cause.subject
+        proposal = propose(cause, rules)
+        evidence = cause.as_json() | {"proposal": proposal.as_json() if proposal else None}
+        reported = incidents.report(
+            session,
+            subject=subject.label,
+            cause=cause.name,
+            severity=cause.severity,
+            summary=_summary(cause),
+            actor=actor,
+            now=now,
+            evidence=evidence,
+            runbook_id=runbook[0],
+            runbook_version=runbook[1],
+        )
+        report.causes.append(evidence)
+        report.incidents.append(reported.incident.id or 0)
+    return report
+
+
+def _summary(cause: Cause) -> str:
+    shown = ", ".join(
+        f"{f.signal} {f.rate:.2%} over {f.window} ({f.level})" for f in cause.evidence[:3]
+    )
+    return f"{cause.name.replace('_', ' ')} on {cause.subject.label}: {shown}"
