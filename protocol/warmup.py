@@ -191,6 +191,29 @@ def decide(ev: Evidence, plan: Plan, j: Judgement) -> Proposal:
     return Proposal("hold", stages, held, judged, [])
 
 
+def _audit(
+    session: Session,
+    rules: IpWarmupRunbook,
+    *,
+    actor: str,
+    now: datetime,
+    action: str,
+    subject: str,
+    evidence: dict,
+) -> None:
+    """One audit entry of this runbook: what, who, why, under which rules' version."""
+    record(
+        session,
+        actor=actor,
+        action=action,
+        subject=subject,
+        evidence=evidence,
+        runbook_id=rules.id,
+        runbook_version=rules.version,
+        at=now,
+    )
+
+
 # ---------------------------------------------------------------- reading the state
 @dataclass(frozen=True)
 class Subject:
@@ -410,9 +433,11 @@ def evaluate(
         }
         session.add(row)
     if proposal.verdict != "idle":
-        record(
+        _audit(
             session,
+            rules,
             actor=actor,
+            now=now,
             action=f"warmup.{proposal.verdict}",
             subject=evidence.subject,
             evidence={
@@ -422,9 +447,6 @@ def evaluate(
                 **proposal.as_json(),
                 "days": {p: d.as_json() for p, d in evidence.days.items()},
             },
-            runbook_id=rules.id,
-            runbook_version=rules.version,
-            at=now,
         )
     return proposal
 
@@ -470,18 +492,17 @@ def daily(session: Session, rules: IpWarmupRunbook, *, now: datetime, actor: str
         ip = session.exec(select(IpAddress).where(IpAddress.address == address)).one()
         ip.state = IpState.cold
         session.add(ip)
-        record(
+        _audit(
             session,
+            rules,
             actor=actor,
+            now=now,
             action="warmup.cooled",
             subject=f"ip:{address}",
             evidence={
                 "idle_days": rules.spec.rewarm_after_idle_days,
                 "why": "no mail for the re-warm period: cold until a re-warm is approved",
             },
-            runbook_id=rules.id,
-            runbook_version=rules.version,
-            at=now,
         )
         report.cooled.append(address)
         report.follow_ups.append(
@@ -617,9 +638,11 @@ def start(
     ip.state = IpState.warming
     session.add(ip)
     caps = write_caps(session, plan, now.date(), rules)
-    record(
+    _audit(
         session,
+        rules,
         actor=actor,
+        now=now,
         action="warmup.start",
         subject=f"ip:{ip.address}",
         evidence={
@@ -631,9 +654,6 @@ def start(
             "approval_id": approval_id,
             "approved_by": approved_by,
         },
-        runbook_id=rules.id,
-        runbook_version=rules.version,
-        at=now,
     )
     return {"plan_id": plan.id, "plan": plan_name, "caps": caps, "already": False}
 
@@ -669,15 +689,14 @@ def start_domain(
     session.add(plan)
     session.flush()
     caps = write_caps(session, plan, now.date(), rules)
-    record(
+    _audit(
         session,
+        rules,
         actor=actor,
+        now=now,
         action="warmup.start",
         subject=f"domain:{domain.name}",
         evidence={"plan": plan.schedule_id, "reason": "new sending domain", "caps": caps},
-        runbook_id=rules.id,
-        runbook_version=rules.version,
-        at=now,
     )
     return {"plan_id": plan.id, "plan": plan.schedule_id, "caps": caps}
 
@@ -714,9 +733,11 @@ def review(
     session.add(plan)
     caps = write_caps(session, plan, now.date(), rules)
     subject = subject_of(session, plan)
-    record(
+    _audit(
         session,
+        rules,
         actor=actor,
+        now=now,
         action=f"warmup.{choice.replace('_', '-')}",
         subject=subject.label,
         evidence={
@@ -727,9 +748,6 @@ def review(
             "approval_id": approval_id,
             "approved_by": approved_by,
         },
-        runbook_id=rules.id,
-        runbook_version=rules.version,
-        at=now,
     )
     return {"state": plan.state, "stages": plan.stages, "caps": caps}
 
@@ -753,9 +771,11 @@ def complete(
         if ip is not None:
             ip.state = IpState.active
             session.add(ip)
-    record(
+    _audit(
         session,
+        rules,
         actor=actor,
+        now=now,
         action="warmup.complete",
         subject=subject.label,
         evidence={
@@ -764,9 +784,6 @@ def complete(
             "approval_id": approval_id,
             "approved_by": approved_by,
         },
-        runbook_id=rules.id,
-        runbook_version=rules.version,
-        at=now,
     )
     return {"subject": subject.label, "state": "done"}
 
@@ -798,15 +815,14 @@ def declare_warm(
     before = str(ip.state)
     ip.state = IpState.active
     session.add(ip)
-    record(
+    _audit(
         session,
+        rules,
         actor=actor,
+        now=now,
         action="warmup.declared-warm",
         subject=f"ip:{ip.address}",
         evidence={"state_before": before, "approval_id": approval_id, "approved_by": approved_by},
-        runbook_id=rules.id,
-        runbook_version=rules.version,
-        at=now,
     )
     return {"subject": f"ip:{ip.address}", "state": "active"}
 
