@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import DeliveryEvent, EventKind, EventRollup, Stream, Tenant
@@ -472,6 +472,16 @@ def verify(
 
 
 # ---------------------------------------------------------------- reading the signals
+READ_WINDOWS = ("15m", "1h", "24h", BASELINE)
+# Up to this many subjects of a kind, a read keeps to their rows (one subject: through its
+# index, as the CLI and the tests read one); more, and it reads the kind's every subject in
+# the same few scans and keeps the wanted ones.
+FILTER_SUBJECTS = 8
+# Window starts per statement, one conditional sum each: the four windows and the distinct
+# ends of actions (`since`); more starts take another statement.
+MAX_STARTS = 32
+
+
 def _subject_filter(subject: Subject, table) -> list:
     """The subject's columns on DeliveryEvent (None as NULL) or EventRollup ("" / 0)."""
     raw = table is DeliveryEvent
@@ -488,50 +498,151 @@ def _subject_filter(subject: Subject, table) -> list:
     return [eq(table.tenant_id, subject.tenant_id, 0), eq(table.stream, subject.stream, "")]
 
 
-def _rows(conn, subject: Subject, start: datetime, end: datetime, rolled: datetime | None):
-    """(kind, category, permanent, count) rows of [start, end): whole rolled-up hours from the
-    roll-up (a stream's from event_rollup_subject, a pair's from event_rollup), the edges and
-    what is not rolled up yet from raw events."""
-    first_hour = _floor_hour(start)
-    if first_hour != start:
-        first_hour += timedelta(hours=1)
-    rollup_end = min(rolled, _floor_hour(end)) if rolled is not None else None
-    if rollup_end is None or rollup_end <= first_hour:
-        yield from _raw(conn, subject, start, end)
-        return
-    yield from _raw(conn, subject, start, first_hour)
-    yield from _rolled(conn, subject, first_hour, rollup_end)
-    yield from _raw(conn, subject, rollup_end, end)
+def _rolled_filter(subject: Subject) -> list:
+    """The subject's rows in its roll-up: a stream's in event_rollup_subject, a pair's in
+    event_rollup (which alone has both columns of the pair)."""
+    if subject.kind == "stream":
+        r = SubjectRollup
+        return [r.tenant_id == (subject.tenant_id or 0), r.subject == (subject.stream or "")]
+    return _subject_filter(subject, EventRollup)
+
+
+def _key_columns(kind: SubjectKind, table) -> tuple:
+    """The columns that name a subject of this kind in the table, as _key orders them."""
+    if kind == "ip-provider":
+        return (table.source_ip, table.provider)
+    if kind == "domain-provider":
+        return (table.from_domain, table.provider)
+    if table is SubjectRollup:
+        return (table.tenant_id, table.subject)
+    return (table.tenant_id, table.stream)
+
+
+def _key(subject: Subject) -> tuple:
+    """The subject's raw key (None where not known, as the raw events hold it)."""
+    if subject.kind == "ip-provider":
+        return (subject.ip, subject.provider)
+    if subject.kind == "domain-provider":
+        return (subject.domain, subject.provider)
+    return (subject.tenant_id, subject.stream)
+
+
+def _rolled_key(subject: Subject) -> tuple:
+    """Its key in the roll-up, where "not known" is "" / 0 (and so is "")."""
+    first, second = _key(subject)
+    return (first or (0 if subject.kind == "stream" else ""), second or "")
 
 
 def _floor_hour(moment: datetime) -> datetime:
     return moment.replace(minute=0, second=0, microsecond=0)
 
 
-def _raw(conn, subject: Subject, start: datetime, end: datetime):
-    if start >= end:
-        return
+def _ceil_hour(moment: datetime) -> datetime:
+    floor = _floor_hour(moment)
+    return floor if floor == moment else floor + timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Where one window [start, end) is read: whole rolled-up hours from the roll-up
+    ([rolled_from, rolled_to)), the edges and what is not rolled up yet from raw events."""
+
+    start: datetime
+    raw: tuple[tuple[datetime, datetime], ...]
+    rolled_from: datetime | None = None
+    rolled_to: datetime | None = None
+
+
+def _split(start: datetime, end: datetime, rolled: datetime | None) -> _Split:
+    first_hour = _ceil_hour(start)
+    rollup_end = min(rolled, _floor_hour(end)) if rolled is not None else None
+    if rollup_end is None or rollup_end <= first_hour:
+        return _Split(start, ((start, end),) if start < end else ())
+    raw = tuple((a, b) for a, b in ((start, first_hour), (rollup_end, end)) if a < b)
+    return _Split(start, raw, first_hour, rollup_end)
+
+
+def _merged(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    out: list[tuple[datetime, datetime]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+# {key: {window start: [(kind, category, permanent, count), ...]}}
+_Found = dict[tuple, dict[datetime, list[tuple]]]
+
+
+def _read_raw(conn, kind: SubjectKind, splits: list[_Split], only: list[Subject] | None):
+    """One grouped query per stretch of raw events that some window reads (typically three:
+    the hour at the start of the 7-day and of the 24-hour window, and the last hour), with a
+    count per window start: the events of the stretch inside that window's raw part."""
     e = DeliveryEvent
-    yield from conn.execute(
-        select(e.kind, e.category, e.permanent, func.count())
-        .where(*_subject_filter(subject, e), e.at >= start, e.at < end)
-        .group_by(e.kind, e.category, e.permanent)
-    )
+    keys = _key_columns(kind, e)
+    where = [] if only is None else [or_(*(and_(*_subject_filter(s, e)) for s in only))]
+    found: _Found = {}
+    for lo, hi in _merged(span for s in splits for span in s.raw):
+        starts, counts = [], []
+        for s in splits:
+            inside = [(max(a, lo), min(b, hi)) for a, b in s.raw if a < hi and b > lo]
+            if not inside:
+                continue
+            starts.append(s.start)
+            if inside == [(lo, hi)]:
+                counts.append(func.count())
+            else:
+                when = or_(*(and_(e.at >= a, e.at < b) for a, b in inside))
+                counts.append(func.sum(case((when, 1), else_=0)))
+        rows = conn.execute(
+            select(*keys, e.kind, e.category, e.permanent, *counts)
+            .where(e.at >= lo, e.at < hi, *where)
+            .group_by(*keys, e.kind, e.category, e.permanent)
+        )
+        _collect(found, rows, starts)
+    return found
 
 
-def _rolled(conn, subject: Subject, start: datetime, end: datetime):
-    if subject.kind == "stream":
+def _read_rolled(conn, kind: SubjectKind, splits: list[_Split], only: list[Subject] | None):
+    """One grouped query over the whole rolled-up hours of every window, a sum per window."""
+    rolled = [s for s in splits if s.rolled_from is not None]
+    if not rolled:
+        return {}
+    if kind == "stream":
         r = SubjectRollup
-        where = [r.by == "stream", r.tenant_id == (subject.tenant_id or 0)]
-        where.append(r.subject == (subject.stream or ""))
+        where = [r.by == "stream"]
     else:
         r = EventRollup
-        where = _subject_filter(subject, r)
-    yield from conn.execute(
-        select(r.kind, r.category, r.permanent, func.sum(r.count))
-        .where(*where, r.hour >= start, r.hour < end)
-        .group_by(r.kind, r.category, r.permanent)
+        where = []
+    if only is not None:
+        where.append(or_(*(and_(*_rolled_filter(s)) for s in only)))
+    lo = min(s.rolled_from for s in rolled)
+    hi = rolled[0].rolled_to  # the same for every window: the roll-up's end, or the hour's
+    sums = [
+        func.sum(r.count)
+        if s.rolled_from == lo
+        else func.sum(case((r.hour >= s.rolled_from, r.count), else_=0))
+        for s in rolled
+    ]
+    keys = _key_columns(kind, r)
+    rows = conn.execute(
+        select(*keys, r.kind, r.category, r.permanent, *sums)
+        .where(*where, r.hour >= lo, r.hour < hi)
+        .group_by(*keys, r.kind, r.category, r.permanent)
     )
+    found: _Found = {}
+    _collect(found, rows, [s.start for s in rolled])
+    return found
+
+
+def _collect(found: _Found, rows, starts: list[datetime]) -> None:
+    for first, second, kind, category, permanent, *counts in rows:
+        by_start = found.setdefault((first, second), {})
+        for start, n in zip(starts, counts, strict=True):
+            if n:
+                by_start.setdefault(start, []).append((kind, category, permanent, n))
 
 
 def _count(rows, start: datetime, end: datetime) -> Window:
@@ -556,35 +667,86 @@ def _count(rows, start: datetime, end: datetime) -> Window:
     return Window(start, end, sent, delivered, deferred, refused, bounced, complaints)
 
 
+def signals_for_all(
+    bind: Session | Engine,
+    subjects: Iterable[Subject],
+    now: datetime,
+    since: Mapping[Subject, datetime] | None = None,
+) -> dict[Subject, SubjectSignals]:
+    """Every subject's signals, as signals_for reads each one, in a few grouped queries per
+    kind of subject: per stretch of raw events some window reads, and one over the rolled-up
+    hours, each with a conditional sum per window start (the four windows and the distinct
+    ends of actions). `since`: the end of the last action on a subject (none when absent)."""
+    now = as_utc(now)
+    wanted = list(dict.fromkeys(subjects))
+    ends = {s: as_utc(t) for s, t in (since or {}).items() if t is not None}
+    day_ago = now - timedelta(seconds=_seconds("24h"))
+    after = {s: ends[s] for s in wanted if s in ends and day_ago < ends[s] <= now}
+    window_start = {name: now - timedelta(seconds=_seconds(name)) for name in READ_WINDOWS}
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    out: dict[Subject, SubjectSignals] = {}
+    with engine.connect() as conn:
+        rolled = signals.rolled_until(conn)
+        for kind in ("ip-provider", "domain-provider", "stream"):
+            of_kind = [s for s in wanted if s.kind == kind]
+            if not of_kind:
+                continue
+            only = of_kind if len(of_kind) <= FILTER_SUBJECTS else None
+            starts = list(
+                dict.fromkeys([*window_start.values(), *(after[s] for s in of_kind if s in after)])
+            )
+            raw: _Found = {}
+            rolled_up: _Found = {}
+            for i in range(0, len(starts), MAX_STARTS):
+                splits = [_split(start, now, rolled) for start in starts[i : i + MAX_STARTS]]
+                _update(raw, _read_raw(conn, kind, splits, only))
+                _update(rolled_up, _read_rolled(conn, kind, splits, only))
+            declared = _declared_volumes(conn, of_kind) if kind == "stream" else {}
+            for subject in of_kind:
+                r, u = raw.get(_key(subject), {}), rolled_up.get(_rolled_key(subject), {})
+
+                def read(start: datetime, r=r, u=u) -> Window:
+                    return _count([*r.get(start, ()), *u.get(start, ())], start, now)
+
+                windows = {name: read(start) for name, start in window_start.items()}
+                out[subject] = SubjectSignals(
+                    subject,
+                    now,
+                    windows,
+                    read(after[subject]) if subject in after else None,
+                    declared.get((subject.tenant_id, subject.stream)),
+                )
+    return out
+
+
+def _update(into: _Found, found: _Found) -> None:
+    for key, by_start in found.items():
+        mine = into.setdefault(key, {})
+        for start, rows in by_start.items():
+            mine.setdefault(start, []).extend(rows)
+
+
+def _declared_volumes(conn, streams: list[Subject]) -> dict[tuple, int | None]:
+    """(tenant id, stream) → the daily volume declared at onboarding."""
+    known = [s for s in streams if s.tenant_id is not None and s.stream is not None]
+    if not known:
+        return {}
+    query = select(Stream.tenant_id, Stream.name, Stream.declared_per_day)
+    if len(known) <= FILTER_SUBJECTS:
+        query = query.where(
+            or_(*(and_(Stream.tenant_id == s.tenant_id, Stream.name == s.stream) for s in known))
+        )
+    return {(t, n): d for t, n, d in conn.execute(query)}
+
+
 def signals_for(
     bind: Session | Engine, subject: Subject, now: datetime, since: datetime | None = None
 ) -> SubjectSignals:
     """The subject's windows ending at now: 15m, 1h, 24h and the 7d baseline; `after` from
-    since when since is later than the start of the 24 h window; a stream's declared volume."""
-    now = as_utc(now)
-    since = as_utc(since) if since is not None else None
-    engine = bind.get_bind() if isinstance(bind, Session) else bind
-    with engine.connect() as conn:
-        rolled = signals.rolled_until(conn)
-
-        def read(start: datetime) -> Window:
-            return _count(_rows(conn, subject, start, now, rolled), start, now)
-
-        windows = {
-            name: read(now - timedelta(seconds=_seconds(name)))
-            for name in ("15m", "1h", "24h", BASELINE)
-        }
-        after = None
-        if since is not None and now - timedelta(seconds=_seconds("24h")) < since <= now:
-            after = read(since)
-        declared = None
-        if subject.kind == "stream" and subject.tenant_id is not None:
-            declared = conn.execute(
-                select(Stream.declared_per_day).where(
-                    Stream.tenant_id == subject.tenant_id, Stream.name == subject.stream
-                )
-            ).scalar()
-    return SubjectSignals(subject, now, windows, after, declared)
+    since when since is later than the start of the 24 h window; a stream's declared volume.
+    One subject's signals_for_all."""
+    ends = {subject: since} if since is not None else None
+    return signals_for_all(bind, [subject], now, ends)[subject]
 
 
 def stream_subject(bind: Session | Engine, tenant: str, stream: str) -> Subject:
@@ -647,21 +809,26 @@ def detect(
     now: datetime,
     actor: str,
     runbook: tuple[str, str],
+    since: Mapping[Subject, datetime] | None = None,
 ) -> CycleReport:
     """Steps 1 and 2 of the runbook: every subject's signals against the rules, and one
     incident per subject and cause (folded while open: no alert storms), with the suspected
     cause, its evidence and the action the ladder proposes next. It changes nothing the relay
-    reads; acting on the proposal (checkpoint triage.act) and verifying are the next steps."""
+    reads; acting on the proposal (checkpoint triage.act) and verifying are the next steps.
+    `since`: the end of the last action per subject, whose windows start again from it."""
     from protocol import incidents
 
     report = CycleReport()
     wanted = subjects_with_mail(session, now)
     report.subjects = len(wanted)
+    ends = {s: as_utc(t) for s, t in (since or {}).items() if t is not None}
     # Every subject is read before anything is written: the reads use their own connection,
     # which must not wait behind this session's write (SQLite has one writer at a time).
+    read = signals_for_all(session, wanted, now, ends)
     found_causes = []
     for subject in wanted:
-        cause = suspect(assess(signals_for(session, subject, now), rules, now), subject, rules)
+        findings = assess(read[subject], rules, now, ends.get(subject))
+        cause = suspect(findings, subject, rules)
         if cause is not None:
             found_causes.append(cause)
     for cause in found_causes:
