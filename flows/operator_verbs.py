@@ -10,7 +10,7 @@ person's act itself and asks nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -311,6 +311,74 @@ def release_stream(
     )
 
 
+@flow(name="move-stream")
+def move_stream(
+    tenant: Annotated[str, Field(description="The tenant (customer) name")],
+    stream: Annotated[str, Field(description="The stream to move, e.g. marketing")],
+    reason: Reason,
+    pool: Annotated[
+        str | None,
+        Field(description="The pool to move it to; empty: the stream's overflow pool"),
+    ] = None,
+    procedure_id: ProcedureId = None,
+) -> VerbOutcome:
+    """Move a stream to another pool (its overflow pool, or `pool`), once a person approves.
+
+    Args:
+        tenant: The tenant (customer) name.
+        stream: The stream to move, e.g. marketing.
+        reason: Why; shown to the approver and kept in the audit trail.
+        pool: The pool to move it to; empty: the stream's overflow pool.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
+    """
+    return _verb(
+        "stream.move",
+        f"stream:{tenant}/{stream}",
+        f"bind {tenant}/{stream} to pool {pool or 'its overflow pool'} (no overflow)",
+        reason,
+        lambda s: egress.stream_binding(s, tenant, stream),
+        lambda session, who: egress.move_stream(session, tenant, stream, who, pool),
+        procedure_id,
+    )
+
+
+# --- paths ---
+@flow(name="throttle-path")
+def throttle_path(
+    ip: Annotated[str, Field(description="The sending IP address")],
+    provider: Annotated[str, Field(description="The provider, e.g. gmail, microsoft, yahoo")],
+    per_minute: Annotated[int, Field(ge=1, description="At most this many messages a minute")],
+    minutes: Annotated[int, Field(ge=1, le=10080, description="For this many minutes")],
+    reason: Reason,
+    procedure_id: ProcedureId = None,
+) -> VerbOutcome:
+    """Slow one (IP, provider) path for a while, once a person approves.
+
+    Args:
+        ip: The sending IP address.
+        provider: The provider, e.g. gmail, microsoft, yahoo.
+        per_minute: At most this many messages a minute.
+        minutes: For this many minutes; it ends by itself.
+        reason: Why; shown to the approver and kept in the audit trail.
+        procedure_id: Set by the sweep when it continues a procedure in a new run.
+    """
+
+    def act(session: Session, who) -> dict:
+        until = who.now + timedelta(minutes=minutes)
+        row = suspensions.throttle_path(session, ip, provider, per_minute, until, who)
+        return {"suspension_id": row.id, "until": until.isoformat(), "per_minute": per_minute}
+
+    return _verb(
+        "path.throttle",
+        f"path:{ip}/{provider}",
+        f"send at most {per_minute}/min from {ip} to {provider} for {minutes} min",
+        reason,
+        lambda s: {"path": f"{egress.get_ip(s, ip).address} → {provider}"},
+        act,
+        procedure_id,
+    )
+
+
 # --- source IPs ---
 def _ip(session: Session, address: str, retired: bool) -> dict:
     ip = egress.get_ip(session, address)
@@ -388,6 +456,8 @@ FLOWS = [
     pause_tenant,
     resume_tenant,
     release_stream,
+    move_stream,
+    throttle_path,
     retire_ip,
     reinstate_ip,
 ]

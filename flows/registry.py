@@ -215,9 +215,21 @@ def procedures() -> list[Procedure]:
             description=(
                 "Every subject's delivery signals against the runbook's thresholds, its own "
                 "baseline and its declared volume; one incident per subject and cause, with the "
-                "evidence and the proposed action (acting on it is not built yet)."
+                "evidence and the proposed action; starts a respond run for each new one."
             ),
             tags=("protocol", "signals"),
+        ),
+        Procedure(
+            name="respond",
+            flow=degradation_triage_flow,
+            runbook=degradation_triage,
+            description=(
+                "Act on one triage incident (action respond, incident_id): lower the rate at "
+                "once, or ask triage.act and apply the approved action through the operator "
+                "verbs; verify after the cause's interval; resolve or escalate."
+            ),
+            tags=("protocol", "checkpoint", "signals"),
+            scheduled=False,
         ),
         Procedure(
             name="on-demand",

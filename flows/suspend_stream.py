@@ -10,20 +10,21 @@ To release it an operator binds the stream to a pool again (`axiom stream set TE
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session
 
 from flows import resources
 from flows.checkpoint import request_approval
 from flows.procedure import ProcedureId, ProcedureRun, procedure
-from models import IpAddress, IpPool, Message, PoolKind, Recipient, RecipientState, Stream, Tenant
-from models.audit_trail import record
 from models.egress import HOLD_POOL
 from notifications import customer_mail
-from relay.delivery.egress import DEFAULT_POOL
+from protocol import egress
+from protocol.errors import ServiceError
+from protocol.verbs import Act
 from runbooks.loader import suspend_stream as rules
 
 
@@ -57,29 +58,10 @@ class StreamHoldOutcome(BaseModel):
 
 def read_stream(session: Session, tenant: str, stream: str) -> StreamState:
     """The stream as the relay sees it now (a stream without a row uses the default pool)."""
-    owner = session.exec(select(Tenant).where(Tenant.name == tenant)).first()
-    if owner is None:
-        raise ValueError(f"tenant {tenant!r} does not exist")
-    row = session.exec(
-        select(Stream).where(Stream.tenant_id == owner.id, Stream.name == stream)
-    ).first()
-    queued = session.exec(
-        select(func.count())
-        .select_from(Recipient)
-        .join(Message, col(Message.id) == Recipient.message_id)
-        .where(
-            Message.tenant_id == owner.id,
-            Message.stream == stream,
-            Recipient.state == RecipientState.queued,
-        )
-    ).one()
-    return StreamState(
-        tenant=tenant,
-        stream=stream,
-        pool=_pool_name(session, row.pool_id) if row else DEFAULT_POOL,
-        fallback_pool=_pool_name(session, row.fallback_pool_id) if row else None,
-        queued_recipients=queued,
-    )
+    try:
+        return StreamState(**egress.stream_binding(session, tenant, stream))
+    except ServiceError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def hold_stream(
@@ -90,33 +72,22 @@ def hold_stream(
     reason: str,
     actor: str,
 ) -> dict:
-    """Bind the stream to the empty `hold` pool; audited with who approved and what it left.
-    Runs in the procedure's step transaction (done once however often the run starts)."""
+    """Bind the stream to the empty `hold` pool (protocol/egress.py hold_stream), audited with
+    who approved and what it left. Runs in the procedure's step transaction (done once however
+    often the run starts)."""
     governing = rules()  # this procedure's runbook: every audit entry names it
-    hold = _hold_pool(session, actor)
-    owner = session.exec(select(Tenant).where(Tenant.name == state.tenant)).one()
-    row = session.exec(
-        select(Stream).where(Stream.tenant_id == owner.id, Stream.name == state.stream)
-    ).first() or Stream(tenant_id=owner.id, name=state.stream, pool_id=hold.id)
-    row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
-    session.add(row)
-    record(
-        session,
+    act = Act(
         actor=actor,
-        action="stream.suspend",
-        subject=f"stream:{state.tenant}/{state.stream}",
-        evidence={
-            "approval_id": approval_id,
-            "approved_by": approved_by,
-            "reason": reason,
-            "previous_pool": state.pool,
-            "previous_fallback_pool": state.fallback_pool,
-            "queued_recipients": state.queued_recipients,
-            "flow": "suspend-stream",
-        },
-        runbook_id=governing.id,
-        runbook_version=governing.version,
+        reason=reason,
+        now=datetime.now(UTC),
+        evidence={"approval_id": approval_id, "approved_by": approved_by, "flow": "suspend-stream"},
     )
+    try:
+        egress.hold_stream(
+            session, state.tenant, state.stream, act, (governing.id, governing.version)
+        )
+    except ServiceError as exc:
+        raise RuntimeError(str(exc)) from None
     return {"held": f"{state.tenant}/{state.stream}"}
 
 
@@ -213,34 +184,3 @@ def suspend_stream(
 def _finish(p: ProcedureRun, outcome: StreamHoldOutcome) -> StreamHoldOutcome:
     p.finish(outcome.model_dump())
     return outcome
-
-
-def _pool_name(session: Session, pool_id: int | None) -> str | None:
-    if pool_id is None:
-        return None
-    pool = session.get(IpPool, pool_id)
-    return pool.name if pool else None
-
-
-def _hold_pool(session: Session, actor: str) -> IpPool:
-    pool = session.exec(select(IpPool).where(IpPool.name == HOLD_POOL)).first()
-    if pool is None:
-        pool = IpPool(name=HOLD_POOL, kind=PoolKind.shared)
-        session.add(pool)
-        session.flush()
-        record(
-            session,
-            actor=actor,
-            action="pool.add",
-            subject=f"pool:{HOLD_POOL}",
-            evidence={"kind": "shared", "purpose": "holds suspended streams; must stay empty"},
-            runbook_id=rules().id,
-            runbook_version=rules().version,
-        )
-    has_addresses = session.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).first()
-    if has_addresses is not None:
-        raise RuntimeError(
-            f"pool {HOLD_POOL!r} has addresses ({has_addresses.address}); it cannot hold mail. "
-            "Move them to another pool first."
-        )
-    return pool

@@ -265,3 +265,143 @@ def reinstate_ip(session: Session, address: str, act: Act) -> tuple[IpAddress, i
         },
     )
     return ip, woken
+
+
+def stream_binding(session: Session, tenant_name: str, stream: str) -> dict:
+    """The stream as the relay sees it now: its pool and overflow pool (a stream without a row
+    uses the default pool) and how many of its recipients wait in the queue."""
+    tenant = get_tenant(session, tenant_name)
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == tenant.id, Stream.name == stream)
+    ).first()
+    return {
+        "tenant": tenant_name,
+        "stream": stream,
+        "pool": _pool_name(session, row.pool_id) if row else DEFAULT_POOL,
+        "fallback_pool": _pool_name(session, row.fallback_pool_id) if row else None,
+        "queued_recipients": queued_recipients(session, tenant.id, stream),
+    }
+
+
+def hold_stream(
+    session: Session,
+    tenant_name: str,
+    stream: str,
+    act: Act,
+    runbook: tuple[str, str],
+) -> dict:
+    """Hold a stream's outgoing mail: bind it to the empty pool `hold` (no overflow), so egress
+    finds no source IP and its mail waits in the spool; submission goes on. Audited as
+    stream.suspend with the pools it left, which `release_stream` reads back. `runbook`: the
+    (id, version) of the runbook that decided it (suspend-stream, degradation-triage)."""
+    before = stream_binding(session, tenant_name, stream)
+    if before["pool"] == HOLD_POOL:
+        raise ServiceError(f"{tenant_name}/{stream} is already held (pool {HOLD_POOL})")
+    hold = _hold_pool(session, act.actor, runbook)
+    tenant = get_tenant(session, tenant_name)
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == tenant.id, Stream.name == stream)
+    ).first() or Stream(tenant_id=tenant.id, name=stream, pool_id=hold.id)
+    row.pool_id, row.fallback_pool_id = hold.id, None  # no overflow either
+    session.add(row)
+    record(
+        session,
+        actor=act.actor,
+        action="stream.suspend",
+        subject=f"stream:{tenant_name}/{stream}",
+        evidence={
+            "reason": act.reason,
+            **act.evidence,
+            "previous_pool": before["pool"],
+            "previous_fallback_pool": before["fallback_pool"],
+            "queued_recipients": before["queued_recipients"],
+        },
+        runbook_id=runbook[0],
+        runbook_version=runbook[1],
+        at=act.now,
+    )
+    release = f"axiom stream release {tenant_name} {stream} --as NAME --reason TEXT"
+    return {"held": f"{tenant_name}/{stream}", **before, "release_with": release}
+
+
+def move_stream(
+    session: Session, tenant_name: str, stream: str, act: Act, pool_name: str | None = None
+) -> dict:
+    """Bind a stream to another pool: `pool_name`, or its overflow pool when none is named
+    (the triage runbook's "move it to another pool": its mail stops sharing the pool whose
+    reputation it harms, or stops harming the pool's other tenants). The new binding has no
+    overflow pool, so the stream cannot spill back; waiting mail is woken. Audited as
+    stream.move with the binding it left (`axiom stream set` restores it)."""
+    before = stream_binding(session, tenant_name, stream)
+    if before["pool"] == HOLD_POOL:
+        raise ServiceError(f"{tenant_name}/{stream} is held; release it instead of moving it")
+    target = pool_name or before["fallback_pool"]
+    if target is None:
+        raise ServiceError(
+            f"{tenant_name}/{stream} has no overflow pool to move to; name one with --pool"
+        )
+    if target in (HOLD_POOL, before["pool"]):
+        raise ServiceError(f"{tenant_name}/{stream} cannot move to pool {target!r}")
+    pool = get_pool(session, target)
+    has_ip = session.exec(
+        select(IpAddress.id).where(
+            IpAddress.pool_id == pool.id, col(IpAddress.state).in_(SENDING_STATES)
+        )
+    ).first()
+    if has_ip is None:
+        raise ServiceError(f"pool {target!r} has no address that sends; moving would hold the mail")
+    tenant = get_tenant(session, tenant_name)
+    row = session.exec(
+        select(Stream).where(Stream.tenant_id == tenant.id, Stream.name == stream)
+    ).first() or Stream(tenant_id=tenant.id, name=stream, pool_id=pool.id)
+    row.pool_id, row.fallback_pool_id = pool.id, None
+    session.add(row)
+    session.flush()
+    woken = wake(session, act.now, messages=of_stream(tenant.id, stream))
+    act.audit(
+        session,
+        "stream.move",
+        f"stream:{tenant_name}/{stream}",
+        {
+            "pool": pool.name,
+            "previous_pool": before["pool"],
+            "previous_fallback_pool": before["fallback_pool"],
+            "queued_recipients": before["queued_recipients"],
+            "woken": woken,
+        },
+    )
+    back = f"axiom stream set {tenant_name} {stream} --pool {before['pool']}" + (
+        f" --fallback {before['fallback_pool']}" if before["fallback_pool"] else ""
+    )
+    return {"moved": f"{tenant_name}/{stream}", **before, "to_pool": pool.name, "back_with": back}
+
+
+def _pool_name(session: Session, pool_id: int | None) -> str | None:
+    if pool_id is None:
+        return None
+    pool = session.get(IpPool, pool_id)
+    return pool.name if pool else None
+
+
+def _hold_pool(session: Session, actor: str, runbook: tuple[str, str]) -> IpPool:
+    pool = session.exec(select(IpPool).where(IpPool.name == HOLD_POOL)).first()
+    if pool is None:
+        pool = IpPool(name=HOLD_POOL, kind=PoolKind.shared)
+        session.add(pool)
+        session.flush()
+        record(
+            session,
+            actor=actor,
+            action="pool.add",
+            subject=f"pool:{HOLD_POOL}",
+            evidence={"kind": "shared", "purpose": "holds suspended streams; must stay empty"},
+            runbook_id=runbook[0],
+            runbook_version=runbook[1],
+        )
+    has_addresses = session.exec(select(IpAddress).where(IpAddress.pool_id == pool.id)).first()
+    if has_addresses is not None:
+        raise ServiceError(
+            f"pool {HOLD_POOL!r} has addresses ({has_addresses.address}); it cannot hold mail. "
+            "Move them to another pool first."
+        )
+    return pool

@@ -9,8 +9,10 @@ from sqlmodel import Session, col, select
 
 from models import Suspension
 from models.audit import as_utc
+from protocol.egress import get_ip
 from protocol.errors import ServiceError
 from protocol.verbs import PACED, WAITING, Act, wake
+from relay.delivery.classify import rules as classification
 from relay.delivery.egress import ALL_PROVIDERS
 
 
@@ -107,6 +109,51 @@ def shorten_suspension(
         },
     )
     return row, woken
+
+
+def throttle_path(
+    session: Session,
+    source_ip: str,
+    provider: str,
+    per_minute: int,
+    until: datetime,
+    act: Act,
+    rule_id: str | None = None,
+) -> Suspension:
+    """Slow one (IP, provider) path to `per_minute` until `until`: a throttle the relay honours
+    like its own reactions' (the lowest active limit wins), protective and ending by itself.
+    Lowering a rate is the one action machines may take alone (the triage runbook's
+    lower_rate); a person does it with `axiom suspension throttle`."""
+    if per_minute < 1:
+        raise ServiceError(f"--per-minute must be 1 or more, not {per_minute}")
+    source_ip = get_ip(session, source_ip).address
+    known = sorted(
+        {p for _, p in classification().mx_suffixes} | {classification().fallback_provider}
+    )
+    if provider not in known:
+        raise ServiceError(f"provider {provider!r} is not one of {', '.join(known)}")
+    until = as_utc(until)
+    if until <= act.now:
+        raise ServiceError(f"a throttle must end later than now, not at {until.isoformat()}")
+    row = Suspension(
+        source_ip=source_ip,
+        provider=provider,
+        action="throttle",
+        limit_per_minute=per_minute,
+        reason=act.reason[:1000],
+        rule_id=rule_id,
+        created_at=act.now,
+        expires_at=until,
+    )
+    session.add(row)
+    session.flush()
+    act.audit(
+        session,
+        "path.throttle",
+        f"path:{source_ip}/{provider}",
+        {"suspension_id": row.id, "until": until.isoformat(), **_described(row)},
+    )
+    return row
 
 
 def _described(row: Suspension) -> dict:

@@ -23,12 +23,13 @@ the hourly roll-up for whole hours, as protocol/signals.py does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Engine, and_, case, func, or_, select
+from sqlalchemy import Connection, Engine, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import DeliveryEvent, EventKind, EventRollup, Stream, Tenant
@@ -667,6 +668,17 @@ def _count(rows, start: datetime, end: datetime) -> Window:
     return Window(start, end, sent, delivered, deferred, refused, bounced, complaints)
 
 
+@contextmanager
+def _connected(bind: Session | Engine) -> Iterator[Connection]:
+    """A session's own connection (its transaction: on SQLite a second connection would wait
+    for the write turn this session may hold), or a new one from an engine."""
+    if isinstance(bind, Session):
+        yield bind.connection()
+        return
+    with bind.connect() as conn:
+        yield conn
+
+
 def signals_for_all(
     bind: Session | Engine,
     subjects: Iterable[Subject],
@@ -683,9 +695,8 @@ def signals_for_all(
     day_ago = now - timedelta(seconds=_seconds("24h"))
     after = {s: ends[s] for s in wanted if s in ends and day_ago < ends[s] <= now}
     window_start = {name: now - timedelta(seconds=_seconds(name)) for name in READ_WINDOWS}
-    engine = bind.get_bind() if isinstance(bind, Session) else bind
     out: dict[Subject, SubjectSignals] = {}
-    with engine.connect() as conn:
+    with _connected(bind) as conn:
         rolled = signals.rolled_until(conn)
         for kind in ("ip-provider", "domain-provider", "stream"):
             of_kind = [s for s in wanted if s.kind == kind]
@@ -751,8 +762,7 @@ def signals_for(
 
 def stream_subject(bind: Session | Engine, tenant: str, stream: str) -> Subject:
     """A stream's subject by the tenant's name (the CLI's and the tests' way to name it)."""
-    engine = bind.get_bind() if isinstance(bind, Session) else bind
-    with engine.connect() as conn:
+    with _connected(bind) as conn:
         tenant_id = conn.execute(select(Tenant.id).where(Tenant.name == tenant)).scalar()
     if tenant_id is None:
         raise ValueError(f"no tenant {tenant!r}")
@@ -765,8 +775,7 @@ def subjects_with_mail(bind: Session | Engine, now: datetime) -> list[Subject]:
     provider) pairs and tenant streams. A cycle with no mail costs this one query."""
     now = as_utc(now)
     since = now - timedelta(seconds=_seconds("24h"))
-    engine = bind.get_bind() if isinstance(bind, Session) else bind
-    with engine.connect() as conn:
+    with _connected(bind) as conn:
         rows = conn.execute(
             select(
                 DeliveryEvent.source_ip,
@@ -822,8 +831,8 @@ def detect(
     wanted = subjects_with_mail(session, now)
     report.subjects = len(wanted)
     ends = {s: as_utc(t) for s, t in (since or {}).items() if t is not None}
-    # Every subject is read before anything is written: the reads use their own connection,
-    # which must not wait behind this session's write (SQLite has one writer at a time).
+    # Every subject is read before anything is written, on this session's connection (on
+    # SQLite a second connection would wait behind this session's write turn).
     read = signals_for_all(session, wanted, now, ends)
     found_causes = []
     for subject in wanted:

@@ -13,6 +13,7 @@ from axiom.cli.app import JsonFlag, admin, app, clock_now, fail, out, print_json
 from protocol.egress import (
     add_ip,
     add_pool,
+    move_stream,
     reinstate_ip,
     release_stream,
     retire_ip,
@@ -23,6 +24,7 @@ from protocol.suspensions import (
     get_suspension,
     lift_suspension,
     shorten_suspension,
+    throttle_path,
 )
 from protocol.verbs import by_operator
 
@@ -109,6 +111,31 @@ def stream_release(
     )
 
 
+@stream_app.command("move")
+def stream_move(
+    tenant: str,
+    stream: str,
+    operator: AsOption,
+    reason: ReasonOption,
+    pool: Annotated[
+        str | None,
+        typer.Option("--pool", help="Move to this pool instead of the stream's overflow pool."),
+    ] = None,
+) -> None:
+    """Move a stream to its overflow pool (or --pool), without overflow."""
+    now = clock_now()
+    with admin() as session:
+        act = by_operator(
+            session, operator, "stream.move", f"stream:{tenant}/{stream}", reason, now
+        )
+        done = move_stream(session, tenant, stream, act, pool)
+    out.print(
+        f"{tenant}/{stream} moved from pool {done['pool']} to [bold]{done['to_pool']}[/bold]; "
+        f"back with: {done['back_with']}",
+        soft_wrap=True,
+    )
+
+
 @ip_app.command("retire")
 def ip_retire(address: str, operator: AsOption, reason: ReasonOption) -> None:
     """Stop sending from ADDRESS (state retired); `axiom ip reinstate` undoes it."""
@@ -143,6 +170,30 @@ def suspension_lift(suspension_id: int, operator: AsOption, reason: ReasonOption
     out.print(
         f"suspension {row.id} of {row.source_ip} for {row.provider} lifted; "
         f"{woken} waiting recipient(s) woken",
+        soft_wrap=True,
+    )
+
+
+@suspension_app.command("throttle")
+def suspension_throttle(
+    ip: str,
+    provider: str,
+    operator: AsOption,
+    reason: ReasonOption,
+    per_minute: Annotated[
+        int, typer.Option("--per-minute", help="At most this many messages a minute.")
+    ],
+    for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m, 2h, 1d.")] = "1h",
+) -> None:
+    """Slow the path IP → PROVIDER to --per-minute for a while (it ends by itself)."""
+    now = clock_now()
+    until = now + _duration(for_, "--for")
+    with admin() as session:
+        act = by_operator(session, operator, "path.throttle", f"path:{ip}/{provider}", reason, now)
+        row = throttle_path(session, ip, provider, per_minute, until, act)
+    out.print(
+        f"throttle {row.id}: {ip} → {provider} at most {per_minute}/min until "
+        f"{until:%Y-%m-%d %H:%M:%S}Z",
         soft_wrap=True,
     )
 
@@ -187,10 +238,10 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-def _duration(text: str) -> timedelta:
+def _duration(text: str, option: str = "--by") -> timedelta:
     match = _DURATION.match(text.strip())
     if not match or int(match[1]) == 0:
-        raise fail(f"--by {text!r} must be a number and a unit, e.g. 90s, 30m, 2h, 1d")
+        raise fail(f"{option} {text!r} must be a number and a unit, e.g. 90s, 30m, 2h, 1d")
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
