@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, and_, case, func, or_, select
+from sqlalchemy import Connection, Engine, and_, case, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from models import DeliveryEvent, EventKind, EventRollup, Stream, Tenant
@@ -575,75 +575,91 @@ def _merged(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, 
 
 # {key: {window start: [(kind, category, permanent, count), ...]}}
 _Found = dict[tuple, dict[datetime, list[tuple]]]
+PAIRS: tuple[SubjectKind, ...] = ("ip-provider", "domain-provider")
 
 
 def _read_raw(conn, kind: SubjectKind, splits: list[_Split], only: list[Subject] | None):
-    """One grouped query per stretch of raw events that some window reads (typically three:
-    the hour at the start of the 7-day and of the 24-hour window, and the last hour), with a
-    count per window start: the events of the stretch inside that window's raw part."""
+    """One grouped query over the stretches of raw events some window reads (typically the
+    first hour of the 7-day and of the 24-hour window, and the last hour), with a count per
+    window start: the events inside that window's raw part."""
     e = DeliveryEvent
-    keys = _key_columns(kind, e)
-    where = [] if only is None else [or_(*(and_(*_subject_filter(s, e)) for s in only))]
-    found: _Found = {}
-    for lo, hi in _merged(span for s in splits for span in s.raw):
-        starts, counts = [], []
-        for s in splits:
-            inside = [(max(a, lo), min(b, hi)) for a, b in s.raw if a < hi and b > lo]
-            if not inside:
-                continue
-            starts.append(s.start)
-            if inside == [(lo, hi)]:
-                counts.append(func.count())
-            else:
-                when = or_(*(and_(e.at >= a, e.at < b) for a, b in inside))
-                counts.append(func.sum(case((when, 1), else_=0)))
-        rows = conn.execute(
-            select(*keys, e.kind, e.category, e.permanent, *counts)
-            .where(e.at >= lo, e.at < hi, *where)
-            .group_by(*keys, e.kind, e.category, e.permanent)
-        )
-        _collect(found, rows, starts)
-    return found
+    counted = [s for s in splits if s.raw]
+    if not counted:
+        return {}
+
+    def within(spans) -> list:
+        return [and_(e.at >= a, e.at < b) for a, b in spans]
+
+    where = [or_(*within(_merged(span for s in counted for span in s.raw)))]
+    if only is not None:
+        where.append(or_(*(and_(*_subject_filter(s, e)) for s in only)))
+    counts = [func.sum(case((or_(*within(s.raw)), 1), else_=0)) for s in counted]
+    keys, outcome = _key_columns(kind, e), (e.kind, e.category, e.permanent)
+    query = select(literal(0), *keys, *outcome, *counts).where(*where).group_by(*keys, *outcome)
+    return _collect(conn.execute(query), (kind,), [s.start for s in counted])[kind]
 
 
-def _read_rolled(conn, kind: SubjectKind, splits: list[_Split], only: list[Subject] | None):
-    """One grouped query over the whole rolled-up hours of every window, a sum per window."""
+def _read_rolled(
+    conn,
+    kinds: tuple[SubjectKind, ...],
+    splits: list[_Split],
+    only: Mapping[SubjectKind, list[Subject] | None],
+) -> dict[SubjectKind, _Found]:
+    """One grouped query over the whole rolled-up hours of every window, a sum per window
+    start. A stream's come from event_rollup_subject; the pairs' from event_rollup, which
+    alone has both columns of a pair. Both kinds of pair read it in one scan: summed per IP,
+    From domain and provider first, then per kind of pair (UNION ALL, the kind's index first)."""
     rolled = [s for s in splits if s.rolled_from is not None]
     if not rolled:
         return {}
-    if kind == "stream":
-        r = SubjectRollup
-        where = [r.by == "stream"]
+    if kinds == ("stream",):
+        r, where = SubjectRollup, [SubjectRollup.by == "stream"]
     else:
-        r = EventRollup
-        where = []
-    if only is not None:
-        where.append(or_(*(and_(*_rolled_filter(s)) for s in only)))
+        r, where = EventRollup, []
+    if all(only.get(k) is not None for k in kinds):
+        where.append(or_(*(and_(*_rolled_filter(s)) for k in kinds for s in only[k] or ())))
     lo = min(s.rolled_from for s in rolled)
     hi = rolled[0].rolled_to  # the same for every window: the roll-up's end, or the hour's
+    where += [r.hour >= lo, r.hour < hi]
     sums = [
         func.sum(r.count)
         if s.rolled_from == lo
         else func.sum(case((r.hour >= s.rolled_from, r.count), else_=0))
         for s in rolled
     ]
-    keys = _key_columns(kind, r)
-    rows = conn.execute(
-        select(*keys, r.kind, r.category, r.permanent, *sums)
-        .where(*where, r.hour >= lo, r.hour < hi)
-        .group_by(*keys, r.kind, r.category, r.permanent)
-    )
-    found: _Found = {}
-    _collect(found, rows, [s.start for s in rolled])
-    return found
+    outcome = (r.kind, r.category, r.permanent)
+    if len(kinds) == 1:
+        keys = _key_columns(kinds[0], r)
+        query = select(literal(0), *keys, *outcome, *sums).where(*where).group_by(*keys, *outcome)
+    else:
+        columns = list(dict.fromkeys(c for k in kinds for c in _key_columns(k, r)))
+        labelled = (n.label(f"n{i}") for i, n in enumerate(sums))
+        pre = (
+            select(*columns, *outcome, *labelled)
+            .where(*where)
+            .group_by(*columns, *outcome)
+            .cte("by_pair")
+        )
+        outcome = (pre.c.kind, pre.c.category, pre.c.permanent)
+        totals = [func.sum(pre.c[f"n{i}"]) for i in range(len(sums))]
+        parts = []
+        for j, kind in enumerate(kinds):
+            keys = tuple(pre.c[c.name] for c in _key_columns(kind, r))
+            parts.append(select(literal(j), *keys, *outcome, *totals).group_by(*keys, *outcome))
+        query = union_all(*parts)
+    return _collect(conn.execute(query), kinds, [s.start for s in rolled])
 
 
-def _collect(found: _Found, rows, starts: list[datetime]) -> None:
-    for first, second, kind, category, permanent, *counts in rows:
-        by_start = found.setdefault((first, second), {})
+def _collect(rows, kinds: tuple[SubjectKind, ...], starts: list[datetime]):
+    """(kind's index, key, key, kind, category, permanent, count per start) rows by kind of
+    subject, subject and window start."""
+    found: dict[SubjectKind, _Found] = {k: {} for k in kinds}
+    for j, first, second, kind, category, permanent, *counts in rows:
+        by_start = found[kinds[j]].setdefault((first, second), {})
         for start, n in zip(starts, counts, strict=True):
             if n:
                 by_start.setdefault(start, []).append((kind, category, permanent, n))
+    return found
 
 
 def _count(rows, start: datetime, end: datetime) -> Window:
@@ -685,48 +701,55 @@ def signals_for_all(
     now: datetime,
     since: Mapping[Subject, datetime] | None = None,
 ) -> dict[Subject, SubjectSignals]:
-    """Every subject's signals, as signals_for reads each one, in a few grouped queries per
-    kind of subject: per stretch of raw events some window reads, and one over the rolled-up
-    hours, each with a conditional sum per window start (the four windows and the distinct
-    ends of actions). `since`: the end of the last action on a subject (none when absent)."""
+    """Every subject's signals, as signals_for reads each one, in two grouped queries per
+    kind of subject (the pairs share the second): one over the stretches of raw events the
+    windows read, one over their rolled-up hours, each with a conditional sum per window
+    start (the four windows and the distinct ends of actions). `since`: the end of the last
+    action on a subject (none when absent)."""
     now = as_utc(now)
     wanted = list(dict.fromkeys(subjects))
     ends = {s: as_utc(t) for s, t in (since or {}).items() if t is not None}
     day_ago = now - timedelta(seconds=_seconds("24h"))
     after = {s: ends[s] for s in wanted if s in ends and day_ago < ends[s] <= now}
     window_start = {name: now - timedelta(seconds=_seconds(name)) for name in READ_WINDOWS}
-    out: dict[Subject, SubjectSignals] = {}
+    starts = list(dict.fromkeys([*window_start.values(), *after.values()]))
+    of_kind = {k: [s for s in wanted if s.kind == k] for k in (*PAIRS, "stream")}
+    of_kind = {k: found for k, found in of_kind.items() if found}
+    only = {k: found if len(found) <= FILTER_SUBJECTS else None for k, found in of_kind.items()}
+    pairs = tuple(k for k in PAIRS if k in of_kind)
+    if len(pairs) == 2 and any(only[k] is not None for k in pairs):
+        rolled_reads = [(k,) for k in pairs]  # one of them reads a few: each its own
+    else:
+        rolled_reads = [pairs] if pairs else []
+    rolled_reads += [("stream",)] if "stream" in of_kind else []
+    raw: dict[SubjectKind, _Found] = {k: {} for k in of_kind}
+    rolled_up: dict[SubjectKind, _Found] = {k: {} for k in of_kind}
     with _connected(bind) as conn:
         rolled = signals.rolled_until(conn)
-        for kind in ("ip-provider", "domain-provider", "stream"):
-            of_kind = [s for s in wanted if s.kind == kind]
-            if not of_kind:
-                continue
-            only = of_kind if len(of_kind) <= FILTER_SUBJECTS else None
-            starts = list(
-                dict.fromkeys([*window_start.values(), *(after[s] for s in of_kind if s in after)])
+        for i in range(0, len(starts), MAX_STARTS):
+            splits = [_split(start, now, rolled) for start in starts[i : i + MAX_STARTS]]
+            for kind in of_kind:
+                _update(raw[kind], _read_raw(conn, kind, splits, only[kind]))
+            for kinds in rolled_reads:
+                for kind, found in _read_rolled(conn, kinds, splits, only).items():
+                    _update(rolled_up[kind], found)
+        declared = _declared_volumes(conn, of_kind.get("stream", []))
+    out: dict[Subject, SubjectSignals] = {}
+    for kind, found in of_kind.items():
+        for subject in found:
+            r = raw[kind].get(_key(subject), {})
+            u = rolled_up[kind].get(_rolled_key(subject), {})
+
+            def read(start: datetime, r=r, u=u) -> Window:
+                return _count([*r.get(start, ()), *u.get(start, ())], start, now)
+
+            out[subject] = SubjectSignals(
+                subject,
+                now,
+                {name: read(start) for name, start in window_start.items()},
+                read(after[subject]) if subject in after else None,
+                declared.get((subject.tenant_id, subject.stream)),
             )
-            raw: _Found = {}
-            rolled_up: _Found = {}
-            for i in range(0, len(starts), MAX_STARTS):
-                splits = [_split(start, now, rolled) for start in starts[i : i + MAX_STARTS]]
-                _update(raw, _read_raw(conn, kind, splits, only))
-                _update(rolled_up, _read_rolled(conn, kind, splits, only))
-            declared = _declared_volumes(conn, of_kind) if kind == "stream" else {}
-            for subject in of_kind:
-                r, u = raw.get(_key(subject), {}), rolled_up.get(_rolled_key(subject), {})
-
-                def read(start: datetime, r=r, u=u) -> Window:
-                    return _count([*r.get(start, ()), *u.get(start, ())], start, now)
-
-                windows = {name: read(start) for name, start in window_start.items()}
-                out[subject] = SubjectSignals(
-                    subject,
-                    now,
-                    windows,
-                    read(after[subject]) if subject in after else None,
-                    declared.get((subject.tenant_id, subject.stream)),
-                )
     return out
 
 
