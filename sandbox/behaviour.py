@@ -1,4 +1,5 @@
-"""The typed shape of sandbox/behaviour.yaml: providers, reputation arithmetic, DNSBL zones."""
+"""The typed shape of sandbox/behaviour.yaml: providers, reputation arithmetic, DNSBL zones,
+and where an accepted message lands (placement rules)."""
 
 from __future__ import annotations
 
@@ -237,6 +238,74 @@ class ReputationModel(Strict):
         return next((t for t in self.tiers if score >= t.min_score), self.tiers[-1])
 
 
+PlacementCondition = Literal[
+    "dmarc_quarantine",  # DMARC fails and the From domain's policy is quarantine
+    "unauthenticated",  # neither SPF nor DKIM passes
+    "bulk_dmarc_not_passing",  # a bulk sender whose mail does not pass DMARC
+    "ip_tier",  # the sending IP's standing at the provider is in `tier`
+    "domain_tier",  # the From domain's standing at the provider is in `tier`
+    "ip_complaint_rate",  # the IP's recent complaint rate at the provider reaches `at_least`
+    "domain_complaint_rate",  # the From domain's recent complaint rate reaches `at_least`
+]
+TierName = Literal["established", "warming", "cold", "damaged"]
+
+
+class PlacementRule(Strict):
+    """When `when` holds for a message at one of `providers`, spam_share of such mail goes to
+    spam. Every rule cites what a provider publishes (`source`), says why the sandbox decides
+    where nothing is published (`choice`), or both (a published fact, our number)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    when: PlacementCondition
+    providers: list[str] = Field(min_length=1)  # provider names, or ["*"] for every provider
+    tier: TierName | None = None
+    at_least: float | None = Field(default=None, gt=0, lt=1)
+    spam_share: float = Field(ge=0, le=1)
+    source: Source | None = None
+    choice: str = ""
+
+    @model_validator(mode="after")
+    def _complete(self) -> PlacementRule:
+        if self.source is None and not self.choice:
+            raise ValueError(f"rule {self.name}: give a source, or say our choice (choice:)")
+        needs_tier = self.when in ("ip_tier", "domain_tier")
+        needs_rate = self.when in ("ip_complaint_rate", "domain_complaint_rate")
+        if needs_tier != (self.tier is not None):
+            raise ValueError(f"rule {self.name}: `tier` goes with ip_tier and domain_tier only")
+        if needs_rate != (self.at_least is not None):
+            raise ValueError(f"rule {self.name}: `at_least` goes with the complaint rates only")
+        return self
+
+    def applies_to(self, provider: str) -> bool:
+        return "*" in self.providers or provider in self.providers
+
+
+class ComplaintWindow(Strict):
+    """How a placement rule reads a complaint rate: complaints over mail delivered to the inbox
+    in the reputation's spam-rate window, counted only past these minimums."""
+
+    min_inbox: int = Field(ge=1)
+    min_complaints: int = Field(ge=1)
+    source: Source
+    choice: str = ""
+
+
+class Placement(Strict):
+    complaints: ComplaintWindow
+    # What moves a From domain's standing (sandbox/reputation.py, the same arithmetic as an
+    # IP's). Only complaint and auth_failure events reach a domain.
+    domain_losses: Losses
+    domain_losses_choice: str
+    rules: list[PlacementRule] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Placement:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("placement rule names must be unique")
+        return self
+
+
 class DnsblZone(Strict):
     zone: str
     kind: Literal["ip", "domain"]
@@ -280,6 +349,7 @@ class Behaviour(Strict):
     reputation: ReputationModel
     dnsbl: list[DnsblZone]
     providers: list[Provider] = Field(min_length=1)
+    placement: Placement
 
     @model_validator(mode="after")
     def _consistent(self) -> Behaviour:
@@ -301,6 +371,13 @@ class Behaviour(Strict):
             domains |= set(p.domains)
         if sum(p.accepts_customer_domains for p in self.providers) != 1:
             raise ValueError("exactly one provider must accept customer domains")
+        names = {p.name for p in self.providers} | {"*"}
+        for rule in self.placement.rules:
+            unknown = set(rule.providers) - names
+            if unknown:
+                raise ValueError(
+                    f"placement rule {rule.name}: unknown provider(s) {sorted(unknown)}"
+                )
         return self
 
     def provider(self, name: str) -> Provider:

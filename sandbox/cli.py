@@ -271,12 +271,16 @@ def reputation(
     raise _fail("the sandbox world did not answer within 10 s; is it running?")
 
 
-def _standing_view(row, model, now: float) -> dict:
+def _standing_view(row, model, now: float, key: str = "ip") -> dict:
     """A standing as status shows it: its tier, whether blocked, and today's volume against
-    the day's allowance (counters of an earlier day, not yet closed by the world, are 0)."""
+    the day's allowance (counters of an earlier day, not yet closed by the world, are 0). A
+    From domain's standing (key "domain") has its domain where an IP's has its address."""
     current = row.day == int(now // 86400)
+    fields = {k: v for k, v in row.__dict__.items() if k != "ip"}
     return {
-        **row.__dict__,
+        "provider": row.provider,
+        key: row.ip,
+        **fields,
         "tier": model.tier_for(row.score).name,
         "blocked": row.blocked_until > now,
         "allowance": row.allowance or model.daily.allowance(row.clean_days),
@@ -300,6 +304,10 @@ def status(json_output: JsonFlag = False) -> None:
     model = behaviour().reputation
     now = _sandbox_now(settings)
     standings = [_standing_view(row, model, now) for row in state.standings()]
+    domain_standings = [
+        _standing_view(row, model, now, key="domain") for row in state.standings(domains=True)
+    ]
+    placement = _placement_totals(state.placement_daily())
     verdicts = state.verdict_counts()
     complaints = state.complaints()
     data = {
@@ -309,6 +317,8 @@ def status(json_output: JsonFlag = False) -> None:
         "overrides": [o.__dict__ for o in state.overrides()],
         "knobs": state.knobs(),
         "standings": standings,
+        "domain_standings": domain_standings,
+        "placement": placement,
         "answers": [{"provider": p, "outcome": o, "count": n} for (p, o), n in verdicts.items()],
         "mailboxes": Mailboxes(mail_dir(settings)).counts(),
         "complaints": {
@@ -376,6 +386,8 @@ def status(json_output: JsonFlag = False) -> None:
                 f"{s['clean_days']:.1f}",
             )
         out.print(table)
+    if any(sum(by.values()) for by in placement.values()):
+        out.print(_placement_table(placement, "Where the providers filed the mail they accepted"))
     if verdicts:
         table = Table("provider", "answer", "count", title="What the simulated MX servers answered")
         for (provider, outcome), n in sorted(verdicts.items()):
@@ -394,6 +406,78 @@ def status(json_output: JsonFlag = False) -> None:
             f"complaint reports: {data['complaints']} (last reply: {data['last_complaint_reply']})",
             highlight=False,
         )
+
+
+# ---------------------------------------------------------------- placement
+def _placement_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
+    from sandbox.behaviour import behaviour
+
+    totals = {p.name: {"inbox": 0, "spam": 0} for p in behaviour().providers}
+    for row in rows:
+        by = totals.setdefault(row["provider"], {"inbox": 0, "spam": 0})
+        by["inbox"] += row["inbox"]
+        by["spam"] += row["spam"]
+    return totals
+
+
+def _spam_share(inbox: int, spam: int) -> str:
+    return f"{spam / (inbox + spam):.0%}" if inbox + spam else "-"
+
+
+def _placement_table(totals: dict[str, dict[str, int]], title: str) -> Table:
+    table = Table("provider", "inbox", "spam", "spam share", title=title)
+    for provider, by in totals.items():
+        table.add_row(
+            provider, str(by["inbox"]), str(by["spam"]), _spam_share(by["inbox"], by["spam"])
+        )
+    return table
+
+
+@sandbox_app.command("placement")
+def placement(
+    day: Annotated[str | None, typer.Option("--day", help="One day (YYYY-MM-DD).")] = None,
+    ip: Annotated[str | None, typer.Option("--ip", help="One source IP.")] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", help="One From domain (organisational).")
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Where the simulated providers filed the mail they accepted, inbox or spam: per provider,
+    and per day of the sandbox clock, source IP and From domain. The relay never sees this."""
+    from sandbox.authn import organisational_domain
+
+    wanted = organisational_domain(domain) if domain else None
+    rows = [
+        r
+        for r in _state().placement_daily()
+        if (day is None or r["day"] == day)
+        and (ip is None or r["ip"] == ip)
+        and (wanted is None or r["from_domain"] == wanted)
+    ]
+    totals = _placement_totals(rows)
+    if json_output:
+        _print_json({"providers": totals, "rows": rows})
+        return
+    out.print(_placement_table(totals, "Where the providers filed the mail they accepted"))
+    if rows:
+        table = Table(
+            "day", "provider", "ip", "from domain", "inbox", "spam", "spam share", title="By day"
+        )
+        for r in rows:
+            table.add_row(
+                r["day"],
+                r["provider"],
+                r["ip"],
+                r["from_domain"],
+                str(r["inbox"]),
+                str(r["spam"]),
+                _spam_share(r["inbox"], r["spam"]),
+            )
+        out.print(table)
+    out.print(
+        "inbox: mail/<provider>/, spam: mail/<provider>/spam/ under the sandbox home; the "
+        "relay got 250 for both"
+    )
 
 
 # ---------------------------------------------------------------- time and reset
@@ -528,6 +612,7 @@ def reset(json_output: JsonFlag = False) -> None:
         world = state.command_result(command) or ""
     else:  # no world to ask: forget what the last one wrote
         state.delete_standings(None, None)
+        state.delete_domain_standings()
         world = "standings cleared (the world is not running)"
     data = {
         "suspensions_lifted": relay.suspensions_lifted,
@@ -557,7 +642,8 @@ def scenario(
     name: Annotated[
         str,
         typer.Argument(
-            help="cold-ip-campaign, blocklisted-ip, complaint-spike or broken-dkim.",
+            help="cold-ip-campaign, blocklisted-ip, complaint-spike, broken-dkim or "
+            "dmarc-quarantine.",
             show_default=False,
         ),
     ],
@@ -643,11 +729,12 @@ def _print_report(report) -> None:
         "provider",
         "sent",
         "delivered",
+        "inbox",
+        "spam",
         "deferred",
-        "blocked",
-        "unknown",
-        "held",
         "refused",
+        "held",
+        "not submitted",
         "complaints",
         "ARF sent",
         title=f"{report.scenario}: {report.count} messages in {report.seconds:.0f} s"
@@ -658,16 +745,22 @@ def _print_report(report) -> None:
             p.provider,
             str(p.sent),
             str(p.delivered),
+            str(p.inbox),
+            str(p.spam),
             str(p.deferred),
-            str(p.blocked),
-            str(p.unknown_mailbox),
+            str(p.refused),
             str(p.held),
             str(p.refused_at_submission),
             str(p.complaints),
             str(p.arf_reports),
         )
     out.print(table)
-    out.print("held: no attempt yet, the relay held it back (suspended or paced path)")
+    out.print(
+        "delivered: answered 250; inbox, spam: where the provider filed it (the world's record,"
+        " never told to the relay). refused: by the receiver (blocked or unknown mailbox). held:"
+        " no attempt yet, the relay held it back (suspended or paced path). not submitted: the"
+        " relay refused it at submission"
+    )
     for p in report.providers:
         if p.top_reply:
             out.print(f"  {p.provider}, most common reply: {p.top_reply}", highlight=False)

@@ -2,8 +2,9 @@
 
 Existence is decided by a hash of the address, so the same address is unknown every time and
 on every machine; local parts starting with "unknown" never exist, for tests and scenarios.
-Delivered mail lands in AXIOM_HOME/sandbox/mail/<provider>/ as one .eml per recipient, with
-Return-Path, Delivered-To, Received and Authentication-Results prepended as an MDA would.
+Delivered mail lands in AXIOM_HOME/sandbox/mail/<provider>/ (the inbox) or its spam/ folder
+(sandbox/placement.py decides) as one .eml per recipient, with Return-Path, Delivered-To,
+Received, Authentication-Results and X-Sandbox-Folder prepended as an MDA would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 ALWAYS_UNKNOWN = "unknown"
+SPAM_FOLDER = "spam"  # under the provider's folder, which is the inbox (as Maildir's INBOX is)
 _SAFE = re.compile(r"[^a-z0-9@._+-]")
 _counter = itertools.count()
 
@@ -42,6 +44,7 @@ class StoredMessage:
     provider: str
     recipient: str
     data: bytes
+    folder: str = "inbox"
 
     @property
     def headers(self):
@@ -52,9 +55,12 @@ class Mailboxes:
     def __init__(self, root: Path):
         self.root = root
 
-    def store(self, provider: str, recipient: str, trace: list[str], data: bytes) -> Path:
-        """Write one delivered copy (blocking: call it from a thread)."""
-        folder = self.root / provider
+    def store(
+        self, provider: str, recipient: str, trace: list[str], data: bytes, folder: str = "inbox"
+    ) -> Path:
+        """Write one delivered copy to the inbox or the spam folder (blocking: call it from a
+        thread)."""
+        folder = self._folder(provider, folder)
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         name = f"{stamp}-{next(_counter):06d}-{_SAFE.sub('_', recipient.lower())[:80]}.eml"
@@ -65,18 +71,40 @@ class Mailboxes:
         temp.rename(path)
         return path
 
-    def messages(self, provider: str | None = None) -> list[StoredMessage]:
-        folders = [self.root / provider] if provider else sorted(self.root.glob("*"))
+    def _folder(self, provider: str, folder: str) -> Path:
+        if folder not in ("inbox", SPAM_FOLDER):
+            raise ValueError(f"unknown folder {folder!r}")
+        return self.root / provider if folder == "inbox" else self.root / provider / SPAM_FOLDER
+
+    def messages(
+        self, provider: str | None = None, folder: str | None = None
+    ) -> list[StoredMessage]:
+        """Stored copies, inbox and spam folder alike unless `folder` says which."""
+        providers = [provider] if provider else [p.name for p in self._providers()]
         found = []
-        for folder in folders:
-            for path in sorted(folder.glob("*.eml")):
-                data = path.read_bytes()
-                rcpt = BytesHeaderParser().parsebytes(data).get("Delivered-To", "")
-                found.append(StoredMessage(path, folder.name, str(rcpt), data))
+        for name in providers:
+            for box in [folder] if folder else ["inbox", SPAM_FOLDER]:
+                for path in sorted(self._folder(name, box).glob("*.eml")):
+                    data = path.read_bytes()
+                    rcpt = BytesHeaderParser().parsebytes(data).get("Delivered-To", "")
+                    found.append(StoredMessage(path, name, str(rcpt), data, box))
         return found
 
     def counts(self) -> dict[str, int]:
-        return {f.name: len(list(f.glob("*.eml"))) for f in sorted(self.root.glob("*"))}
+        """Copies kept per provider, inbox and spam folder together."""
+        return {name: sum(by.values()) for name, by in self.folder_counts().items()}
+
+    def folder_counts(self) -> dict[str, dict[str, int]]:
+        return {
+            p.name: {
+                box: len(list(self._folder(p.name, box).glob("*.eml")))
+                for box in ("inbox", SPAM_FOLDER)
+            }
+            for p in self._providers()
+        }
+
+    def _providers(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("*") if p.is_dir())
 
 
 def trace_headers(
@@ -89,11 +117,14 @@ def trace_headers(
     tls: bool,
     reference: str,
     authentication: str,
+    folder: str = "",
 ) -> list[str]:
+    """The lines an MDA prepends; `folder` is the X-Sandbox-Folder line (sandbox/placement.py)."""
     return [
         f"Return-Path: <{mail_from}>",
         f"Delivered-To: {recipient}",
         f"Received: from {helo} ({helo} [{ip}])\r\n\tby {mx_host} with {'ESMTPS' if tls else 'ESMTP'}"
         f" id {reference}\r\n\tfor <{recipient}>; {formatdate(usegmt=True)}",
         authentication,
+        *filter(None, [folder]),
     ]

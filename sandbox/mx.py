@@ -8,8 +8,12 @@ provider's published reply (sandbox/behaviour.yaml):
           (block after pushing on past either) → unknown mailbox
     DATA  DMARC reject → SPF-or-DKIM for all senders → SPF-and-DKIM for bulk senders → accept
 
-Accepted mail is stored per recipient; a share of it draws a complaint, which costs the IP
-reputation and, where the provider runs a feedback loop, sends an ARF report.
+Accepted mail is answered 250 and filed per recipient in the inbox or the spam folder
+(sandbox/placement.py: the IP's and the From domain's standing, their complaint rates,
+authentication); the folder is kept in the stored copy and the state file, never in a reply. A
+share of inbox mail draws a complaint (nobody reports what they never saw), which costs the IP
+reputation, counts toward the IP's and the domain's complaint rates and, where the provider
+runs a feedback loop, sends an ARF report.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from sandbox.behaviour import Behaviour, Provider
 from sandbox.feedback import Complaint, FeedbackSender
 from sandbox.lookup import SandboxLookup
 from sandbox.mailbox import Mailboxes, mailbox_exists, share_of, trace_headers
+from sandbox.placement import Placement, Signals, decide, draw
 from sandbox.reputation import Reputation
+from sandbox.state import PlacementRow
 from sandbox.zones import dnsbl_query_name
 
 log = logging.getLogger("axiom.sandbox.mx")
@@ -57,12 +63,20 @@ class ReceiverContext:
     # The world's time: the sandbox clock, which `axiom sandbox clock advance` moves.
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     volume: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # The From domains' standings (organisational domain per provider), as `reputation` keeps
+    # the IPs'; None: a world without them (every domain counts as cold).
+    domains: Reputation | None = None
+    placements: list[PlacementRow] = field(default_factory=list)
 
     def record(self, provider: str, ip: str, rcpt: str, outcome: str, reply: str) -> None:
         self.verdicts.append((self.now().timestamp(), provider, ip, rcpt, outcome, reply))
 
     def take_verdicts(self) -> list[tuple[float, str, str, str, str, str]]:
         taken, self.verdicts = self.verdicts, []
+        return taken
+
+    def take_placements(self) -> list[PlacementRow]:
+        taken, self.placements = self.placements, []
         return taken
 
 
@@ -188,12 +202,18 @@ class ProviderHandler:
         if isinstance(data, str):
             data = data.encode()
         helo = session.host_name or ip
-        auth = await authenticate(data, envelope.mail_from or "", helo, ip, self.ctx.lookup)
-        key = self._auth_refusal(auth, envelope.mail_from or "")
+        mail_from = envelope.mail_from or ""
+        auth = await authenticate(data, mail_from, helo, ip, self.ctx.lookup)
+        domain = _sending_domain(auth, mail_from)
+        bulk = self._bulk(domain)
+        key = self._auth_refusal(auth, bulk)
         if key is not None:
-            reply = self._reply(key, ip, **_auth_values(auth, envelope.mail_from or ""))
+            reply = self._reply(key, ip, **_auth_values(auth, mail_from))
             for rcpt in envelope.rcpt_tos:
                 self.ctx.reputation.penalise(p.name, ip, "auth_failure")
+                if self.ctx.domains is not None and domain:
+                    self.ctx.domains.offered(p.name, domain)
+                    self.ctx.domains.penalise(p.name, domain, "auth_failure")
                 self.ctx.record(p.name, ip, rcpt, "unauthenticated", reply)
             return reply
         reference = secrets.token_hex(8)
@@ -201,8 +221,9 @@ class ProviderHandler:
         header = auth.header(self.mx_host).removeprefix("Authentication-Results: ")
         message_id = str(BytesHeaderParser().parsebytes(data).get("Message-ID", reference))
         for rcpt in envelope.rcpt_tos:
+            placement = self._place(ip, domain, auth, bulk, message_id, rcpt)
             trace = trace_headers(
-                mail_from=envelope.mail_from or "",
+                mail_from=mail_from,
                 recipient=rcpt,
                 mx_host=self.mx_host,
                 helo=helo,
@@ -210,24 +231,84 @@ class ProviderHandler:
                 tls=bool(session.ssl),
                 reference=reference,
                 authentication=f"Authentication-Results: {header}",
+                folder=placement.header(),
             )
-            await asyncio.to_thread(self.ctx.mailboxes.store, p.name, rcpt, trace, data)
-            self.ctx.reputation.delivered(p.name, ip)
+            await asyncio.to_thread(
+                self.ctx.mailboxes.store, p.name, rcpt, trace, data, placement.folder
+            )
+            self._delivered(ip, domain, placement, rcpt, message_id)
             reply = self._reply("accepted", ip, rcpt=rcpt, ref=reference)
             self.ctx.record(p.name, ip, rcpt, "accepted", reply)
-            # Nobody's complaints about bounces: aiosmtpd keeps the null sender as "<>".
-            if envelope.mail_from not in ("", "<>") and self._complains(message_id, rcpt):
-                self._complaint(ip, envelope.mail_from, rcpt, message_id, data, header)
-        self._count_volume(auth, envelope.mail_from or "", len(envelope.rcpt_tos))
+            # Nobody's complaints about bounces (aiosmtpd keeps the null sender as "<>"), nor
+            # about mail in the spam folder: the spam rate is computed on inbox mail.
+            if (
+                placement.folder == "inbox"
+                and mail_from not in ("", "<>")
+                and self._complains(message_id, rcpt)
+            ):
+                self._complaint(ip, domain, mail_from, rcpt, message_id, data, header)
+        self._count_volume(domain, len(envelope.rcpt_tos))
         return self._reply("accepted", ip, ref=reference)
 
-    def _auth_refusal(self, auth: Authentication, mail_from: str) -> str | None:
+    # --- where accepted mail lands ---
+    def _place(
+        self, ip: str, domain: str, auth: Authentication, bulk: bool, message_id: str, rcpt: str
+    ) -> Placement:
+        p, rep, domains = self.provider.name, self.ctx.reputation, self.ctx.domains
+        ip_inbox, ip_complaints = rep.inbox_complaints(p, ip)
+        domain_tier, domain_inbox, domain_complaints = None, 0, 0
+        if domains is not None and domain:
+            domain_tier = domains.tier(p, domain).name
+            domain_inbox, domain_complaints = domains.inbox_complaints(p, domain)
+        signals = Signals(
+            provider=p,
+            ip_tier=rep.tier(p, ip).name,
+            domain_tier=domain_tier,
+            ip_inbox=ip_inbox,
+            ip_complaints=ip_complaints,
+            domain_inbox=domain_inbox,
+            domain_complaints=domain_complaints,
+            spf_pass=auth.spf_pass,
+            dkim_pass=auth.dkim_pass,
+            dmarc=auth.dmarc,
+            dmarc_policy=auth.dmarc_policy,
+            bulk=bulk,
+        )
+        return decide(self.ctx.behaviour.placement, signals, draw(message_id, rcpt))
+
+    def _delivered(
+        self, ip: str, domain: str, placement: Placement, rcpt: str, message_id: str
+    ) -> None:
+        p, now = self.provider.name, self.ctx.now()
+        self.ctx.placements.append(
+            PlacementRow(
+                now.timestamp(),
+                now.strftime("%Y-%m-%d"),
+                p,
+                ip,
+                domain,
+                rcpt.lower(),
+                message_id,
+                placement.folder,
+                placement.rule,
+            )
+        )
+        self.ctx.reputation.delivered(p, ip)
+        if placement.folder == "inbox":
+            self.ctx.reputation.inboxed(p, ip)
+        if self.ctx.domains is not None and domain:
+            self.ctx.domains.offered(p, domain)
+            self.ctx.domains.delivered(p, domain)
+            if placement.folder == "inbox":
+                self.ctx.domains.inboxed(p, domain)
+
+    def _auth_refusal(self, auth: Authentication, bulk: bool) -> str | None:
         policy, p = self.provider.auth, self.provider
         if policy.enforce_dmarc_reject and auth.dmarc == "fail" and auth.dmarc_policy == "reject":
             return "dmarc_reject"
         if policy.all_senders == "spf_or_dkim" and not (auth.spf_pass or auth.dkim_pass):
             return "unauthenticated"
-        if policy.bulk_senders == "spf_and_dkim" and self._bulk(auth, mail_from):
+        if policy.bulk_senders == "spf_and_dkim" and bulk:
             if not auth.spf_pass:
                 return "bulk_spf" if p.has_reply("bulk_spf") else "bulk_unauthenticated"
             if not auth.dkim_pass:
@@ -236,7 +317,7 @@ class ProviderHandler:
                 return "bulk_dmarc"
         return None
 
-    def _bulk(self, auth: Authentication, mail_from: str) -> bool:
+    def _bulk(self, domain: str) -> bool:
         """A bulk sender: declared so in the sandbox (Gmail: bulk status is permanent once
         reached) or over the provider's daily threshold today.
 
@@ -244,7 +325,6 @@ class ProviderHandler:
         counts toward axiom.test. So both sides are compared as organisational domains: a
         knob naming demo.axiom.test (the sending domain, as the broken-dkim scenario puts
         it) makes its organisation a bulk sender, as reaching the threshold would."""
-        domain = organisational_domain(auth.from_domain or mail_from.rpartition("@")[2] or "")
         declared = {organisational_domain(d) for d in self.ctx.knobs().get("bulk_domains", [])}
         if domain in declared:
             return True
@@ -254,8 +334,7 @@ class ProviderHandler:
             threshold
         )
 
-    def _count_volume(self, auth: Authentication, mail_from: str, count: int) -> None:
-        domain = organisational_domain(auth.from_domain or mail_from.rpartition("@")[2] or "")
+    def _count_volume(self, domain: str, count: int) -> None:
         today = self.ctx.now().strftime("%Y-%m-%d")
         self.ctx.volume[(self.provider.name, domain, today)] += count
 
@@ -266,9 +345,18 @@ class ProviderHandler:
         return share_of(f"{message_id}|{rcpt}", "complaint") < float(share)
 
     def _complaint(
-        self, ip: str, mail_from: str, rcpt: str, message_id: str, data: bytes, auth: str
+        self,
+        ip: str,
+        domain: str,
+        mail_from: str,
+        rcpt: str,
+        message_id: str,
+        data: bytes,
+        auth: str,
     ) -> None:
         self.ctx.reputation.penalise(self.provider.name, ip, "complaint")
+        if self.ctx.domains is not None and domain:
+            self.ctx.domains.penalise(self.provider.name, domain, "complaint")
         loop = self.provider.feedback
         if loop is None or self.ctx.feedback is None:
             return  # Gmail's loop is aggregate only; iCloud has none
@@ -319,6 +407,12 @@ class ProviderHandler:
 def _peer(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def _sending_domain(auth: Authentication, mail_from: str) -> str:
+    """The organisational domain the provider judges the sender by: the From domain's, else
+    the envelope sender's (Gmail counts bulk volume by primary domain)."""
+    return organisational_domain(auth.from_domain or mail_from.rpartition("@")[2] or "")
 
 
 def _auth_values(auth: Authentication, mail_from: str) -> dict[str, str]:

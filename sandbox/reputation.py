@@ -20,6 +20,10 @@ clock: `axiom sandbox clock advance 1d` starts a new day here as everywhere):
   reaching `block_below` blocks the IP for `block_seconds`. Below the initial score it recovers
   at `decay_per_day`. A complaint rate above the published spam-rate line (on enough mail and
   more than one complaint) makes the IP "damaged" whatever its score.
+
+The same arithmetic keeps a From domain's standing at each provider (sandbox/placement.py): a
+second `Reputation`, keyed by the organisational domain where this one has the IP, fed at DATA
+only (`offered`, `delivered`, complaints and authentication failures) and never asked to admit.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Standing:
     complaints: int = 0
     deliveries: deque[float] = field(default_factory=deque)  # times, within the spam window
     complained: deque[float] = field(default_factory=deque)
+    inboxed: deque[float] = field(default_factory=deque)  # delivered to the inbox, same window
     decayed_at: float = 0.0  # when recovery was last applied
     clean_days: float = 0.0
     day: int = 0  # the UTC day `today` counts
@@ -243,6 +248,27 @@ class Reputation:
         self._trim(s, now)
         self._touch(s)
 
+    def offered(self, provider: str, key: str) -> None:
+        """One message offered and taken outside admit(): a From domain's standing, judged by
+        the same day arithmetic as an IP's but never rate-limited."""
+        s = self.standing(provider, key)
+        s.today.offered += 1
+        s.today.admitted += 1
+        self._touch(s)
+
+    def inboxed(self, provider: str, ip: str) -> None:
+        """A delivered message went to the inbox: the base of the placement's complaint rate."""
+        s = self.standing(provider, ip)
+        now = self.clock()
+        s.inboxed.append(now)
+        self._trim(s, now)
+
+    def inbox_complaints(self, provider: str, ip: str) -> tuple[int, int]:
+        """(delivered to the inbox, complaints) within the spam-rate window."""
+        s = self.standing(provider, ip)
+        self._trim(s, self.clock())
+        return len(s.inboxed), len(s.complained)
+
     def penalise(self, provider: str, ip: str, event: Event) -> None:
         s = self.standing(provider, ip)
         now = self.clock()
@@ -289,6 +315,7 @@ class Reputation:
             s.refilled_at = s.decayed_at = self.clock()
             s.deliveries.clear()
             s.complained.clear()
+            s.inboxed.clear()
             self._touch(s)
             changed.append(s)
         return changed
@@ -359,7 +386,7 @@ class Reputation:
 
     def _trim(self, s: Standing, now: float) -> None:
         horizon = now - self.model.spam_rate.window_seconds
-        for times in (s.deliveries, s.complained):
+        for times in (s.deliveries, s.complained, s.inboxed):
             while times and times[0] < horizon:
                 times.popleft()
 

@@ -5,8 +5,10 @@ and the world's complaint log stand, (3) steers the world (reputation, listings,
 (4) submits `count` messages over authenticated SMTP exactly as a customer would, (5) waits
 until every recipient has had a delivery attempt or was held back by the relay, at most
 `timeout` seconds, (6) undoes its steering unless asked to keep it, and (7) summarises by
-provider: sent, delivered, deferred, blocked, and which Protocol actions fired (Suspension rows
-and audit entries written during the run). Count and time are bounded; nothing loops forever.
+provider: sent, delivered and where the providers filed it (inbox or spam, from the world's
+state file: the relay only ever saw 250), deferred, refused, and which Protocol actions fired
+(Suspension rows and audit entries written during the run). Count and time are bounded;
+nothing loops forever.
 """
 
 from __future__ import annotations
@@ -125,16 +127,31 @@ SCENARIOS = {
             "passes, DKIM fails: providers requiring both refuse with their authentication "
             "replies (Gmail 5.7.30, Yahoo 5.7.9, Microsoft 5.7.515, iCloud CS01).",
         ),
+        Scenario(
+            "dmarc-quarantine",
+            "DKIM keys do not match and DMARC says quarantine: delivered, to spam",
+            ("gmail.com", "yahoo.com", "outlook.com", "icloud.com"),
+            40,
+            "The sandbox DNS publishes other keys under the domain's selectors and a DMARC record "
+            "p=quarantine with strict alignment (aspf=s, adkim=s). SPF passes for the return "
+            "path, so no provider refuses the mail (the domain is no bulk sender): each answers "
+            "250, the relay counts it delivered, and every provider files it as spam (RFC 7489 "
+            "6.3). Only the world's placement shows it.",
+        ),
     ]
 }
+QUARANTINE_DMARC = "v=DMARC1; p=quarantine; adkim=s; aspf=s"
 
 
 @dataclass
 class ProviderSummary:
     provider: str
     sent: int = 0
-    delivered: int = 0
+    delivered: int = 0  # the relay's view: answered 250
+    inbox: int = 0  # the world's view of those: where the provider filed them
+    spam: int = 0
     deferred: int = 0
+    refused: int = 0  # by the receiver, permanently: blocked + unknown_mailbox
     blocked: int = 0
     unknown_mailbox: int = 0
     held: int = 0  # no attempt: the relay held it back (path suspended, paced, capped)
@@ -206,6 +223,7 @@ class ScenarioRunner:
             if scenario.name == "complaint-spike":
                 await self._wait_for_reports(baseline["complaint"], started + seconds)
             await asyncio.sleep(0.5)  # the world writes its standings 4 times a second
+            await self._wait_for_placements(queued)
             complained = {
                 provider: n - complained.get(provider, 0)
                 for provider, n in (await asyncio.to_thread(self._complaints_by_provider)).items()
@@ -298,10 +316,35 @@ class ScenarioRunner:
         await asyncio.sleep(1.0)
 
     async def _setup_broken_dkim(self) -> None:
-        from sandbox.published import dkim_txt_value
-
         await self._set_reputation(ESTABLISHED)
         domain = self.credentials.domain.lower()
+        selectors = await self._publish_other_keys(domain, "scenario broken-dkim")
+        bulk = sorted(set(self.state.knobs().get("bulk_domains", [])) | {domain})
+        await asyncio.to_thread(self._set_knob, "bulk_domains", bulk)
+        self.steering.append(
+            f"published other keys under {', '.join(selectors)} for {domain}; "
+            f"{domain} counts as a bulk sender"
+        )
+        await asyncio.sleep(1.0)
+
+    async def _setup_dmarc_quarantine(self) -> None:
+        await self._set_reputation(ESTABLISHED)
+        domain = self.credentials.domain.lower()
+        selectors = await self._publish_other_keys(domain, "scenario dmarc-quarantine")
+        name = f"_dmarc.{domain}"
+        await asyncio.to_thread(
+            self.state.override, name, "TXT", [QUARANTINE_DMARC], "scenario dmarc-quarantine"
+        )
+        self._undo.append(lambda: self.state.clear_override(name, "TXT"))
+        self.steering.append(
+            f'published other keys under {", ".join(selectors)} and {name} "{QUARANTINE_DMARC}"'
+        )
+        await asyncio.sleep(1.0)
+
+    async def _publish_other_keys(self, domain: str, reason: str) -> list[str]:
+        """Keys the relay does not hold, under every selector of the domain (undone after)."""
+        from sandbox.published import dkim_txt_value
+
         selectors = await asyncio.to_thread(self._selectors, domain)
         if not selectors:
             raise ScenarioError(f"domain {domain} has no DKIM keys in the database")
@@ -309,17 +352,9 @@ class ScenarioRunner:
             name = f"{selector}._domainkey.{domain}"
             other = await asyncio.to_thread(unrelated_public_key, algorithm)
             value = dkim_txt_value(algorithm, other)
-            await asyncio.to_thread(
-                self.state.override, name, "TXT", [value], "scenario broken-dkim"
-            )
+            await asyncio.to_thread(self.state.override, name, "TXT", [value], reason)
             self._undo.append(lambda name=name: self.state.clear_override(name, "TXT"))
-        bulk = sorted(set(self.state.knobs().get("bulk_domains", [])) | {domain})
-        await asyncio.to_thread(self._set_knob, "bulk_domains", bulk)
-        self.steering.append(
-            f"published other keys under {', '.join(s for s, _ in selectors)} for {domain}; "
-            f"{domain} counts as a bulk sender"
-        )
-        await asyncio.sleep(1.0)
+        return [selector for selector, _ in selectors]
 
     def _complaints_by_provider(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
@@ -428,6 +463,33 @@ class ScenarioRunner:
             if r.state != RecipientState.queued or r.attempts > 0 or r.last_reply is not None
         )
 
+    async def _wait_for_placements(self, queued: dict[str, str], grace: float = 3.0) -> None:
+        """Until the world has written where it filed every delivered recipient (at most grace
+        seconds: it writes 4 times a second, later on a busy machine)."""
+        until = time.monotonic() + grace
+        while time.monotonic() < until:
+            delivered = await asyncio.to_thread(self._delivered_addresses, set(queued.values()))
+            placed = await asyncio.to_thread(self.state.placements_of, delivered)
+            if len({row.rcpt for row in placed}) >= len(delivered):
+                return
+            await asyncio.sleep(0.25)
+
+    def _delivered_addresses(self, queue_ids: set[str]) -> set[str]:
+        from sqlmodel import Session, col, select
+
+        from models import Recipient, RecipientState
+
+        if not queue_ids:
+            return set()
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(Recipient.address).where(
+                    col(Recipient.message_id).in_(queue_ids),
+                    Recipient.state == RecipientState.delivered,
+                )
+            ).all()
+        return {address.lower() for address in rows}
+
     async def _wait_for_reports(self, since: int, deadline: float) -> None:
         grace = time.monotonic() + 8.0
         while time.monotonic() < min(deadline, grace):
@@ -506,13 +568,24 @@ class ScenarioRunner:
         last_category = {}
         for e in sorted(events, key=lambda e: e.id or 0):
             last_category[e.recipient_id] = e.category
+        # Where the providers filed what they accepted: the world's state file, by recipient
+        # (a run's recipients are its own). The relay never sees this.
+        folders = {
+            row.rcpt: row.folder for row in self.state.placements_of(r.address for r in recipients)
+        }
         for r in recipients:
             s = summary(r.address)
             s.sent += 1
             if r.state == RecipientState.delivered:
                 s.delivered += 1
+                folder = folders.get(r.address.lower())
+                if folder == "inbox":
+                    s.inbox += 1
+                elif folder == "spam":
+                    s.spam += 1
                 continue
             if r.state in (RecipientState.bounced, RecipientState.expired):
+                s.refused += 1
                 if last_category.get(r.id) == "mailbox_unknown":
                     s.unknown_mailbox += 1
                 else:

@@ -3,7 +3,8 @@
 The running world and `axiom sandbox …` commands are separate processes; they meet here.
 Commands write listings, DNS overrides, knobs and requests; the world polls `version()` (SQLite's
 data_version, which changes when another connection commits) and reloads, and writes back the
-standings of source IPs, what its MX servers answered and the complaint reports it sent.
+standings of source IPs and From domains, what its MX servers answered, where accepted mail was
+filed (inbox or spam: never told to the relay) and the complaint reports it sent.
 Every call opens its own short connection, so it is safe from threads and other processes.
 """
 
@@ -43,9 +44,26 @@ CREATE TABLE IF NOT EXISTS complaint (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, provider TEXT NOT NULL,
     ip TEXT NOT NULL, recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL,
     reply TEXT NOT NULL, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS domain_standing (
+    provider TEXT NOT NULL, domain TEXT NOT NULL, score REAL NOT NULL,
+    blocked_until REAL NOT NULL, accepted INTEGER NOT NULL, deferred INTEGER NOT NULL,
+    rejected INTEGER NOT NULL, complaints INTEGER NOT NULL, updated_at REAL NOT NULL,
+    clean_days REAL NOT NULL, allowance REAL NOT NULL, day INTEGER NOT NULL,
+    last_active_day INTEGER NOT NULL, today TEXT NOT NULL, PRIMARY KEY (provider, domain));
+CREATE TABLE IF NOT EXISTS placement (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, day TEXT NOT NULL,
+    provider TEXT NOT NULL, ip TEXT NOT NULL, from_domain TEXT NOT NULL, rcpt TEXT NOT NULL,
+    message_id TEXT NOT NULL, folder TEXT NOT NULL, rule TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS placement_at ON placement (at);
+CREATE INDEX IF NOT EXISTS placement_rcpt ON placement (rcpt);
+CREATE TABLE IF NOT EXISTS placement_daily (
+    day TEXT NOT NULL, provider TEXT NOT NULL, ip TEXT NOT NULL, from_domain TEXT NOT NULL,
+    inbox INTEGER NOT NULL DEFAULT 0, spam INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, provider, ip, from_domain));
 CREATE TABLE IF NOT EXISTS world (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
+INSERT OR IGNORE INTO meta VALUES ('placements_dropped', 0);
 """
 # Columns the standing table gained after its first release: added to an older state file.
 STANDING_ADDED = {
@@ -56,6 +74,8 @@ STANDING_ADDED = {
     "today": "TEXT NOT NULL DEFAULT '{}'",
 }
 MAX_VERDICTS = 100_000  # older rows are dropped; the table is for status and scenarios
+# Per-recipient placements kept (about 150 bytes each); placement_daily keeps every count.
+MAX_PLACEMENTS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,24 @@ class StandingRow:
 
 
 STANDING_COLUMNS = [f.name for f in fields(StandingRow)]
+# A From domain's standing (sandbox/placement.py) has the same columns, the domain where an
+# IP's has its address (StandingRow.ip holds the domain then).
+DOMAIN_STANDING_COLUMNS = ["provider", "domain", *STANDING_COLUMNS[2:]]
+
+
+@dataclass(frozen=True)
+class PlacementRow:
+    """Where one accepted copy was filed (sandbox/placement.py)."""
+
+    at: float  # the world's clock
+    day: str  # its UTC date, YYYY-MM-DD
+    provider: str
+    ip: str
+    from_domain: str  # organisational
+    rcpt: str  # lower-case
+    message_id: str
+    folder: str  # inbox or spam
+    rule: str  # the deciding rule, "" when none held
 
 
 @dataclass(frozen=True)
@@ -252,14 +290,16 @@ class StateStore:
         return None if row is None or row[0] is None else (row[1] or "")
 
     # --- what the world writes back ---
-    def save_standings(self, rows: Iterable[StandingRow]) -> None:
-        columns = ", ".join(STANDING_COLUMNS)
-        marks = ", ".join("?" for _ in STANDING_COLUMNS)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in STANDING_COLUMNS[2:])
+    def save_standings(self, rows: Iterable[StandingRow], *, domains: bool = False) -> None:
+        """IPs' standings, or with domains=True From domains' (StandingRow.ip holds the domain)."""
+        table, names = _standing_table(domains)
+        columns = ", ".join(names)
+        marks = ", ".join("?" for _ in names)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in names[2:])
         with self._transaction() as db:
             db.executemany(
-                f"INSERT INTO standing ({columns}) VALUES ({marks})"
-                f" ON CONFLICT (provider, ip) DO UPDATE SET {updates}",
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})"
+                f" ON CONFLICT ({names[0]}, {names[1]}) DO UPDATE SET {updates}",
                 [(*astuple(r)[:-1], json.dumps(r.today)) for r in rows],
             )
 
@@ -270,12 +310,17 @@ class StateStore:
                 (provider, provider, ip, ip),
             )
 
-    def standings(self) -> list[StandingRow]:
+    def standings(self, *, domains: bool = False) -> list[StandingRow]:
+        table, names = _standing_table(domains)
         with self._connect() as db:
             rows = db.execute(
-                f"SELECT {', '.join(STANDING_COLUMNS)} FROM standing ORDER BY ip, provider"
+                f"SELECT {', '.join(names)} FROM {table} ORDER BY {names[1]}, provider"
             ).fetchall()
         return [StandingRow(*row[:-1], json.loads(row[-1])) for row in rows]
+
+    def delete_domain_standings(self) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM domain_standing")
 
     def add_verdicts(self, rows: Iterable[tuple[float, str, str, str, str, str]]) -> None:
         """(at, provider, ip, recipient, outcome, reply) for each answer the MX servers gave."""
@@ -346,6 +391,102 @@ class StateStore:
         with self._connect() as db:
             return int(db.execute("SELECT coalesce(max(id), 0) FROM complaint").fetchone()[0])
 
+    # --- where accepted mail was filed (sandbox/placement.py) ---
+    def add_placements(self, rows: Iterable[PlacementRow]) -> None:
+        """Each copy's folder, and the count per day, provider, IP, From domain and folder."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO placement (at, day, provider, ip, from_domain, rcpt, message_id,"
+                " folder, rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [astuple(r) for r in rows],
+            )
+            db.executemany(
+                "INSERT INTO placement_daily (day, provider, ip, from_domain, inbox, spam)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, provider, ip, from_domain)"
+                " DO UPDATE SET inbox = inbox + excluded.inbox, spam = spam + excluded.spam",
+                [
+                    (
+                        r.day,
+                        r.provider,
+                        r.ip,
+                        r.from_domain,
+                        r.folder == "inbox",
+                        r.folder == "spam",
+                    )
+                    for r in rows
+                ],
+            )
+            cut = db.execute(
+                "SELECT coalesce(max(id), 0) - ? FROM placement", (MAX_PLACEMENTS,)
+            ).fetchone()[0]
+            if cut > 0:
+                gone = db.execute("DELETE FROM placement WHERE id <= ?", (cut,)).rowcount
+                if gone:
+                    db.execute(
+                        "UPDATE meta SET value = value + ? WHERE key = 'placements_dropped'",
+                        (gone,),
+                    )
+
+    def placements_kept_from(self) -> float | None:
+        """The world time of the oldest per-recipient row kept, once older ones were dropped."""
+        with self._connect() as db:
+            dropped = db.execute(
+                "SELECT value FROM meta WHERE key = 'placements_dropped'"
+            ).fetchone()
+            if not dropped or not dropped[0]:
+                return None
+            return db.execute("SELECT min(at) FROM placement").fetchone()[0]
+
+    def placement_counts(
+        self,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        ip: str | None = None,
+        from_domain: str | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """(provider, folder) -> copies filed in [start, end) of the world's time."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT provider, folder, count(*) FROM placement"
+                " WHERE (? IS NULL OR at >= ?) AND (? IS NULL OR at < ?)"
+                " AND (? IS NULL OR ip = ?) AND (? IS NULL OR from_domain = ?)"
+                " GROUP BY provider, folder",
+                (start, start, end, end, ip, ip, from_domain, from_domain),
+            ).fetchall()
+        return {(p, f): n for p, f, n in rows}
+
+    def placements_of(self, recipients: Iterable[str]) -> list[PlacementRow]:
+        """Every placement of mail to these recipients (a scenario's own), oldest first."""
+        wanted = sorted({r.lower() for r in recipients})
+        out: list[PlacementRow] = []
+        with self._connect() as db:
+            for k in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                chunk = wanted[k : k + 500]
+                marks = ", ".join("?" for _ in chunk)
+                out += [
+                    PlacementRow(*row)
+                    for row in db.execute(
+                        "SELECT at, day, provider, ip, from_domain, rcpt, message_id, folder, rule"
+                        f" FROM placement WHERE rcpt IN ({marks}) ORDER BY id",
+                        chunk,
+                    )
+                ]
+        return out
+
+    def placement_daily(self) -> list[dict[str, Any]]:
+        """Every (day, provider, ip, from_domain) with its inbox and spam counts."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT day, provider, ip, from_domain, inbox, spam FROM placement_daily"
+                " ORDER BY day, provider, ip, from_domain"
+            ).fetchall()
+        return [dict(row) for row in rows]
+
     # --- the running world announces itself ---
     def announce(self, info: dict[str, Any]) -> None:
         with self._transaction() as db:
@@ -361,3 +502,9 @@ class StateStore:
     def world(self) -> dict[str, Any]:
         with self._connect() as db:
             return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM world")}
+
+
+def _standing_table(domains: bool) -> tuple[str, list[str]]:
+    return (
+        ("domain_standing", DOMAIN_STANDING_COLUMNS) if domains else ("standing", STANDING_COLUMNS)
+    )

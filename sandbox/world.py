@@ -8,7 +8,8 @@
 The world reads the relay's database (source IPs and their PTR names, sending domains and
 their DKIM keys) every few seconds to publish matching DNS, and the state file under
 AXIOM_HOME/sandbox/ (listings, overrides, knobs, requests) whenever it changes; it writes back
-the IPs' standings, every answer its MX servers gave and the complaint reports it sent.
+the IPs' and From domains' standings, every answer its MX servers gave, where accepted mail was
+filed (inbox or spam, sandbox/placement.py) and the complaint reports it sent.
 Nothing here is imported by the relay: the relay reaches this world through its settings
 only (`relay_environment`). Nor does the world import the relay or the control plane: it
 builds the records it publishes from the database rows (sandbox/published.py) and verifies
@@ -99,6 +100,11 @@ class SandboxWorld:
         # advance expires blocks, ages the spam-rate window and lets reputations decay here.
         self.clock = OffsetClock(self._read_clock_offset)
         self.reputation = Reputation(self.behaviour.reputation, self.clock.timestamp)
+        # The From domains' standings: the IPs' arithmetic with the domains' own losses.
+        domain_model = self.behaviour.reputation.model_copy(
+            update={"losses": self.behaviour.placement.domain_losses}
+        )
+        self.domains = Reputation(domain_model, self.clock.timestamp)
         self._given_ips = dict(source_ips or {})
         self._customers = CustomerRecords(settings.hostname, self._given_ips)
         self._zone = Zone(self.behaviour, ())
@@ -121,6 +127,7 @@ class SandboxWorld:
         await asyncio.to_thread(self.clock.refresh)
         await asyncio.to_thread(self._load_state)
         self.reputation.restore(await asyncio.to_thread(self.state.standings))
+        self.domains.restore(await asyncio.to_thread(lambda: self.state.standings(domains=True)))
         await self._refresh_database()
         self._rebuild_zone()
         self._dns = DnsServer(self.dns_host, self.dns_port, lambda: self._zone)
@@ -147,6 +154,7 @@ class SandboxWorld:
                 feedback=self._feedback,
                 knobs=lambda: self._knobs,
                 now=self.clock.now,
+                domains=self.domains,
             )
             tls = await asyncio.to_thread(self._tls_context)
             for provider in self.behaviour.providers:
@@ -331,12 +339,19 @@ class SandboxWorld:
         if self.context is None:
             return
         verdicts = self.context.take_verdicts()
+        placements = self.context.take_placements()
         self.reputation.age()
+        self.domains.age()
         rows = self.reputation.take_dirty()
+        domain_rows = self.domains.take_dirty()
         if verdicts:
             await asyncio.to_thread(self.state.add_verdicts, verdicts)
+        if placements:
+            await asyncio.to_thread(self.state.add_placements, placements)
         if rows:
             await asyncio.to_thread(self.state.save_standings, rows)
+        if domain_rows:
+            await asyncio.to_thread(lambda: self.state.save_standings(domain_rows, domains=True))
 
     async def _run_commands(self) -> None:
         for command in await asyncio.to_thread(self.state.pending_commands):
@@ -350,6 +365,8 @@ class SandboxWorld:
                     command.args.get("provider"),
                     command.args.get("ip"),
                 )
+            if command.name == "reset-world":
+                await asyncio.to_thread(self.state.delete_domain_standings)
             await self.flush()
             await asyncio.to_thread(self.state.finish_command, command.id, result)
 
@@ -364,6 +381,7 @@ class SandboxWorld:
         if name == "reset-world":  # `axiom sandbox reset`: every standing, today's volumes
             if self.context is not None:
                 self.context.volume.clear()
+            self.domains.reset(None, None)
             return f"reset {self.reputation.reset(None, None)} standings"
         if name == "reset-reputation":
             return f"reset {self.reputation.reset(args.get('provider'), args.get('ip'))} standings"
