@@ -94,6 +94,7 @@ def request_approval(
     settings: Settings,
     runbook: RunbookBase | None = None,
     procedure: ProcedureRun | None = None,
+    ask: str | None = None,
 ) -> Decision:
     """Pause the current flow run until a person allowed for `kind` answers, or it expires.
 
@@ -104,6 +105,9 @@ def request_approval(
     procedure: the durable procedure asking (flows/procedure.py). The request is then one of
     its steps (asked once, however often the run starts again), and in a run of a deployment
     the wait suspends the run: no process waits, and the sweep takes the expiry.
+    ask: what tells this request apart from the procedure's other requests of the same kind
+    on the same subject (a ladder asks triage.act once per rung); without it, one per kind
+    and subject.
     """
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
@@ -114,7 +118,7 @@ def request_approval(
     desk = approval_desk(settings, engine_for(settings))
     request = _Request(checkpoint, runbook, subject, proposal, evidence, ttl, safe_default)
     if procedure is not None:
-        return _durable_checkpoint(desk, procedure, request)
+        return _durable_checkpoint(desk, procedure, request, ask)
     stop = threading.Event()
     timer: threading.Timer | None = None
     try:
@@ -161,11 +165,13 @@ class _Request:
         )
 
 
-def _durable_checkpoint(desk: ApprovalDesk, procedure: ProcedureRun, request: _Request) -> Decision:
+def _durable_checkpoint(
+    desk: ApprovalDesk, procedure: ProcedureRun, request: _Request, ask: str | None = None
+) -> Decision:
     """The checkpoint as a step of a durable procedure: asked once, waited for without a
     process (in a deployment's run), answered through the same desk."""
     checkpoint = request.checkpoint
-    step = f"checkpoint:{checkpoint.kind}:{request.subject}"
+    step = f"checkpoint:{checkpoint.kind}:{request.subject}" + (f":{ask}" if ask else "")
     asked = procedure.done(step)
     if asked is None:
         try:

@@ -259,6 +259,7 @@ def _ask(p: ProcedureRun, settings, runbook, label: str, cause: dict, proposed: 
         settings=settings,
         runbook=runbook,
         procedure=p,
+        ask=f"rung-{rung}",
     )
 
 

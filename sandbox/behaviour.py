@@ -286,6 +286,9 @@ class ComplaintWindow(Strict):
 
     min_inbox: int = Field(ge=1)
     min_complaints: int = Field(ge=1)
+    # A From domain's rate is read over all its IPs' mail: counted from this much inbox mail
+    # (None: min_inbox, as an IP's).
+    domain_min_inbox: int | None = Field(default=None, ge=1)
     source: Source
     choice: str = ""
 

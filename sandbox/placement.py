@@ -96,19 +96,25 @@ def _holds(rule: PlacementRule, s: Signals, window: ComplaintWindow) -> bool:
         case "domain_tier":
             return s.domain_tier is not None and s.domain_tier == rule.tier
         case "ip_complaint_rate":
-            return _reaches(s.ip_inbox, s.ip_complaints, rule, window)
+            return _reaches(s.ip_inbox, s.ip_complaints, rule, window, window.min_inbox)
         case "domain_complaint_rate":
             return s.domain_tier is not None and _reaches(
-                s.domain_inbox, s.domain_complaints, rule, window
+                s.domain_inbox,
+                s.domain_complaints,
+                rule,
+                window,
+                window.domain_min_inbox or window.min_inbox,
             )
     raise ValueError(f"unknown placement condition {rule.when!r}")
 
 
-def _reaches(inbox: int, complaints: int, rule: PlacementRule, window: ComplaintWindow) -> bool:
+def _reaches(
+    inbox: int, complaints: int, rule: PlacementRule, window: ComplaintWindow, min_inbox: int
+) -> bool:
     """The complaint rate on inbox-delivered mail reaches the rule's line, counted only past the
     minimums (one complaint among a handful of messages is noise)."""
     assert rule.at_least is not None
-    if inbox < window.min_inbox or complaints < window.min_complaints:
+    if inbox < min_inbox or complaints < window.min_complaints:
         return False
     return complaints / inbox >= rule.at_least
 

@@ -100,9 +100,17 @@ class SandboxWorld:
         # advance expires blocks, ages the spam-rate window and lets reputations decay here.
         self.clock = OffsetClock(self._read_clock_offset)
         self.reputation = Reputation(self.behaviour.reputation, self.clock.timestamp)
-        # The From domains' standings: the IPs' arithmetic with the domains' own losses.
+        # The From domains' standings: the IPs' arithmetic with the domains' own losses, and
+        # a spam rate read over a day's mail of all the domain's IPs (placement's minimum).
+        ip_rate = self.behaviour.reputation.spam_rate
+        domain_rate = ip_rate.model_copy(
+            update={
+                "min_volume": self.behaviour.placement.complaints.domain_min_inbox
+                or ip_rate.min_volume
+            }
+        )
         domain_model = self.behaviour.reputation.model_copy(
-            update={"losses": self.behaviour.placement.domain_losses}
+            update={"losses": self.behaviour.placement.domain_losses, "spam_rate": domain_rate}
         )
         self.domains = Reputation(domain_model, self.clock.timestamp)
         self._given_ips = dict(source_ips or {})

@@ -130,7 +130,7 @@ def test_yahoo_and_gmail_rules_cite_their_own_pages():
     assert place(provider="yahoo", ip_inbox=1000, ip_complaints=3).rule == (
         "yahoo-ip-spam-rate-limit"
     )
-    assert place(provider="yahoo", domain_inbox=100, domain_complaints=3).rule == (
+    assert place(provider="yahoo", domain_inbox=1000, domain_complaints=3).rule == (
         "yahoo-domain-spam-rate-limit"
     )
     assert place(provider="apple", ip_inbox=100, ip_complaints=3).rule == "ip-spam-rate-limit"
@@ -142,6 +142,10 @@ def test_a_rate_counts_only_past_its_minimums():
     assert place(ip_inbox=19, ip_complaints=5).folder == "inbox"  # too little mail
     assert place(ip_inbox=20, ip_complaints=1).folder == "inbox"  # one complaint: an anecdote
     assert place(ip_inbox=20, ip_complaints=2).folder == "spam"
+    # a From domain's rate is read over all its IPs: from a day's 200 inbox messages
+    assert window.domain_min_inbox == 200
+    assert place(domain_inbox=199, domain_complaints=50).folder == "inbox"
+    assert place(domain_inbox=200, domain_complaints=2).folder == "spam"
 
 
 def test_a_domain_rate_needs_a_domain():

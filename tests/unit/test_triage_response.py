@@ -305,3 +305,23 @@ def test_only_new_incidents_with_a_proposal_need_a_respond_run(engine):
         )
         s.commit()
         assert incident_id not in triage_response.needing_response(s, report.incidents)
+
+
+def test_a_stream_whose_deferrals_double_below_every_level_is_a_low_severity_incident(engine):
+    # A week at 3 % rate-limit deferrals (the baseline), then an hour at 7 %: more than twice
+    # the baseline and 4 points above it, yet under the 10 % warn level of every window.
+    for day in range(1, 7):
+        events(engine, at=NOW - timedelta(days=day, hours=1), delivered=291, deferred=9)
+    events(engine, at=NOW - timedelta(minutes=40), delivered=279, deferred=21)
+    report = detect(engine)
+    stream = next(c for c in report.causes if c["subject"] == "stream:acme/newsletter")
+    assert stream["severity"] == "info" and stream["behaviour_change"] is True
+    (finding,) = [f for f in stream["evidence"] if f["signal"] == "deferred_rate_limited"]
+    assert finding["level"] == "change"
+    assert finding["rate"] == pytest.approx(0.07)
+    assert finding["baseline_rate"] == pytest.approx(0.03)
+    assert stream["proposal"] is None  # watched, not acted on
+    with session_scope(engine) as s:
+        incident = s.get(Incident, incident_for(engine, "stream:acme/newsletter"))
+        assert incident.severity == "info"
+        assert incident.id not in triage_response.needing_response(s, report.incidents)
