@@ -28,14 +28,13 @@ Shared by tests/integration/test_warmup_month.py and bench/warmup_month.py; no p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlmodel import Session
 
 from models import (
@@ -48,8 +47,15 @@ from models import (
     WarmupDay,
     WarmupPlan,
 )
-from models.db import make_engine, migrate, session_scope
-from models.sandbox_clock import set_offset
+from models.db import session_scope
+from testbed.sandbox_stack import (  # noqa: F401 — fast_dir and Tally are this module's API too
+    BLOCK_CATEGORIES,
+    Outgoing,
+    SandboxStack,
+    Tally,
+    existing_recipients,
+    fast_dir,
+)
 
 GOVERNED_IP = "127.0.0.21"
 UNGOVERNED_IP = "127.0.0.22"
@@ -65,7 +71,6 @@ STREAM = "campaign"
 PLAN = "sandbox"
 # Recipient domain -> the provider the relay (and the world) name it by.
 CAMPAIGN = {"gmail.com": "google", "outlook.com": "microsoft", "yahoo.com": "yahoo"}
-BLOCK_CATEGORIES = {"reputation", "blocklisted"}  # protocol/warmup.py counts these as blocks
 DAY = timedelta(days=1)
 
 
@@ -97,27 +102,6 @@ class MonthSettings:
     rounds_per_hop: int = 2000  # claim-and-deliver rounds at most per hop
     hop_seconds: float = 60.0  # real time at most per hop
     time_limit: float = 900.0  # real time at most for the whole month
-
-
-@dataclass
-class Tally:
-    """One source IP's day at the campaign's providers, as the relay's events record it."""
-
-    delivered: int = 0
-    deferred: int = 0  # temporary failures (rate limits, the day's allowance, reputation)
-    blocked: int = 0  # refused as blocked (permanent reputation or blocklist refusals)
-    refused: int = 0  # every other permanent refusal
-
-    def add(self, category: str, permanent: bool | None, n: int) -> None:
-        if category == "delivered":
-            self.delivered += n
-        elif permanent:
-            if category in BLOCK_CATEGORIES:
-                self.blocked += n
-            else:
-                self.refused += n
-        else:
-            self.deferred += n
 
 
 @dataclass
@@ -207,60 +191,33 @@ class WarmupMonth:
     def __init__(self, root: Path, settings: MonthSettings | None = None):
         self.root = root
         self.settings = settings or MonthSettings()
-        self.db_url = f"sqlite:///{root / 'axiom.db'}"
-        self.engine = None
-        self.world = None
-        self.delivery = None
+        # No inbound listener: the campaign's recipients complain only when complaint_share
+        # says so, and then nothing here reads the reports.
+        self.stack = SandboxStack(root, inbound=False)
         self.tenants: dict[str, int] = {}
-        self.keys: dict[str, list] = {}
         self.recipients: dict[str, list[str]] = {}
-        self._exit = contextlib.AsyncExitStack()
         self._day0: datetime | None = None
+
+    @property
+    def engine(self):
+        return self.stack.engine
+
+    @property
+    def world(self):
+        return self.stack.world
+
+    @property
+    def delivery(self):
+        return self.stack.delivery
 
     # ------------------------------------------------------------------ the world
     async def start(self) -> None:
-        from relay.delivery.dns import Resolver
-        from relay.delivery.egress import Egress
-        from relay.delivery.engine import DeliveryEngine
-        from runbooks import loader
-        from sandbox.testing import world_settings
-        from sandbox.world import SandboxWorld
-
-        self.root.mkdir(parents=True, exist_ok=True)
         if self.settings.narrow_in_flight < self.settings.rcpts_per_message:
             raise ValueError("narrow_in_flight must hold one message's recipients")
-        await asyncio.to_thread(migrate, self.db_url)
-        self.engine = make_engine(self.db_url)
-        await asyncio.to_thread(self._seed)
-        settings = world_settings(self.root / "home", database_url=self.db_url)
-        self.world = SandboxWorld(settings)
-        await self.world.start()
-        self._exit.push_async_callback(self.world.stop)
-        await self.world.refresh()  # the IPs' PTR names, the domains' SPF, DKIM, DMARC
-        self._exit.enter_context(_relay_patches("aiosmtplib"))  # as `axiom relay` has it
-        # The world's clock object is the relay's too: one offset, read from the database.
+        await self.stack.start(
+            self._seed, at=self._first_day(), narrow_in_flight=self.settings.narrow_in_flight
+        )
         clock = self.world.clock
-        await self._move_clock(self._first_day())
-        shaping = loader.shaping()
-        self.delivery = DeliveryEngine(
-            engine=self.engine,
-            resolver=Resolver.at([self.world.dns_address], timeout=1.0, lifetime=2.0),
-            clock=clock,
-            hostname="relay.axiom.test",
-            delivery_port=self.world.port,
-            delivery=loader.delivery().spec,
-            shaping=shaping.spec,
-            shaping_version=shaping.version,
-            egress=Egress(self.engine, clock),
-        )
-        self._exit.callback(self.delivery.outcomes.stop)
-        self._wide = self.delivery.spec
-        self._narrow = self._wide.model_copy(
-            update={
-                "max_in_flight": self.settings.narrow_in_flight,
-                "claim_batch": self.settings.narrow_in_flight,
-            }
-        )
         # The shared pool's IP is known to every provider; the other two are new to them.
         self.world.reputation.set_score(
             [p.name for p in self.world.behaviour.providers], WARM_IP, 90
@@ -286,52 +243,34 @@ class WarmupMonth:
             s.commit()
 
     async def stop(self) -> None:
-        if self.delivery is not None:
-            with contextlib.suppress(Exception):
-                await self.delivery.drain()
-                await self.delivery.pool.close_all()
-        await self._exit.aclose()
-        if self.engine is not None:
-            self.engine.dispose()
+        await self.stack.stop()
 
-    def _seed(self) -> None:
+    def _seed(self, s: Session, keybox) -> None:
         from protocol import domains, egress, tenants
-        from relay.submission.keystore import KeyBox
 
-        secret = KeyBox.generate()
-        keybox = KeyBox(secret)
-        with session_scope(self.engine) as s:
-            egress.ensure_default_pool(s)
-            shared = egress.get_pool(s, "default")
-            for ip in s.exec(select(IpAddress).where(IpAddress.pool_id == shared.id)).scalars():
-                s.delete(ip)
-            s.flush()
-            egress.add_pool(s, "steady-dedicated", "dedicated")
-            egress.add_pool(s, "rush-dedicated", "dedicated")
-            for address, pool, state in (
-                (WARM_IP, "default", IpState.active),
-                (GOVERNED_IP, "steady-dedicated", IpState.cold),
-                (UNGOVERNED_IP, "rush-dedicated", IpState.active),  # warm-up skipped
-            ):
-                ip = egress.add_ip(s, address, pool, PTRS[address], 100)
-                ip.state = state
-                s.add(ip)
-            for (tenant, domain), pool, fallback in (
-                (GOVERNED, "steady-dedicated", "default"),
-                (UNGOVERNED, "rush-dedicated", None),
-            ):
-                self.tenants[tenant] = tenants.add_tenant(s, tenant).id
-                domains.add_domain(s, keybox, tenant, domain)
-                domains.mark_domain_active(s, domain, "testbed", "warm-up month")
-                egress.set_stream(s, tenant, STREAM, pool, fallback)
-            s.commit()
-        from relay.submission.auth import CredentialCache
-        from relay.submission.policy import PolicyStore
-
-        policy = PolicyStore(self.engine, keybox, CredentialCache(secret, 60))
-        with _relay_patches("dkimpy"):
-            for _, domain in (GOVERNED, UNGOVERNED):
-                self.keys[domain] = policy.signing_keys(domain)
+        egress.ensure_default_pool(s)
+        shared = egress.get_pool(s, "default")
+        for ip in s.exec(select(IpAddress).where(IpAddress.pool_id == shared.id)).scalars():
+            s.delete(ip)
+        s.flush()
+        egress.add_pool(s, "steady-dedicated", "dedicated")
+        egress.add_pool(s, "rush-dedicated", "dedicated")
+        for address, pool, state in (
+            (WARM_IP, "default", IpState.active),
+            (GOVERNED_IP, "steady-dedicated", IpState.cold),
+            (UNGOVERNED_IP, "rush-dedicated", IpState.active),  # warm-up skipped
+        ):
+            ip = egress.add_ip(s, address, pool, PTRS[address], 100)
+            ip.state = state
+            s.add(ip)
+        for (tenant, domain), pool, fallback in (
+            (GOVERNED, "steady-dedicated", "default"),
+            (UNGOVERNED, "rush-dedicated", None),
+        ):
+            self.tenants[tenant] = tenants.add_tenant(s, tenant).id
+            domains.add_domain(s, keybox, tenant, domain)
+            domains.mark_domain_active(s, domain, "testbed", "warm-up month")
+            egress.set_stream(s, tenant, STREAM, pool, fallback)
 
     # ------------------------------------------------------------------ the clock
     def _first_day(self) -> datetime:
@@ -342,96 +281,41 @@ class WarmupMonth:
         return self._day0
 
     async def _move_clock(self, to: datetime) -> None:
-        """The sandbox clock to `to` (what `axiom sandbox clock advance` writes), read at once
-        by the world and the relay (their shared clock object) rather than within a second."""
-        offset = to.timestamp() - time.time()
-        await asyncio.to_thread(set_offset, self.engine, offset)
-        await asyncio.to_thread(self.world.clock.refresh)
-        if self.delivery is not None:
-            # The relay's egress snapshot lives 2 s of real time and does not compare a
-            # suspension's end with the clock: after a jump of hours it would postpone mail
-            # "until" a time already past, again and again, for those 2 s (see the report).
-            self.delivery.egress.invalidate()
+        await self.stack.move_clock(to)
 
     # ------------------------------------------------------------------ one day
     def _campaign_recipients(self, tenant: str) -> list[str]:
         """The campaign's list: per_provider existing mailboxes at each provider (the world
         draws 2 % unknown mailboxes at random; an engaged list has none)."""
-        from sandbox.behaviour import behaviour
-        from sandbox.mailbox import mailbox_exists
-
         found = self.recipients.get(tenant)
         if found is None:
             found = []
             for domain in CAMPAIGN:
-                share = behaviour().provider_for_domain(domain).unknown_mailbox_share
-                names = (f"{tenant}{k}@{domain}" for k in range(self.settings.per_provider * 3))
-                mine = [a for a in names if mailbox_exists(a, share)][: self.settings.per_provider]
-                found.extend(mine)
+                found += existing_recipients(tenant, domain, self.settings.per_provider)
             self.recipients[tenant] = found
         return found
 
     def _spool(self, day: int, now: datetime, who: tuple[str, str]) -> dict[str, int]:
-        """The day's campaign of both tenants, signed as the submission server signs it and
+        """The day's campaign of one tenant, signed as the submission server signs it and
         spooled as it would be: rcpts_per_message recipients of one provider a message."""
-        from relay.spool.writer import SpoolEntry, new_queue_id, spool_rows
-        from relay.submission.dkim import sign
-        from runbooks import loader
-
-        spec = loader.dkim_signing().spec
-        entries = []
-        counts = {}
-        with _relay_patches("dkimpy"):
-            for tenant, domain in (who,):
-                rcpts = self._campaign_recipients(tenant)
-                counts[tenant] = len(rcpts)
-                sender = f"news@{domain}"
-                size = self.settings.rcpts_per_message
-                for n in range(0, len(rcpts), size):
-                    batch = rcpts[n : n + size]
-                    queue_id = new_queue_id()
-                    body = (
-                        f"From: {tenant.title()} <{sender}>\r\nTo: <{sender}>\r\n"
-                        f"Subject: Day {day + 1}: this week's offers\r\n"
-                        f"Message-ID: <{queue_id}@{domain}>\r\n"
-                        f"Date: {now:%a, %d %b %Y %H:%M:%S +0000}\r\n"
-                        f"\r\nHere is what is new today.\r\n"
-                    ).encode()
-                    data = sign(body, self.keys[domain], spec) + body
-                    entries.append(
-                        SpoolEntry(
-                            queue_id,
-                            self.tenants[tenant],
-                            STREAM,
-                            sender,
-                            batch,
-                            domain,
-                            f"<{queue_id}@{domain}>",
-                            data,
-                            "127.0.0.1",
-                            f"{tenant}-app",
-                            created_at=now,
-                        )
-                    )
-        messages, rows = spool_rows(entries)
-        with self.engine.begin() as conn:
-            conn.execute(insert(Message), messages)
-            conn.execute(insert(Recipient), rows)
-        return counts
+        tenant, domain = who
+        campaign = Outgoing(
+            self.tenants[tenant],
+            STREAM,
+            domain,
+            f"news@{domain}",
+            self._campaign_recipients(tenant),
+            self.settings.rcpts_per_message,
+            f"Day {day + 1}: this week's offers",
+        )
+        return {tenant: self.stack.spool([campaign], now)}
 
     async def _deliver_due(self, deadline: float, *, narrow: bool = False) -> int:
         """Claim and deliver what is due now until nothing is (DSNs are due at once), bounded
         in rounds and in real time; narrow: a message's recipients at a time."""
-        self.delivery.spec = self._narrow if narrow else self._wide
-        total = 0
-        for _ in range(self.settings.rounds_per_hop):
-            claimed = await self.delivery.run_once()
-            await self.delivery.drain()
-            total += claimed
-            if not claimed or time.monotonic() > deadline:
-                break
-        await self.delivery.pool.close_all()
-        return total
+        return await self.stack.deliver_due(
+            deadline, narrow=narrow, rounds=self.settings.rounds_per_hop
+        )
 
     def _judge(self, now: datetime) -> list[dict]:
         """The daily run (protocol/warmup.daily, what `axiom warmup evaluate` and the
@@ -595,28 +479,3 @@ class WarmupMonth:
         report.outcome = await asyncio.to_thread(self._outcome)
         report.seconds.update(days=round(days_s, 2), judge=round(judge_s, 2))
         return report
-
-
-def fast_dir() -> str | None:
-    """A memory-backed directory for the month's files when there is one: the relay's SQLite
-    commits wait for the disk (synchronous=FULL), which this does not measure, and make the
-    month a third slower."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() else None
-
-
-@contextlib.contextmanager
-def _relay_patches(*libraries: str):
-    """The relay's library patches while inside (as tests/patching.py's `patched`): the
-    relay's code signs and sends with them; the world in this process verifies with the
-    libraries as published once they are off again."""
-    from relay import patches
-
-    before = set(patches.installed(*libraries))
-    patches.install(*libraries)
-    try:
-        yield
-    finally:
-        added = [name for name in patches.installed(*libraries) if name not in before]
-        if added:
-            patches.uninstall(*added)
