@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlmodel import Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+WRITE_TURN_SECONDS = 30.0  # like busy_timeout: a stuck holder gives "database is locked"
+LONG_TURN_SECONDS = 5.0  # a turn held longer is logged, with where it was given back
+BUSY_TIMEOUT_MS = 30_000
+BESIDE_TURN_BUSY_MS = 200  # a read beside this thread's own turn never waits for long
+
+log = logging.getLogger("axiom.db")
 
 
 def normalise_url(url: str) -> str:
@@ -39,13 +47,43 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         # pysqlite's own transaction handling defers BEGIN; take the write lock up front instead
         # so two writers queue rather than failing on lock upgrade.
         event.listen(engine, "begin", _begin_immediate)
+        event.listen(engine, "handle_error", _explain_write_beside_turn)
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
 
 
 def _begin_immediate(conn) -> None:
-    wait_for_write_turn(conn.connection.dbapi_connection)
+    dbapi_conn = conn.connection.dbapi_connection
+    if (
+        isinstance(dbapi_conn, _QueuedWriter)
+        and dbapi_conn.turn.owner is not None
+        and dbapi_conn.turn_is_this_threads()
+    ):
+        # A second connection of a thread that holds the turn on its first (a service that
+        # reads through the engine while its caller's session is open): waiting for the turn
+        # would wait for this very thread — 30 s in which no process could write — and
+        # SQLite itself lets a WAL reader run beside a writer. It reads, as on PostgreSQL,
+        # the committed state; a write on it fails at once (_explain_write_beside_turn).
+        dbapi_conn.begin_beside_turn()
+        conn.exec_driver_sql("BEGIN")
+        return
+    wait_for_write_turn(dbapi_conn)
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _explain_write_beside_turn(context) -> None:
+    """SQLite's "database is locked" on a connection beside its thread's own turn is no
+    contention to wait out but the thread's other open transaction: say so."""
+    conn = context.connection
+    dbapi_conn = conn.connection.dbapi_connection if conn is not None else None
+    if isinstance(dbapi_conn, _QueuedWriter) and dbapi_conn.beside_turn:
+        original = context.original_exception
+        if isinstance(original, sqlite3.OperationalError) and "locked" in str(original):
+            raise exc.OperationalError(
+                context.statement,
+                context.parameters,
+                sqlite3.OperationalError(f"{original}: {_BESIDE_TURN}"),
+            ) from original
 
 
 def wait_for_write_turn(dbapi_conn) -> None:
@@ -69,43 +107,71 @@ class _QueuedWriter(sqlite3.Connection):
     process queue too (flock locks belong to the open file, not to the process)."""
 
     lock_path: Path  # set by _queued_writer
-    in_process: threading.Lock  # one per database file, shared by this process's connections
+    turn: _Turn  # one per database file, shared by this process's connections
+    in_process: threading.Lock  # turn.lock
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._turn = False
+        self.beside_turn = False  # a read transaction beside this thread's own turn
 
-    def wait_for_turn(self, timeout: float = 30.0) -> None:
+    def turn_is_this_threads(self) -> bool:
+        """This thread holds the turn, on another connection of this process."""
+        return not self._turn and self.turn.owner == threading.get_ident()
+
+    def wait_for_turn(self, timeout: float = WRITE_TURN_SECONDS) -> None:
         if self._turn:
             return
         deadline = time.monotonic() + timeout
         # Threads of this process hand the turn over through a lock (no polling at all);
         # other processes through the flock.
-        if not self.in_process.acquire(timeout=timeout):
-            raise sqlite3.OperationalError(f"database is locked (no write turn in {timeout:g} s)")
+        if not self.in_process.acquire(blocking=False):
+            if self.turn_is_this_threads():  # it would wait for itself
+                raise sqlite3.OperationalError(f"database is locked: {_BESIDE_TURN}")
+            if not self.in_process.acquire(timeout=timeout):
+                raise sqlite3.OperationalError(self._no_turn(timeout))
+        self.turn.owner = threading.get_ident()
         pause = 50e-6
         while True:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._turn = True
+                self.turn.since = time.monotonic()
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    self.turn.owner = None
                     self.in_process.release()
-                    raise sqlite3.OperationalError(
-                        f"database is locked (no write turn in {timeout:g} s)"
-                    ) from None
+                    raise sqlite3.OperationalError(self._no_turn(timeout)) from None
                 time.sleep(pause)
                 pause = min(pause * 2, 5e-4)
 
+    def begin_beside_turn(self) -> None:
+        """The next transaction only reads, beside the turn its thread holds (see
+        _begin_immediate): it must not wait on SQLite's lock, which that thread holds."""
+        self.execute(f"PRAGMA busy_timeout={BESIDE_TURN_BUSY_MS}")
+        self.beside_turn = True
+
     def _done(self) -> None:
         if self._turn:
+            held = time.monotonic() - self.turn.since
             self._turn = False
+            self.turn.owner = None
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             finally:
                 self.in_process.release()
+            if held > LONG_TURN_SECONDS:
+                _log_long_turn(held)
+        elif self.beside_turn:
+            self.beside_turn = False
+            self.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # a writer's again
+
+    def _no_turn(self, timeout: float) -> str:
+        """The waiter's error, naming who holds the turn: what the holder's own log cannot
+        say while it is stuck (only read when the wait failed)."""
+        return f"database is locked (no write turn in {timeout:g} s; {_holders(self)})"
 
     def commit(self) -> None:
         try:
@@ -120,6 +186,7 @@ class _QueuedWriter(sqlite3.Connection):
             self._done()
 
     def close(self) -> None:
+        self.beside_turn = False  # nothing to restore on a closed connection
         try:
             super().close()
         finally:
@@ -129,14 +196,93 @@ class _QueuedWriter(sqlite3.Connection):
                 self._lock_fd = -1
 
 
-_turn_locks: dict[Path, threading.Lock] = {}
+class _Turn:
+    """This process's part of one database's write turn: the lock its threads hand the turn
+    over with, which thread holds it (a second connection of that thread must not wait for
+    it) and since when."""
+
+    __slots__ = ("lock", "owner", "since")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.since = 0.0
+
+
+_BESIDE_TURN = (
+    "this thread holds the write turn on another connection (a transaction opened inside "
+    "another one): on SQLite a connection beside it can read, not write; write on the open "
+    "session's own connection (session.connection()), or after its commit"
+)
+
+_turns: dict[Path, _Turn] = {}
 
 
 def _queued_writer(database: Path) -> type[_QueuedWriter]:
     lock_path = Path(f"{os.path.abspath(database)}.writelock")
-    in_process = _turn_locks.setdefault(lock_path, threading.Lock())
+    turn = _turns.setdefault(lock_path, _Turn())
     return type(
-        "QueuedWriter", (_QueuedWriter,), {"lock_path": lock_path, "in_process": in_process}
+        "QueuedWriter",
+        (_QueuedWriter,),
+        {"lock_path": lock_path, "turn": turn, "in_process": turn.lock},
+    )
+
+
+def _holders(conn: _QueuedWriter) -> str:
+    """Who holds the turn: a thread of this process (and where it is now), the processes
+    holding the flock (from /proc/locks, Linux)."""
+    said = []
+    owner = conn.turn.owner
+    if owner is not None:
+        thread = next((t.name for t in threading.enumerate() if t.ident == owner), str(owner))
+        frame = sys._current_frames().get(owner)
+        said.append(f"thread {thread} of this process, now at {_where(frame, 12)}")
+    try:
+        inode = os.fstat(conn._lock_fd).st_ino
+        with open("/proc/locks") as locks:
+            pids = [
+                fields[4]
+                for fields in (line.split() for line in locks)
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}")
+            ]
+        said += [f"pid {pid} ({_command(pid)})" for pid in pids if int(pid) != os.getpid()]
+    except (OSError, ValueError):
+        pass
+    return "held by " + ", ".join(said) if said else "holder unknown"
+
+
+def _command(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+    except OSError:
+        return "?"
+
+
+def _where(frame, depth: int, *, skip: tuple[str, ...] = ()) -> str:
+    """Frames of a stack as file:line function, innermost first, leaving out those whose
+    file path contains one of `skip` (no source is read)."""
+    steps = []
+    while frame is not None and len(steps) < depth:
+        code = frame.f_code
+        if not any(part in code.co_filename for part in skip):
+            steps.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " < ".join(steps) or "?"
+
+
+_LIBRARIES = (os.sep + "sqlalchemy" + os.sep, os.sep + "sqlmodel" + os.sep, "contextlib", __file__)
+
+
+def _log_long_turn(held: float) -> None:
+    """A turn held for seconds stopped every writer of every process meanwhile (the relay's
+    spool among them): say where it was given back. Costs nothing below the threshold."""
+    log.warning(
+        "SQLite write turn held %.1f s by pid %d thread %s; given back at %s",
+        held,
+        os.getpid(),
+        threading.current_thread().name,
+        _where(sys._getframe(1), 8, skip=_LIBRARIES),
     )
 
 
@@ -145,7 +291,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # a 250 means the commit reached the disk
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
