@@ -86,8 +86,8 @@ def _cycle() -> None:
     print(f"triage cycle: {time.monotonic() - started:.1f} s")
 
 
-# PostgreSQL: several respond procedures run at once beside the relay (see the closing note of
-# issue 17 on SQLite's single writer under that load).
+# PostgreSQL, the multi-node backend; the same load (a detection run and seven respond
+# procedures at once beside the relay) on SQLite is tests/integration/test_sqlite_turns.py.
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_triage_catches_acts_verifies_and_resolves_in_the_sandbox(axiom_home, prefect, db_url):
     home = axiom_home
