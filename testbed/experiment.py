@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import re
 import time
 from collections import Counter
@@ -63,9 +62,8 @@ from models import (
     Suspension,
 )
 from models.db import session_scope
+from protocol.errors import ServiceError
 from testbed.sandbox_stack import Outgoing, SandboxStack, existing_recipients
-
-log = logging.getLogger("axiom.testbed.experiment")
 
 DAY = timedelta(days=1)
 STEP = timedelta(minutes=5)  # the triage cycle's interval; the finest step of the clock
@@ -191,7 +189,7 @@ SCENARIOS: dict[str, Scenario] = {
             "sends ten times its day at once, past what the providers take from the IP in a day.",
             Trouble("volume-spike", day=1, hour=10, hours=14),
             {
-                "small": Size(days=1, per_day=120, trouble_day=0, until_hour=16),
+                "small": Size(days=1, per_day=200, trouble_day=0, until_hour=12),
                 "full": Size(days=5, per_day=300),
             },
             layout="shared",
@@ -257,6 +255,7 @@ class ScenarioResult:
     ungoverned: RunResult
     steps: int = 0
     seconds: float = 0.0
+    log: list[str] = field(default_factory=list)  # the trouble's edges, what the operator did
 
     @property
     def refused_at_most_half(self) -> bool:
@@ -281,6 +280,7 @@ class ScenarioResult:
             "higher_inbox_share": self.higher_inbox_share,
             "governed": self.governed.as_json(),
             "ungoverned": self.ungoverned.as_json(),
+            "log": self.log,
         }
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -445,35 +445,47 @@ class Governor:
             report = warmup.daily(s, self.warmup, now=now, actor=ACTOR)
             s.commit()
             for f in report.follow_ups:
-                if f.action == "complete" and f.ip:
-                    warmup.declare_warm(
-                        s, f.ip, self.warmup, actor=OPERATOR, now=now, approved_by=OPERATOR
-                    )
-                elif f.action == "review" and f.plan_id is not None:
-                    warmup.review(
-                        s,
-                        f.plan_id,
-                        "step_back",  # flows/ip_warmup.review_choice of an approval without a comment
-                        self.warmup,
-                        actor=OPERATOR,
-                        now=now,
-                        approved_by=OPERATOR,
-                    )
-                elif f.action == "start" and f.ip and f.plan:
-                    warmup.start(
-                        s,
-                        f.ip,
-                        f.plan,
-                        self.warmup,
-                        reason=f.reason or "idle",
-                        candidates="all",
-                        actor=OPERATOR,
-                        now=now,
-                    )
-                else:
+                try:
+                    done = self._follow(s, f, now)
+                except ServiceError as exc:
+                    s.rollback()
+                    self.log.append(f"{now:%d %H:%M} warm-up {f.action} {f.subject} failed: {exc}")
                     continue
-                self.log.append(f"{now:%d %H:%M} warm-up {f.action} {f.subject}")
-                s.commit()
+                if done:
+                    s.commit()
+                    self.log.append(f"{now:%d %H:%M} warm-up {f.action} {f.subject}")
+
+    def _follow(self, s: Session, f, now: datetime) -> bool:
+        """A follow-up of the daily run, approved as the checkpoint proposes it."""
+        from protocol import warmup
+
+        if f.action == "complete" and f.ip:
+            warmup.declare_warm(s, f.ip, self.warmup, actor=OPERATOR, now=now, approved_by=OPERATOR)
+        elif f.action == "review" and f.plan_id is not None:
+            # flows/ip_warmup.review_choice of an approval without a comment: step back
+            warmup.review(
+                s,
+                f.plan_id,
+                "step_back",
+                self.warmup,
+                actor=OPERATOR,
+                now=now,
+                approved_by=OPERATOR,
+            )
+        elif f.action == "start" and f.ip and f.plan:
+            warmup.start(
+                s,
+                f.ip,
+                f.plan,
+                self.warmup,
+                reason=f.reason or "idle",
+                candidates="all",
+                actor=OPERATOR,
+                now=now,
+            )
+        else:
+            return False
+        return True
 
     # --- blocklist-scan every 15 minutes, and the end of blocklist-delisting
     async def _scan(self, now: datetime) -> None:
@@ -588,7 +600,6 @@ class Governor:
 
     def _apply_next(self, ladder: Ladder, now: datetime) -> None:
         from protocol import incidents, triage_response
-        from protocol.errors import ServiceError
         from protocol.verbs import Act
 
         runbook = self.triage
@@ -682,7 +693,6 @@ class Governor:
     def release(self, now: datetime) -> None:
         from models import IpPool, Stream, Tenant
         from protocol import egress, tenants
-        from protocol.errors import ServiceError
         from protocol.verbs import Act
 
         act = Act(actor=OPERATOR, reason="the customer fixed the cause", now=now)
@@ -868,6 +878,7 @@ class Experiment:
             results[False],
             steps,
             round(time.monotonic() - began, 1),
+            self.log,
         )
 
     def _seeded(self) -> tuple[Path, str]:
