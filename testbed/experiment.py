@@ -25,12 +25,18 @@ step spools the same recipients into both and delivers what is due.
 - UNGOVERNED: a plain relay: no reaction rules, no warm-up plan (every IP `active`), no caps, no
   overflow pool, no flows.
 
+Traffic: each wave goes to a new part of the list (no address twice), engaged recipients (no
+complaints but the scenario's). The clock moves in 5-minute steps for SETTLE after each wave and
+EDGE after the trouble starts or ends; otherwise to the next event, or to the next retry due but
+at least QUIET on (retries then run up to a quarter hour late, alike in both runs).
+
 Counted per run, for the tenants' campaign mail (DSNs aside): recipients submitted, refused for
 good (bounced or expired, each with a DSN), deferral answers, delivered to the inbox and to the
 spam folder (the world's placement, sandbox/placement.py: the relay never sees it), still
 queued at the end, lost (anything else: must be 0), and the time from the trouble's start to the
 first protective action (a Suspension row, mail held by a cap, a hold or a pause, a stream
-moved, an incident's action).
+moved, an incident's action). The inbox share is of the mail submitted: of the mail delivered
+alone, a relay looks better the more it refuses.
 
 Shared by tests/integration/test_experiment.py and bench/experiment.py; no pytest here.
 """

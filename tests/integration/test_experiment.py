@@ -61,6 +61,10 @@ def test_nothing_is_lost_in_either_run(results, name):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_the_governed_run_refuses_at_most_half(results, name):
+    """At this scale in all five. At the full scale volume-spike refuses 79 % of the plain
+    relay's refusals (bench/README.md): after a clean day its spike passes twice the shared IP's
+    allowance in flight, before the first reply can start a reaction; here it has no clean day
+    behind it and the reactions stop the wave short of the block line."""
     r = results[name]
     assert r.ungoverned.refused > 0, r.table()  # the trouble costs a plain relay refusals
     assert r.refused_at_most_half, r.table()
