@@ -197,9 +197,13 @@ class Rung:
                 evidence={"incident_id": incident_id, "automatic": True},
             )
         audit = (self.runbook.id, self.runbook.version)
-        applied = p.step(
-            f"act#{n}", lambda s: triage_response.apply(s, incident_id, proposed, who, audit)
-        )
+        try:
+            applied = p.step(
+                f"act#{n}", lambda s: triage_response.apply(s, incident_id, proposed, who, audit)
+            )
+        except ServiceError as exc:  # e.g. a stream already moved has no overflow pool left
+            self._escalate(f"unapplied#{n}", f"{name} could not be applied: {exc}")
+            return "escalated", cause
         self.tried.append(name)
         get_run_logger().info("incident #%s: %s applied: %s", incident_id, name, applied["done"])
         if name == "customer_report" or name in triage_response.TOUCHES_MAIL:
