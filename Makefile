@@ -7,7 +7,7 @@ LOCK    := requirements.lock
 # pytest for the fast loop: no cache directory, the 10 slowest tests named at the end
 FAST    := -q -p no:cacheprovider --durations=10
 
-.PHONY: install up test test-fast lint lock bench reliability clean
+.PHONY: install up test test-fast lint lock bench experiment reliability clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ test: lint
 
 bench: install
 	$(BIN)/python -m bench  # submission, end_to_end, memory, soak (10 min): bench/__main__.py
+
+# Governed against ungoverned sending in the sandbox, five scenarios (issue 17; ~14 min)
+experiment: install
+	$(BIN)/python -m bench.experiment --scale full
 
 # The fault matrix at full scale (testbed/faults.py); rows also in bench/out/reliability.json
 reliability: install
