@@ -380,6 +380,19 @@ def _client_ip(session: Session) -> str:
     return peer[0] if isinstance(peer, tuple) else str(peer)
 
 
+async def _challenge(server: SMTP, prompt: str):
+    """aiosmtpd's challenge_auth, with an over-long answer line refused like an over-long
+    command: asyncio's readline drops the line and raises ValueError there, which became a
+    451 internal error (found by test_fuzz). The client gets 500 5.5.2 and AUTH ends."""
+    try:
+        return await server.challenge_auth(prompt)
+    except ValueError as error:
+        if "limit" not in str(error):
+            raise
+        await server.push(replies.LINE_TOO_LONG)
+        return MISSING
+
+
 class SubmissionHandler:
     def __init__(self, ctx: RelayContext):
         self.ctx = ctx
@@ -387,7 +400,7 @@ class SubmissionHandler:
     # --- AUTH (RFC 4954); handler auth_* methods replace aiosmtpd's synchronous ones ---
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            blob = await server.challenge_auth("")
+            blob = await _challenge(server, "")
             if blob is MISSING:
                 return AuthResult(success=False, handled=True)
         else:
@@ -404,7 +417,7 @@ class SubmissionHandler:
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            username = await server.challenge_auth("Username:")
+            username = await _challenge(server, "Username:")
             if username is MISSING:
                 return AuthResult(success=False, handled=True)
         else:
@@ -413,7 +426,7 @@ class SubmissionHandler:
             except binascii.Error:
                 await server.push(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth("Password:")
+        password = await _challenge(server, "Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         return await self._verify(server, username, password)

@@ -255,8 +255,10 @@ def test_triage_catches_acts_verifies_and_resolves_in_the_sandbox(axiom_home, pr
         path = _incident(engine, f"path:{COLD}/apple", "reputation")
         assert path is not None, icloud
         assert path.evidence["proposal"]["action"] == "lower_rate"
-        (throttle,) = _until("the path throttled", lambda: _throttles(engine, COLD, "apple"))
-        assert throttle.action == "throttle" and throttle.limit_per_minute >= 1
+        # the path's incident and the domain's at that provider may each lower it (the lowest
+        # limit wins)
+        throttles = _until("the path throttled", lambda: _throttles(engine, COLD, "apple"))
+        assert all(t.action == "throttle" and t.limit_per_minute >= 1 for t in throttles)
 
         # 3. Broken DKIM for one domain: an authentication incident naming it. A day later
         # (the providers' day windows start again), from the established IPs.

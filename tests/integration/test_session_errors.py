@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 
 import pytest
 
+from relay.submission import replies
 from tests.conftest import RelayProcess, seed_tenant
 from tests.integration.test_swaks import spool_count
 
@@ -189,3 +191,24 @@ def test_a_pipelined_group_is_answered_in_order(relay):
     assert [client.reply() for _ in range(3)] == ["250 2.0.0 OK", "250 2.0.0 OK", "221 2.0.0 Bye"]
     client.close()
     assert spool_count(relay.home) == 1
+
+
+def test_an_over_long_auth_answer_is_refused_like_a_long_command(relay):
+    """An AUTH LOGIN answer past the line limit (found by test_fuzz) gets 500 5.5.2 and the
+    session goes on: not 451 4.3.0 internal error."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test relay's certificate is self-signed
+    raw = socket.create_connection(relay.submission_tls, timeout=15)
+    client = Client.__new__(Client)
+    client.sock = context.wrap_socket(raw)
+    client.file = client.sock.makefile("rb")
+    try:
+        assert client.reply().startswith("220 ")
+        assert client.cmd("EHLO fuzz.example").startswith("250")
+        assert client.cmd("AUTH LOGIN").startswith("334 ")
+        assert client.cmd(b"A" * 5_000) == replies.LINE_TOO_LONG  # one TLS record
+        assert client.cmd("NOOP").startswith("250")
+    finally:
+        client.close()
+    assert b"internal error" not in relay.log.read_bytes()
