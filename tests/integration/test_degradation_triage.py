@@ -7,7 +7,8 @@ clock.
    reports) → an incident on the stream within two triage cycles, cause content, proposal
    "pause stream" → triage.act asked in Slack with the evidence and a chart, approved by a
    signed click → the stream is held and the customer told → a third cycle folds into the same
-   incident (one Slack message, updated in place) → two hours later on the sandbox clock the
+   incident (one Slack message, updated in place) → the control plane is killed while the
+   procedure waits and a new one started → two hours later on the sandbox clock the
    verification finds no complaints since the hold: resolved.
 2. Rate-limit deferrals on a cold IP → the path's rate is lowered at once (automatic), before
    the world blocks the IP: at iCloud, where the triage is the first to act; Gmail's 4.7.28
@@ -40,7 +41,7 @@ from models import (
 from models.db import make_engine, session_scope
 from models.egress import HOLD_POOL
 from protocol import operators
-from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, seed_tenant
+from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, descendants, seed_tenant
 from tests.fakes.slack import FakeSlack, button_click, sign
 from tests.integration.test_sandbox_cli import WorldProcess
 
@@ -213,6 +214,11 @@ def test_triage_catches_acts_verifies_and_resolves_in_the_sandbox(axiom_home, pr
             assert {e.kind for e in timeline} >= {"signal", "approval", "action", "state"}
         updated = [c for c in slack.calls_to("chat.update") if c.args.get("ts") == again.slack_ts]
         assert again.slack_ts and updated, "the incident's message was not updated in place"
+        # The control plane dies while the procedure waits to verify; a new one continues it.
+        _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+        flows.kill_all()
+        flows = FlowsProcess(home, prefect.env, **env).start()
+        started.append(flows)
         # Two hours later (the content cause's interval) the verification resolves it.
         cli("sandbox", "clock", "advance", "121m")
         cli("procedures", "sweep", "--json")
