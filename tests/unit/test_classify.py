@@ -700,6 +700,60 @@ def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
     assert result.action != "suppress_recipient"
 
 
+# --------------------------------------------------------------------------- 1.4
+@pytest.mark.parametrize(
+    ("reply", "category", "rule_id", "permanent"),
+    [
+        # MTAs' own bounce wordings (Sisimai Lhost/*.pm $messagesof), as their bounces quote them
+        (
+            "550 all relevant MX records point to non-existent hosts",
+            "bad_domain",
+            "mta-host-unknown",
+            True,
+        ),
+        (
+            "DNS Error: 80335577 DNS type 'mx' lookup of example.jp responded with code NXDOMAIN",
+            "bad_domain",
+            "mta-host-unknown",
+            False,  # no reply code: a text alone is never permanent
+        ),
+        ("421 Temporary failure in MX lookup", "transient", "mta-network", False),
+        ("550 Sorry, no valid route to destination", "transient", "mta-network", True),
+        ("550 delivery to pipe forbidden", "transient", "mta-system-error", True),
+        ("452 mailbox unavailable (not enough free space)", "transient", "mta-system-error", False),
+        (
+            "550 User neko not listed in Domino Directory",
+            "mailbox_unknown",
+            "mta-user-unknown",
+            True,
+        ),
+        ("554 5.7.0 id=12345-01 - INFECTED: Eicar-Test", "content", "mta-content", True),
+        ("552 error: quota exceeded", "mailbox_full", "mta-mailbox-full", False),
+        # RFC 3463 X.7: a detail without a rule of its own is still security or policy
+        ("550 5.7.6 Cryptographic algorithm not supported", "tls", "enhanced-x.7.6", True),
+        ("550 5.7.99 Go away", "policy", "enhanced-x.7.x-rejected", True),
+        ("451 4.7.99 Go away for now", "transient", "code-4xx", False),
+        ("550 5.4.7 Delivery time expired", "transient", "enhanced-x.4.7", True),
+    ],
+)
+def test_14_wordings_and_codes(reply, category, rule_id, permanent):
+    result = classify(read_reply(reply), "generic")
+    assert (result.category, result.rule_id, result.permanent) == (category, rule_id, permanent)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # qmail-remote's "does not like recipient." only introduces what the remote host said
+        "192.0.2.25 does not like recipient. Remote host said: 552 5.2.2 <x@example.org>: Mailbox full",
+        "SMTP error from remote mail server after MAIL FROM:<s@example.com>: host mx.example.org [192.0.2.1]: 550 all relevant MX records point to non-existent hosts",
+    ],
+)
+def test_14_an_mta_wording_does_not_suppress_the_wrong_thing(reply):
+    result = classify(read_reply(reply), "generic")
+    assert result.category not in ("mailbox_unknown", "bad_domain")
+
+
 def test_an_outgoing_quota_or_the_receivers_disk_is_not_a_full_mailbox():
     # Amazon SES's sending quota (Sisimai TooManyConn) and a receiver's own disk (RFC 3463 X.3.1)
     assert classify(
