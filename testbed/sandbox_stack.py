@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import random
 import shutil
 import sqlite3
 import tempfile
@@ -101,6 +102,11 @@ class SandboxStack:
         self._exit = contextlib.AsyncExitStack()
         self._wide = None
         self._narrow = None
+        # Queue ids (and so Message-IDs) from a seeded sequence: two stacks given the same
+        # traffic give it the same ids, so the world draws the same placement and the same
+        # complaints for each message in both (sandbox/placement.py draws per Message-ID),
+        # and a run repeats.
+        self._ids = random.Random(0)
 
     # ------------------------------------------------------------------ start and stop
     async def start(
@@ -290,7 +296,7 @@ class SandboxStack:
                 count += len(out.recipients)
                 for n in range(0, len(out.recipients), out.per_message):
                     batch = out.recipients[n : n + out.per_message]
-                    queue_id = new_queue_id()
+                    queue_id = new_queue_id(now.timestamp(), self._ids)
                     body = (
                         f"From: {out.domain.split('.')[0].title()} <{out.sender}>\r\n"
                         f"To: <{out.sender}>\r\n"

@@ -32,9 +32,10 @@ _random = random.Random(secrets.randbits(128))
 os.register_at_fork(after_in_child=lambda: _random.seed(secrets.randbits(128)))
 
 
-def new_queue_id(now: float | None = None) -> str:
-    """A 26-character, time-sortable id (ULID layout): 48-bit ms timestamp + 80 random bits."""
-    value = (int((now or time.time()) * 1000) << 80) | _random.getrandbits(80)
+def new_queue_id(now: float | None = None, rng: random.Random | None = None) -> str:
+    """A 26-character, time-sortable id (ULID layout): 48-bit ms timestamp + 80 random bits.
+    A seeded `rng` makes the sequence reproducible (the sandbox experiment's runs)."""
+    value = (int((now or time.time()) * 1000) << 80) | (rng or _random).getrandbits(80)
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
 
 

@@ -70,10 +70,42 @@ def test_the_governed_run_refuses_at_most_half(results, name):
     assert r.refused_at_most_half, r.table()
 
 
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "broken-dkim"])
+@pytest.mark.parametrize(
+    "name", [n for n in SCENARIOS if n not in ("broken-dkim", "complaint-spike")]
+)
 def test_the_governed_run_gets_a_larger_share_into_the_inbox(results, name):
     r = results[name]
     assert r.higher_inbox_share, r.table()
+
+
+def _triage_held_the_complaints(r: ScenarioResult) -> bool:
+    """Whether triage saw the first wave's complaints (a content incident) before the providers
+    stopped them. Yahoo and Microsoft report each complaint about an inbox copy and file the
+    sender in spam once 2 are reported; a message reaches 20 recipients at once, so 2 to 4
+    reports arrive per provider before that line, depending on the order the deliveries land
+    (the draws themselves are fixed: testbed/sandbox_stack.py spools the same Message-IDs in
+    both runs). Triage's minimum is 5 complaints in an hour: the run crosses it or not."""
+    return r.governed.incidents.get("content", 0) >= 1
+
+
+def test_complaint_spike_the_providers_or_triage_stop_it(results):
+    """Two outcomes, each the Protocol doing its job (README, "The measure of success"):
+    - triage saw 5 complaints within the hour: a content incident, the stream paused at the
+      10:00 cycle and kept paused (the list is never cleaned): no refusals, no more mail to spam,
+      the 12:00 wave still queued at the end, so the inbox share is not higher (the held mail
+      counts as not delivered; the plain relay's goes to spam or is refused);
+    - it did not: the providers' deferrals at the 12:00 wave start the relay's reactions, the
+      overflow pool carries the wave, and the governed run gets a larger share into the inbox.
+    """
+    r = results["complaint-spike"]
+    g, u = r.governed, r.ungoverned
+    if _triage_held_the_complaints(r):
+        assert g.interventions.get("stream.suspend") == 1, g.interventions
+        assert g.refused == 0 and g.queued >= r.size.per_day // 2 - 1, r.table()
+        assert g.spam <= u.spam and g.inbox + g.spam < u.inbox + u.spam, r.table()
+    else:
+        assert g.interventions.get("suspension (reaction)", 0) >= 1, g.interventions
+        assert r.higher_inbox_share, r.table()
 
 
 def test_broken_dkim_the_inbox_share_is_not_higher_and_why(results):
@@ -117,5 +149,5 @@ def test_what_protected_each_scenario(results):
     assert acted["blocklisting"].get("blocklist.protect") == 1, acted["blocklisting"]
     assert acted["broken-dkim"].get("stream.suspend") == 1, acted["broken-dkim"]
     assert acted["volume-spike"].get("stream.move", 0) >= 1, acted["volume-spike"]
-    assert acted["complaint-spike"].get("suspension (reaction)", 0) >= 1, acted["complaint-spike"]
     assert results["complaint-spike"].governed.incidents, results["complaint-spike"].table()
+    # which part acted in complaint-spike: test_complaint_spike_the_providers_or_triage_stop_it

@@ -400,8 +400,9 @@ def assert_cold_ip_campaign(report: dict) -> None:
     assert report["paths_already_suspended"] == []
 
 
-def assert_blocklisted_ip(report: dict) -> None:
-    """Providers consulting Spamhaus refuse with their blocklist replies; Gmail accepts."""
+def assert_blocklisted_ip(report: dict, rate_rules: set[str]) -> None:
+    """Providers consulting Spamhaus refuse with their blocklist replies; Gmail accepts.
+    rate_rules: the rate-limit rules the cold campaign before it met (see below)."""
     by = {p["provider"]: p for p in report["providers"]}
     # Gmail consults no public DNSBL: it never refuses these. Its mail goes out, unless the
     # blocklisted-anywhere reaction to Microsoft's refusals suspended the IP for every provider
@@ -412,7 +413,12 @@ def assert_blocklisted_ip(report: dict) -> None:
         assert by[provider]["delivered"] == 0, by[provider]
         assert by[provider]["blocked"] + by[provider]["held"] == by[provider]["sent"]
     assert "Spamhaus" in by["microsoft"]["top_reply"] or by["microsoft"]["held"], by
-    assert report["paths_already_suspended"] == []
+    # The reset lifted every suspension and released the cold campaign's held mail, which goes
+    # out at once into a world where every standing is cold again: a cold rate-limit reply to it
+    # may suspend a path again before this scenario starts (a CI run met Yahoo's TSS04 so). A
+    # path suspended by any other rule would be one the reset failed to lift.
+    again = {entry.rsplit("(", 1)[1].rstrip(")") for entry in report["paths_already_suspended"]}
+    assert again <= rate_rules, report["paths_already_suspended"]
 
 
 def assert_complaint_spike(report: dict) -> None:
@@ -455,7 +461,8 @@ def test_the_readme_scenarios_run_in_its_order_with_a_reset_between(stack):
     done = _reset(stack)
     assert len(done["suspensions_lifted"]) >= 2  # the paths the campaign suspended
     assert done["held_mail_released"] >= held  # released mail may be held again: not rechecked
-    assert_blocklisted_ip(_scenario(stack, "blocklisted-ip", "--count", "20"))
+    rate_rules = {s["rule"] for s in cold["suspensions"]}
+    assert_blocklisted_ip(_scenario(stack, "blocklisted-ip", "--count", "20"), rate_rules)
     _reset(stack)
     assert_complaint_spike(
         # 30 a provider: past the 20 deliveries the spam rate needs before it counts
