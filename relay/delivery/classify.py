@@ -163,16 +163,34 @@ def read_reply(raw: str) -> Reply:
     Text with no reply code keeps an enhanced code it carries ("5.1.1 <x>... User Unknown") and
     comes back with code None; the text is never lost.
     """
-    try:
-        return parse_reply(raw)
-    except ReplyParseError:
-        pass
+    for candidate in (raw, _flattened(raw)):
+        try:
+            reply = parse_reply(candidate)
+        except ReplyParseError:
+            continue
+        if reply.code is not None and reply.code >= 400:
+            return reply
+        # A transcript: "354 End data with <CR><LF>.<CR><LF> 451 4.3.0 Error: queue file
+        # write error" - the failure that follows the intermediate reply is the answer.
+        return _embedded_failure(reply.text) or reply
+    text = _flattened(raw)
+    embedded = _embedded_failure(text)
+    if embedded is not None:
+        return embedded
+    lead = _ENHANCED.match(text)
+    if lead:
+        return Reply(None, _dotted(lead.groups()), text[lead.end() :].strip())
+    return Reply(None, _enhanced_anywhere(text), text)
+
+
+def _flattened(raw: str) -> str:
+    """One line, without a DSN's "Diagnostic-Code: smtp;" (or other diagnostic type)."""
     text = " ".join(line.strip() for line in re.split(r"\r?\n", raw) if line.strip())
-    text = text[_DSN_PREFIX.match(text).end() :]
-    try:
-        return parse_reply(text)
-    except ReplyParseError:
-        pass
+    return text[_DSN_PREFIX.match(text).end() :]
+
+
+def _embedded_failure(text: str) -> Reply | None:
+    """The first failure reply an MTA's wrapper introduces in the text, else None."""
     for m in _EMBEDDED_CODE.finditer(text):
         before, rest = text[: m.start()].rstrip(), text[m.end() :]
         enhanced_at_start = _ENHANCED.match(rest)
@@ -188,10 +206,7 @@ def read_reply(raw: str) -> Reply:
         else:
             enhanced = _enhanced_anywhere(rest)
         return Reply(int(code), enhanced, " ".join(f"{before} {rest}".split()))
-    lead = _ENHANCED.match(text)
-    if lead:
-        return Reply(None, _dotted(lead.groups()), text[lead.end() :].strip())
-    return Reply(None, _enhanced_anywhere(text), text)
+    return None
 
 
 def _dotted(parts: Iterable[str]) -> str:

@@ -734,6 +734,7 @@ def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
         ("550 5.7.99 Go away", "policy", "enhanced-x.7.x-rejected", True),
         ("451 4.7.99 Go away for now", "transient", "code-4xx", False),
         ("550 5.4.7 Delivery time expired", "transient", "enhanced-x.4.7", True),
+        ("554 5.3.3 System not capable of selected features", "transient", "enhanced-x.3.x", True),
     ],
 )
 def test_14_wordings_and_codes(reply, category, rule_id, permanent):
@@ -1046,7 +1047,20 @@ def test_read_reply_never_raises_and_agrees_with_parse_reply(text):
         strict = parse_reply(text)
     except ReplyParseError:
         return
+    if strict.code < 400 and reply != strict:
+        # a transcript: the failure quoted after a positive or intermediate reply answers
+        assert reply.code >= 400 and str(reply.code) in strict.text
+        return
     assert reply == strict
+
+
+def test_a_failure_after_an_intermediate_reply_is_the_answer():
+    reply = read_reply(
+        "354 End data with <CR><LF>.<CR><LF> 451 4.3.0 Error: queue file write error"
+    )
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert classify(reply).category == "transient"
+    assert read_reply("250 2.0.0 Ok: queued as 4Q1X") == parse_reply("250 2.0.0 Ok: queued as 4Q1X")
 
 
 @pytest.mark.parametrize(
