@@ -734,7 +734,21 @@ def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
         ("550 5.7.99 Go away", "policy", "enhanced-x.7.x-rejected", True),
         ("451 4.7.99 Go away for now", "transient", "code-4xx", False),
         ("550 5.4.7 Delivery time expired", "transient", "enhanced-x.4.7", True),
+        ("554 5.4.3 Directory server failure", "transient", "enhanced-x.4.2-3-rejected", True),
         ("554 5.3.3 System not capable of selected features", "transient", "enhanced-x.3.x", True),
+        # an unknown user said with a 4xx is read as such, and retried
+        (
+            "450 <x@example.org>: User unknown",
+            "mailbox_unknown",
+            "text-mailbox-unknown-deferred",
+            False,
+        ),
+        (
+            "450 Requested mail action not taken: mailbox unavailable",
+            "transient",
+            "code-4xx",
+            False,
+        ),
     ],
 )
 def test_14_wordings_and_codes(reply, category, rule_id, permanent):
