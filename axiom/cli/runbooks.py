@@ -225,6 +225,15 @@ def classify_replies(
             "confusion table.",
         ),
     ] = None,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            "--part",
+            help="With --corpus: show the confusions and disagreements of this part only "
+            "(tune or holdout); agreement is still given for both. Rules are tuned with "
+            "--part tune, so the held-back entries are never read.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Classify SMTP replies: one JSON object per reply, in input order; every input gets one
@@ -241,8 +250,12 @@ def classify_replies(
             raise fail("give replies or --corpus FILE, not both", 2)
         if mx:
             raise fail("--mx does not apply to --corpus: its entries name their own MX", 2)
-        _classify_corpus(corpus, as_json)
+        if part not in (None, "tune", "holdout"):
+            raise fail(f"--part is tune or holdout, not {part!r}", 2)
+        _classify_corpus(corpus, as_json, part)
         return
+    if part is not None:
+        raise fail("--part applies to --corpus only", 2)
     if not replies:
         raise fail('nothing to classify: give replies, "-" for stdin, or --corpus FILE', 2)
     provider = provider_for_mx(mx) if mx else None
@@ -254,7 +267,8 @@ def classify_replies(
             sys.stdout.write(json.dumps(result) + "\n")
 
 
-def _classify_corpus(path: Path, as_json: bool) -> None:
+def _classify_corpus(path: Path, as_json: bool, only: str | None = None) -> None:
+    """only: the part whose confusions and disagreements are shown (None: both)."""
     from relay.delivery.classify import CATEGORIES
     from relay.delivery.classify_corpus import (
         PARTS,
@@ -270,8 +284,9 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
         raise fail(str(exc), 2) from None
     parts = [*PARTS, None]
     agreement = {part or "all": report.agreement(part) for part in parts}
-    by_part = {part: report.confusion(part) for part in PARTS}
-    confusion = report.confusion()
+    shown = [p for p in PARTS if only in (None, p)]
+    by_part = {part: report.confusion(part) for part in shown}
+    confusion = report.confusion(only)  # type: ignore[arg-type]
 
     def accepts(expected: str, got: str) -> bool:  # expected as expected_name writes it
         return got in expected.split("|")
@@ -281,18 +296,19 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
 
     pairs = sorted(confusion, key=lambda pair: (-confusion[pair], row_order(pair[0])))
     if as_json:
-        by_label = {part or "all": report.by_label(part) for part in parts}
+        by_label = {part or "all": report.by_label(part) for part in (shown if only else parts)}
         labels = {o.entry.label: o.entry.expected for o in report.outcomes}
         print_json(
             {
                 "corpus": str(path),
+                "part": only,
                 "agreement": {
                     name: {"agree": agree, "total": total, "percent": _percent(agree, total)}
                     for name, (agree, total) in agreement.items()
                 },
                 "confusion": [
                     {"expected": e, "got": g, "agrees": accepts(e, g)}
-                    | {part: by_part[part][e, g] for part in PARTS}
+                    | {part: by_part[part][e, g] for part in shown}
                     for e, g in pairs
                 ],
                 "labels": [
@@ -302,7 +318,7 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
                         for name, counts in by_label.items()
                         if label in counts
                     }
-                    for label in by_label["all"]
+                    for label in by_label[only or "all"]
                 ],
                 "disagreements": [
                     {
@@ -315,7 +331,7 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
                         "source": o.entry.source,
                     }
                     for o in report.outcomes
-                    if not o.agrees
+                    if not o.agrees and only in (None, o.entry.split)
                 ],
             }
         )
@@ -341,11 +357,9 @@ def _classify_corpus(path: Path, as_json: bool) -> None:
             ", ".join(f"{g} {n}" for n, g in instead) or "—",
         )
     out.print(matrix)
-    worst = Table(
-        Column("expected", overflow="fold"), "got", "tune", "holdout", title="Largest confusions"
-    )
+    worst = Table(Column("expected", overflow="fold"), "got", *shown, title="Largest confusions")
     for e, g in [pair for pair in pairs if not accepts(*pair)][:10]:
-        worst.add_row(_wrappable(e), g, str(by_part["tune"][e, g]), str(by_part["holdout"][e, g]))
+        worst.add_row(_wrappable(e), g, *(str(by_part[part][e, g]) for part in shown))
     out.print(worst)
 
 

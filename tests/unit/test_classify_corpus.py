@@ -228,3 +228,30 @@ def test_cli_names_a_bad_corpus_file(tmp_path):
     result = runner.invoke(app, ["classify", "--corpus", str(path)])
     assert result.exit_code == 2
     assert str(path) in result.stderr and "entries.1.expected" in result.stderr
+
+
+def test_cli_part_shows_one_parts_confusions_and_both_agreements():
+    """--part tune: what rules are tuned from, without a held-back entry's text or reading."""
+    result = runner.invoke(app, ["classify", "--corpus", str(CORPUS), "--part", "tune", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["part"] == "tune"
+    assert set(report["agreement"]) == {"tune", "holdout", "all"}
+    assert report["disagreements"] and {d["split"] for d in report["disagreements"]} == {"tune"}
+    assert all("holdout" not in row for row in report["confusion"] + report["labels"])
+    corpus = load_corpus(CORPUS)
+    held_back = {e.text for e in corpus.entries if e.split == "holdout"}
+    assert not any(text in result.stdout for text in held_back)
+
+    table = runner.invoke(
+        app, ["classify", "--corpus", str(CORPUS), "--part", "tune"], env={"COLUMNS": "120"}
+    )
+    assert table.exit_code == 0, table.output
+    assert "Largest confusions" in table.stdout
+
+    for args, message in (
+        (["classify", "--corpus", str(CORPUS), "--part", "all"], "tune or holdout"),
+        (["classify", "550 x", "--part", "tune"], "--corpus only"),
+    ):
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 2 and message in refused.stderr
