@@ -736,6 +736,16 @@ def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
         ("550 5.4.7 Delivery time expired", "transient", "enhanced-x.4.7", True),
         ("554 5.4.3 Directory server failure", "transient", "enhanced-x.4.2-3-rejected", True),
         ("554 5.3.3 System not capable of selected features", "transient", "enhanced-x.3.x", True),
+        # from BounceParser's tune part (tests/corpus/README.md)
+        ("[dest.example.com]: Name or service not known", "transient", "text-network", False),
+        ("550 5.7.1 No mailbox found", "mailbox_unknown", "text-mailbox-unknown", True),
+        (
+            "550 5.2.1 Mailbox not available / Konto niedostepne",
+            "mailbox_disabled",
+            "text-mailbox-unavailable-x.2.1",
+            True,
+        ),
+        ("550 Mailbox not available", "mailbox_unknown", "text-mailbox-unknown", True),
         # an unknown user said with a 4xx is read as such, and retried
         (
             "450 <x@example.org>: User unknown",
