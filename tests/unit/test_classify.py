@@ -729,6 +729,13 @@ def test_a_refusal_of_our_sender_suppresses_no_recipient(reply):
         ),
         ("554 5.7.0 id=12345-01 - INFECTED: Eicar-Test", "content", "mta-content", True),
         ("552 error: quota exceeded", "mailbox_full", "mta-mailbox-full", False),
+        # Exim's "LMTP error after ..." only introduces the LMTP server's own reply
+        (
+            "LMTP error after end of data: 452 4.2.2 <x@example.org> Mailbox is full",
+            "mailbox_full",
+            "text-mailbox-full",
+            False,
+        ),
         # RFC 3463 X.7: a detail without a rule of its own is still security or policy
         ("550 5.7.6 Cryptographic algorithm not supported", "tls", "enhanced-x.7.6", True),
         ("550 5.7.99 Go away", "policy", "enhanced-x.7.x-rejected", True),
