@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.postfix import free_port
+from testbed.schema import migrate_new
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -107,7 +108,7 @@ def make_home(
 
     from config.tls import write_self_signed
     from models import IpAddress, IpPool, IpState
-    from models.db import make_engine, migrate, session_scope
+    from models.db import make_engine, session_scope
     from protocol.egress import ensure_default_pool
     from relay.submission.keystore import KeyBox
 
@@ -116,7 +117,7 @@ def make_home(
     (path / "secret.key").write_bytes(secret)
     write_self_signed(path / "tls" / "cert.pem", path / "tls" / "key.pem", hostname)
     if database:
-        migrate(db_url)
+        migrate_new(db_url)
         engine = make_engine(db_url)
         try:
             with session_scope(engine) as s:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from models.db import make_engine, migrate, normalise_url, session_scope
+from models.db import make_engine, normalise_url, session_scope
 from testbed.axiom import (
     VENV_BIN,
     AxiomHome,
@@ -23,6 +23,7 @@ from testbed.axiom import (
     seed_tenant,
 )
 from testbed.postfix import free_port
+from testbed.schema import migrate_new
 
 PG_URL = os.environ.get("AXIOM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -88,7 +89,7 @@ def db_url(request, tmp_path) -> Iterator[str]:
 
 @pytest.fixture
 def engine(db_url):
-    migrate(db_url)
+    migrate_new(db_url)
     eng = make_engine(db_url)
     yield eng
     eng.dispose()
