@@ -35,7 +35,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from testbed.ports import claim
+from testbed.ports import pick
 
 Record = tuple[str, str, str] | tuple[str, str, str, int]
 Zones = Mapping[str, Sequence[Record]]
@@ -46,20 +46,8 @@ _BROKEN_ZONE = "; served broken on purpose: Knot answers SERVFAIL for this zone\
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on host, never handed out twice by this process."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            try:
-                with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                    udp.bind((host, port))
-            except OSError:
-                continue
-        if claim(host, port):
-            return port
-    raise RuntimeError(f"no free UDP+TCP port on {host}")
+    """A port free for both UDP and TCP on host, not handed out before (testbed/ports.py)."""
+    return pick(host, udp=True)
 
 
 def _absolute(zone: str) -> str:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from testbed.ports import claim
+from testbed.ports import pick
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
@@ -98,14 +98,8 @@ class PostfixError(RuntimeError):
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on host now and never handed out before by this process."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if claim(host, port):
-            return port
-    raise RuntimeError(f"no fresh port on {host} after 100 tries")
+    """A TCP port free on host now and not handed out before (testbed/ports.py)."""
+    return pick(host)
 
 
 def _listening(port: int, host: str = LOOPBACK) -> bool:
