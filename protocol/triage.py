@@ -155,6 +155,9 @@ class SubjectSignals:
     windows: Mapping[str, Window]
     after: Window | None = None
     declared_per_day: int | None = None
+    # The hour of its first event within the 7-day window; None: unknown, taken as the
+    # window's start. A subject younger than the week has fewer days behind it.
+    first_seen: datetime | None = None
 
 
 # ---------------------------------------------------------------- findings (pure)
@@ -319,7 +322,16 @@ def _volume_change(
     prior = signals.windows[BASELINE].minus(signals.windows["24h"])
     if day.answered < b.volume_min_sends or prior.answered < b.min_baseline_sends:
         return []
-    average = prior.answered * DAY / (_seconds(BASELINE) - DAY)
+    # The usual day is averaged over the days the subject has sent in: a stream on its second
+    # day has one day behind it, not six (counting the rest as silent days made every new
+    # stream's second day a "change").
+    begun = prior.start
+    if signals.first_seen is not None:
+        begun = max(begun, as_utc(signals.first_seen))
+    behind = (prior.end - begun).total_seconds()
+    if behind < DAY:
+        return []  # less than a day before the compared one: nothing usual to compare with
+    average = prior.answered * DAY / behind
     ratio = day.answered / average
     if ratio < b.volume_factor:
         return []
@@ -573,8 +585,9 @@ def _merged(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, 
     return out
 
 
-# {key: {window start: [(kind, category, permanent, count), ...]}}
-_Found = dict[tuple, dict[datetime, list[tuple]]]
+# {key: {window start: [(kind, category, permanent, count), ...], FIRST: earliest time}}
+_Found = dict[tuple, dict]
+FIRST = "first"  # the key of a subject's earliest event time among its window starts
 PAIRS: tuple[SubjectKind, ...] = ("ip-provider", "domain-provider")
 
 
@@ -595,7 +608,10 @@ def _read_raw(conn, kind: SubjectKind, splits: list[_Split], only: list[Subject]
         where.append(or_(*(and_(*_subject_filter(s, e)) for s in only)))
     counts = [func.sum(case((or_(*within(s.raw)), 1), else_=0)) for s in counted]
     keys, outcome = _key_columns(kind, e), (e.kind, e.category, e.permanent)
-    query = select(literal(0), *keys, *outcome, *counts).where(*where).group_by(*keys, *outcome)
+    first = func.min(e.at)
+    query = (
+        select(literal(0), *keys, *outcome, *counts, first).where(*where).group_by(*keys, *outcome)
+    )
     return _collect(conn.execute(query), (kind,), [s.start for s in counted])[kind]
 
 
@@ -631,12 +647,16 @@ def _read_rolled(
     outcome = (r.kind, r.category, r.permanent)
     if len(kinds) == 1:
         keys = _key_columns(kinds[0], r)
-        query = select(literal(0), *keys, *outcome, *sums).where(*where).group_by(*keys, *outcome)
+        query = (
+            select(literal(0), *keys, *outcome, *sums, func.min(r.hour))
+            .where(*where)
+            .group_by(*keys, *outcome)
+        )
     else:
         columns = list(dict.fromkeys(c for k in kinds for c in _key_columns(k, r)))
         labelled = (n.label(f"n{i}") for i, n in enumerate(sums))
         pre = (
-            select(*columns, *outcome, *labelled)
+            select(*columns, *outcome, *labelled, func.min(r.hour).label("first"))
             .where(*where)
             .group_by(*columns, *outcome)
             .cte("by_pair")
@@ -646,21 +666,37 @@ def _read_rolled(
         parts = []
         for j, kind in enumerate(kinds):
             keys = tuple(pre.c[c.name] for c in _key_columns(kind, r))
-            parts.append(select(literal(j), *keys, *outcome, *totals).group_by(*keys, *outcome))
+            parts.append(
+                select(literal(j), *keys, *outcome, *totals, func.min(pre.c.first)).group_by(
+                    *keys, *outcome
+                )
+            )
         query = union_all(*parts)
     return _collect(conn.execute(query), kinds, [s.start for s in rolled])
 
 
 def _collect(rows, kinds: tuple[SubjectKind, ...], starts: list[datetime]):
-    """(kind's index, key, key, kind, category, permanent, count per start) rows by kind of
-    subject, subject and window start."""
+    """(kind's index, key, key, kind, category, permanent, count per start, earliest time)
+    rows by kind of subject, subject and window start; the earliest time of a subject's rows
+    under FIRST."""
     found: dict[SubjectKind, _Found] = {k: {} for k in kinds}
-    for j, first, second, kind, category, permanent, *counts in rows:
+    for j, first, second, kind, category, permanent, *counts, earliest in rows:
         by_start = found[kinds[j]].setdefault((first, second), {})
         for start, n in zip(starts, counts, strict=True):
             if n:
                 by_start.setdefault(start, []).append((kind, category, permanent, n))
+        if earliest is not None:
+            # to the hour, as the roll-up keeps it: the same before and after a roll-up
+            earliest = _floor_hour(as_utc(_as_datetime(earliest)))
+            seen = by_start.get(FIRST)
+            if seen is None or earliest < seen:
+                by_start[FIRST] = earliest
     return found
+
+
+def _as_datetime(value) -> datetime:
+    """MIN over a UNION may come back as SQLite's text."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 def _count(rows, start: datetime, end: datetime) -> Window:
@@ -745,12 +781,14 @@ def signals_for_all(
             def read(start: datetime, r=r, u=u) -> Window:
                 return _count([*r.get(start, ()), *u.get(start, ())], start, now)
 
+            seen = [t for t in (r.get(FIRST), u.get(FIRST)) if t is not None]
             out[subject] = SubjectSignals(
                 subject,
                 now,
                 {name: read(start) for name, start in window_start.items()},
                 read(after[subject]) if subject in after else None,
                 declared.get((subject.tenant_id, subject.stream)),
+                min(seen) if seen else None,
             )
     return out
 
@@ -759,7 +797,11 @@ def _update(into: _Found, found: _Found) -> None:
     for key, by_start in found.items():
         mine = into.setdefault(key, {})
         for start, rows in by_start.items():
-            mine.setdefault(start, []).extend(rows)
+            if start == FIRST:
+                seen = mine.get(FIRST)
+                mine[FIRST] = rows if seen is None else min(seen, rows)
+            else:
+                mine.setdefault(start, []).extend(rows)
 
 
 def _declared_volumes(conn, streams: list[Subject]) -> dict[tuple, int | None]:

@@ -14,6 +14,7 @@ from sqlalchemy import event, insert
 from sqlmodel import Session
 
 from models import DeliveryEvent, IpPool, Stream, Tenant
+from models.audit import as_utc
 from models.db import session_scope
 from protocol import signals, triage
 from protocol.triage import Subject, Window, signals_for, signals_for_all
@@ -165,6 +166,18 @@ def _check(engine, rows: list[dict], now: datetime, since: dict[Subject, datetim
             assert got.after is None
         declared = DECLARED.get((subject.tenant_id, subject.stream))
         assert got.declared_per_day == declared
+        # The hour of its first event in the week.
+        week = [
+            as_utc(r["at"])
+            for r in rows
+            if now - timedelta(days=7) <= as_utc(r["at"]) < now and _matches(subject, r)
+        ]
+        if not week:
+            assert got.first_seen is None, subject.label
+        else:
+            first = min(week)
+            hour = first.replace(minute=0, second=0, microsecond=0)
+            assert got.first_seen == hour, (subject.label, got.first_seen, first)
         assert signals_for(engine, subject, now, end) == got, subject.label
         if subject in few:
             assert few[subject] == got, subject.label

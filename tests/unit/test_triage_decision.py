@@ -4,6 +4,7 @@ windows that start again after an action, and the cause, proposal and verificati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -283,6 +284,30 @@ def test_a_day_at_twice_the_usual_day_is_a_change_of_behaviour(today, week_befor
         {"sent": today, "delivered": today},
         extra={"7d": {"sent": week_before, "delivered": week_before}},
     )
+    assert found(assess(s, RULES, NOW), "volume_change") == expected
+
+
+@pytest.mark.parametrize(
+    ("first_seen", "expected"),
+    [
+        (None, ["change"]),  # unknown: six days behind it, 500 against 167 a day
+        (timedelta(days=7), ["change"]),  # there all week: the same
+        (timedelta(days=6), ["change"]),  # five days behind it: 500 against 200
+        (timedelta(days=4), []),  # three days: 500 against 333
+        (timedelta(days=2), []),  # one day behind it: 500 against 1,000
+        (timedelta(hours=30), []),  # six hours behind it: less than a day, nothing usual yet
+    ],
+)
+def test_a_young_subject_s_usual_day_is_averaged_over_the_days_it_has_sent(first_seen, expected):
+    """A stream in its first week is not a change of behaviour because the days before it
+    existed were silent: the usual day counts from the subject's first event in the week."""
+    s = signals(
+        "24h",
+        {"sent": 500, "delivered": 500},
+        extra={"7d": {"sent": 1000, "delivered": 1000}},
+    )
+    if first_seen is not None:
+        s = dataclasses.replace(s, first_seen=NOW - first_seen)
     assert found(assess(s, RULES, NOW), "volume_change") == expected
 
 
