@@ -78,14 +78,26 @@ def test_the_governed_run_gets_a_larger_share_into_the_inbox(results, name):
     assert r.higher_inbox_share, r.table()
 
 
+# The second wave of the complaint-spike scenario, in minutes from the trouble's start (09:00).
+SECOND_WAVE = 3 * 60
+
+
 def _triage_held_the_complaints(r: ScenarioResult) -> bool:
-    """Whether triage saw the first wave's complaints (a content incident) before the providers
-    stopped them. Yahoo and Microsoft report each complaint about an inbox copy and file the
-    sender in spam once 2 are reported; a message reaches 20 recipients at once, so 2 to 4
-    reports arrive per provider before that line, depending on the order the deliveries land
-    (the draws themselves are fixed: testbed/sandbox_stack.py spools the same Message-IDs in
-    both runs). Triage's minimum is 5 complaints in an hour: the run crosses it or not."""
-    return r.governed.incidents.get("content", 0) >= 1
+    """Whether triage saw the first wave's complaints (a content incident) and held the stream
+    before the 12:00 wave met the providers. Yahoo and Microsoft report each complaint about an
+    inbox copy and file the sender in spam once 2 are reported; a message reaches 20 recipients
+    at once, so 2 to 4 reports arrive per provider before that line, depending on the order the
+    deliveries land (the draws themselves are fixed: testbed/sandbox_stack.py spools the same
+    Message-IDs in both runs). Triage's minimum is 5 complaints in an hour: the first wave
+    crosses it or not. When it does not, the 12:00 wave's own reports can still open a content
+    incident later, after the providers' deferrals have started the relay's reactions (CI met
+    that once): the wave is then the reactions' to carry, and the second branch applies."""
+    g = r.governed
+    return (
+        g.incidents.get("content", 0) >= 1
+        and g.first_intervention is not None
+        and g.first_intervention < SECOND_WAVE
+    )
 
 
 def test_complaint_spike_the_providers_or_triage_stop_it(results):
@@ -94,8 +106,9 @@ def test_complaint_spike_the_providers_or_triage_stop_it(results):
       10:00 cycle and kept paused (the list is never cleaned): no refusals, no more mail to spam,
       the 12:00 wave still queued at the end, so the inbox share is not higher (the held mail
       counts as not delivered; the plain relay's goes to spam or is refused);
-    - it did not: the providers' deferrals at the 12:00 wave start the relay's reactions, the
-      overflow pool carries the wave, and the governed run gets a larger share into the inbox.
+    - it did not (or only once the 12:00 wave was under way): the providers' deferrals at the
+      12:00 wave start the relay's reactions, the overflow pool carries the wave, and the
+      governed run gets a larger share into the inbox.
     """
     r = results["complaint-spike"]
     g, u = r.governed, r.ungoverned
