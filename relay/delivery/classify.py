@@ -218,6 +218,24 @@ def _enhanced_anywhere(text: str) -> str | None:
     return _dotted(m.groups()) if m else None
 
 
+# What names a host or a mailbox rather than saying anything about the failure: the host an MTA's
+# wrapper names before the reply it quotes ("host mx.antispam.example[192.0.2.1] said:", Exim's
+# "host barracuda.example.edu [192.0.2.1]:", Sendmail's "while talking to mx.example.net.:"), and
+# any e-mail address ("<spamtrap@example.com>", "abuse@..."). Their words ("spam", "barracuda",
+# "block", "policy") would otherwise decide the category; the rules read the text without them.
+_NAMED_HOST = re.compile(
+    r"(?<![\w.-])[a-z0-9][\w-]*(?:\.[\w-]+)+\.?\s?(?=\[(?:ipv6:)?[0-9a-f.:]+\])"
+    r"|(?<=\btalking to )[a-z0-9][\w-]*(?:\.[\w-]+)+\.?(?=:)",
+    re.IGNORECASE,
+)
+_ADDRESS = re.compile(r"(?<![\w.+=-])[\w+=-]+(?:\.[\w+=-]+)*@[\w-]+(?:\.[\w-]+)*")
+
+
+def matching_text(text: str) -> str:
+    """The text the rules read: host names before an IP literal and e-mail addresses neutral."""
+    return _ADDRESS.sub("x@x.x", _NAMED_HOST.sub("", text))
+
+
 def split_replies(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     """Group input lines into replies: continuation lines (NNN-) join the lines after them
     up to the final one with the same code. Yields (first line number, reply text)."""
@@ -431,9 +449,11 @@ def classify(
             return Classification(
                 "unknown", False, "investigate", UNPARSEABLE, provider, None, subject.enhanced
             )
-    enhanced = (
-        tuple(int(part) for part in subject.enhanced.split(".")) if subject.enhanced else None
-    )
+    # qmail and vpopmail put the enhanced code last ("553 ... deactivated (#5.1.1)"); a reply
+    # that does not start with one is read with the one it quotes after an introducer.
+    written = subject.enhanced or _enhanced_anywhere(subject.text)
+    enhanced = tuple(int(part) for part in written.split(".")) if written else None
+    subject = Reply(subject.code, written, matching_text(subject.text))
     klass = subject.code // 100 if subject.code is not None else enhanced and enhanced[0]
     # A positive or intermediate reply is never a failure, whatever its text says.
     candidates = ruleset.code_class if klass and klass < 4 else ruleset.candidates(provider)

@@ -1122,6 +1122,44 @@ def test_raw_text_without_a_reply_code_stays_unparseable_for_callers_that_know_m
     assert (wrapped.category, wrapped.code) == ("mailbox_unknown", 550)
 
 
+@pytest.mark.parametrize(
+    ("raw", "category"),
+    [
+        # the reporting MTA's host names and the addresses are not the failure's words
+        (
+            "host barracuda.example.edu[192.0.2.7] said: 550 5.1.1 <j@example.edu>: Recipient"
+            " address rejected: User unknown (in reply to RCPT TO command)",
+            "mailbox_unknown",
+        ),
+        (
+            "SMTP error from remote mail server after RCPT TO:<j@example.net>: host"
+            " mx.blocklist.example.net [192.0.2.7]: 550 5.1.1 No such user",
+            "mailbox_unknown",
+        ),
+        (
+            "----- Transcript of session follows ----- ... while talking to"
+            " spamfilter.example.org.: >>> RCPT To:<j@example.org> <<< 550 5.1.1 User unknown",
+            "mailbox_unknown",
+        ),
+        ("550 5.7.1 <spamtrap@example.com>: Recipient address rejected: Access denied", "policy"),
+        # a DNS block list named by its zone is still read: it is the reply's own word
+        (
+            "554 5.7.1 Service unavailable; Client host [192.0.2.7] blocked using zen.spamhaus.org",
+            "blocklisted",
+        ),
+    ],
+)
+def test_host_names_and_addresses_do_not_decide_the_category(raw, category):
+    assert classify(read_reply(raw), "generic").category == category
+
+
+def test_an_enhanced_code_quoted_at_the_end_is_read():
+    # qmail and vpopmail: "(#5.1.1)" after the text, not at its start
+    result = classify(read_reply("553 sorry, that recipient is not here (#5.1.1)"), "generic")
+    assert (result.category, result.enhanced_code) == ("mailbox_unknown", "5.1.1")
+    assert classify(read_reply("554 go away (#5.7.1)"), "generic").category == "policy"
+
+
 def test_split_replies_groups_continuation_lines():
     lines = [
         "421-4.7.28 a\n",
