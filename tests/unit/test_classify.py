@@ -786,6 +786,79 @@ def test_14_an_mta_wording_does_not_suppress_the_wrong_thing(reply):
     assert result.category not in ("mailbox_unknown", "bad_domain")
 
 
+# --------------------------------------------------------------------------- 1.5
+@pytest.mark.parametrize(
+    ("reply", "category", "rule_id"),
+    [
+        # RFC 3463's mailbox and address subjects as receivers localise them
+        ("550 5.1.1 Benutzer unbekannt", "mailbox_unknown", "text-mailbox-unknown-other-languages"),
+        (
+            "550 Empfaenger existiert nicht",
+            "mailbox_unknown",
+            "text-mailbox-unknown-other-languages",
+        ),
+        ("550 Destinataire inconnu", "mailbox_unknown", "text-mailbox-unknown-other-languages"),
+        ("550 El usuario no existe", "mailbox_unknown", "text-mailbox-unknown-other-languages"),
+        ("550 Usuário inexistente", "mailbox_unknown", "text-mailbox-unknown-other-languages"),
+        ("550 utente sconosciuto", "mailbox_unknown", "text-mailbox-unknown-other-languages"),
+        ("552 Postfach voll", "mailbox_full", "text-mailbox-full-other-languages"),
+        ("452 Boite du destinataire pleine", "mailbox_full", "text-mailbox-full-other-languages"),
+        ("552 buzón lleno", "mailbox_full", "text-mailbox-full-other-languages"),
+        ("552 caixa postal cheia", "mailbox_full", "text-mailbox-full-other-languages"),
+        ("550 Postfach gesperrt", "mailbox_disabled", "text-mailbox-disabled-other-languages"),
+        (
+            "550 Le compte du destinataire est bloque",
+            "mailbox_disabled",
+            "text-mailbox-disabled-other-languages",
+        ),
+        ("550 conta inativa", "mailbox_disabled", "text-mailbox-disabled-other-languages"),
+        ("550 adresse: domaine inconnu", "bad_domain", "text-bad-domain-other-languages"),
+        # the receiver's judgement of our client, no list named
+        ("554 5.7.1 Rejected because Bad IP", "reputation", "text-client-refused"),
+        (
+            "554 Your access to this mail system has been rejected",
+            "reputation",
+            "text-client-refused",
+        ),
+        (
+            "554 IP=192.0.2.1 - A problem occurred. (Ask your postmaster for help or to contact"
+            " tosa@rx.t-online.de to clarify.)",
+            "reputation",
+            "text-client-refused",
+        ),
+        # our host name, our sender domain, TLS, rates
+        ("550 5.7.1 HELO hostname does not resolve", "rdns", "text-rdns"),
+        ("550 5.7.1 Your host name does not match your IP address", "rdns", "text-rdns"),
+        ("550 5.7.0 Sender domain does not resolve", "authentication", "text-sender-rejected"),
+        ("550 Secure connection required", "tls", "text-tls"),
+        ("421 Too much mail from 192.0.2.1", "rate_limited", "text-rate-limited"),
+        (
+            "421 4.7.0 You have exceeded the allowed number of messages per hour",
+            "rate_limited",
+            "text-rate-limited",
+        ),
+    ],
+)
+def test_15_wordings(reply, category, rule_id):
+    result = classify(read_reply(reply), "generic")
+    assert (result.category, result.rule_id) == (category, rule_id)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # Orange refusing our client IP, and a sender, are never the recipient's mailbox
+        "550 5.7.1 Adresse IP source bloquee pour incident de spam",
+        "550 Absender unbekannt",
+        "550 Adresse de l'expéditeur inconnue",
+        "552 too much mail data",
+    ],
+)
+def test_15_localised_words_do_not_suppress_the_wrong_thing(reply):
+    result = classify(read_reply(reply), "generic")
+    assert result.category not in ("mailbox_unknown", "mailbox_disabled", "rate_limited"), result
+
+
 def test_an_outgoing_quota_or_the_receivers_disk_is_not_a_full_mailbox():
     # Amazon SES's sending quota (Sisimai TooManyConn) and a receiver's own disk (RFC 3463 X.3.1)
     assert classify(
