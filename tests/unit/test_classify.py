@@ -259,7 +259,7 @@ def test_provider_rules_come_before_generic_ones(
             "text-sender-rejected",
         ),
         # too many invalid recipients is a verdict on the sender: the recipient is not unknown
-        ("550 too many invalid recipients", "unknown", "code-5xx"),
+        ("550 too many invalid recipients", "reputation", "text-client-refused"),
         # the stage the wrapper names: refused at MAIL FROM concerns our reverse-path
         (
             "SMTP error from remote mail server after MAIL FROM:<s@example.com> SIZE=1024: host mx.example.org [192.0.2.1]: 550 Go away",
@@ -832,6 +832,30 @@ def test_14_an_mta_wording_does_not_suppress_the_wrong_thing(reply):
         ("550 5.7.0 Sender domain does not resolve", "authentication", "text-sender-rejected"),
         ("550 Secure connection required", "tls", "text-tls"),
         ("421 Too much mail from 192.0.2.1", "rate_limited", "text-rate-limited"),
+        ("450 Too many mails sent recently", "rate_limited", "text-rate-limited"),
+        ("421 Hourly limit exceeded", "rate_limited", "text-rate-limited"),
+        ("554 Connection denied", "reputation", "text-client-refused"),
+        ("421 4.7.0 Connection refused from your IP", "reputation", "text-client-refused-deferred"),
+        ("550 5.7.1 Mail from this IP is not accepted", "reputation", "text-client-refused"),
+        ("550 5.7.1 Helo name invalid", "rdns", "text-rdns"),
+        ("550 5.7.1 Your hostname is not fully qualified", "rdns", "text-rdns"),
+        ("550 Unresolvable Return Address", "authentication", "text-sender-rejected"),
+        ("550 Message blocked: contains suspicious links", "content", "text-content"),
+        ("550 5.7.1 Message content not accepted", "content", "text-content"),
+        ("554 Transaction failed: Message loop detected", "transient", "text-mail-loop"),
+        (
+            "554 Sorry, mail system is having trouble. Please try again later.",
+            "transient",
+            "text-receiver-error",
+        ),
+        ("550 Account frozen", "mailbox_disabled", "sisimai-suspend"),
+        ("552 Mailbox has exceeded the limit", "mailbox_full", "text-mailbox-full"),
+        # Sendmail's relaying refusal names authentication as the way to be allowed to relay
+        (
+            "550 5.7.1 Relaying denied. Proper authentication required.",
+            "policy",
+            "enhanced-x.7.1-rejected",
+        ),
         (
             "421 4.7.0 You have exceeded the allowed number of messages per hour",
             "rate_limited",
