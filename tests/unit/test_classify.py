@@ -850,6 +850,37 @@ def test_14_an_mta_wording_does_not_suppress_the_wrong_thing(reply):
         ),
         ("550 Account frozen", "mailbox_disabled", "sisimai-suspend"),
         ("552 Mailbox has exceeded the limit", "mailbox_full", "text-mailbox-full"),
+        # Postfix's "Host not found, try again" is a lookup that failed for now, not a domain gone
+        (
+            "Host or domain name not found. Name service error for name=example.jp type=A:"
+            " Host not found, try again",
+            "transient",
+            "text-network",
+        ),
+        (
+            "Host or domain name not found. Name service error for name=example.jp type=A:"
+            " Host not found",
+            "bad_domain",
+            "sisimai-host-unknown",
+        ),
+        # the reporting MTA's own words for a connection that failed on the way
+        (
+            "conversation with mx.example.com[192.0.2.1] timed out while receiving the initial"
+            " server greeting",
+            "transient",
+            "text-network",
+        ),
+        (
+            "connect to mx.example.com[192.0.2.1]:25: Network is unreachable",
+            "transient",
+            "text-network",
+        ),
+        (
+            "retry time not reached for any host after a long failure period",
+            "transient",
+            "text-network",
+        ),
+        ("Remote host closed connection in response to end of data", "transient", "text-network"),
         # Sendmail's relaying refusal names authentication as the way to be allowed to relay
         (
             "550 5.7.1 Relaying denied. Proper authentication required.",
