@@ -881,6 +881,10 @@ def test_14_an_mta_wording_does_not_suppress_the_wrong_thing(reply):
             "text-network",
         ),
         ("Remote host closed connection in response to end of data", "transient", "text-network"),
+        ("550 This user has moved to another address", "mailbox_disabled", "text-mailbox-disabled"),
+        ("554 Message contains NUL characters", "content", "text-malformed"),
+        ("554 Domain has no MX record", "bad_domain", "text-bad-domain"),
+        ("450 4.7.1 Maximum number of connections exceeded", "rate_limited", "text-rate-limited"),
         # Sendmail's relaying refusal names authentication as the way to be allowed to relay
         (
             "550 5.7.1 Relaying denied. Proper authentication required.",
