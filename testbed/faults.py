@@ -1083,7 +1083,11 @@ def prefect_down(work: Path, scale: Scale) -> Row:
         runs = server.post("/flow_runs/filter", {"limit": 50})
         states = [r["state"]["type"] for r in runs if r["flow_id"] in {f["id"] for f in flows}]
         completed = f"probe COMPLETED {marker}" in probe.stdout and states == ["COMPLETED"]
-        row.expect(completed, f"no flow completed after the restart: {probe.stdout[-300:]}")
+        row.expect(
+            completed,
+            f"no flow completed after the restart: states {states}, "
+            f"probe said {probe.stdout[:200]!r}, stderr {probe.stderr[-300:]!r}",
+        )
         took = settle(row, engine, world, ledger, scale.settle_seconds)
         row.expect(relay.stop() == 0, "relay did not stop cleanly")
         account(row, ledger, world.copies(), engine)
