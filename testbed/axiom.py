@@ -68,15 +68,9 @@ class AxiomHome:
         return env
 
     def cli(self, *args: str, check: bool = True, input: str | None = None, extra_env=None):
-        env = self.env | (extra_env or {})
-        result = subprocess.run(
-            [str(VENV_BIN / "axiom"), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            input=input,
-        )
+        from testbed import cli
+
+        result = cli.run(args, self.env | (extra_env or {}), input=input, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"axiom {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"

@@ -42,6 +42,7 @@ from models.audit_trail import verify
 from models.db import make_engine, migrate, session_scope
 from protocol import egress, operators, tenants
 from protocol.approvals import PrefectResumer
+from testbed import cli as axiom_cli
 from tests.conftest import VENV_BIN, free_port
 from tests.fakes.slack import FakeSlack, button_click, sign
 
@@ -133,13 +134,7 @@ class Stack:
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
-        return subprocess.run(
-            [str(VENV_BIN / "axiom"), *args],
-            env=env | self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return axiom_cli.run(args, env | self.env, timeout=60)
 
     def audit(self) -> list[AuditEntry]:
         with session_scope(self.engine) as s:

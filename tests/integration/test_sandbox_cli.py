@@ -14,6 +14,7 @@ import dns.rcode
 import pytest
 
 from sandbox.testing import free_dns_port, private_mx_network
+from testbed import cli as axiom_cli
 from tests.conftest import VENV_BIN, RelayProcess, seed_tenant
 
 pytestmark = pytest.mark.integration
@@ -63,13 +64,7 @@ class WorldProcess:
             return self.proc.wait()
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120):
-        result = subprocess.run(
-            [str(VENV_BIN / "axiom"), "sandbox", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        result = axiom_cli.run(["sandbox", *args], self.env, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"axiom sandbox {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
@@ -470,16 +465,9 @@ def test_the_readme_scenarios_run_in_its_order_with_a_reset_between(stack):
     )
     _reset(stack)
     assert_broken_dkim(_scenario(stack, "broken-dkim", "--count", "8"))
-    audit = json.loads(
-        subprocess.run(
-            [str(VENV_BIN / "axiom"), "audit", "--json"],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    )
+    listed = axiom_cli.run(["audit", "--json"], stack.env, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    audit = json.loads(listed.stdout)
     lifts = [a for a in audit if a["action"] == "suspension.lift"]
     assert lifts and all(a["actor"] == "cli" for a in lifts)
 
@@ -622,13 +610,7 @@ def test_production_time_cannot_be_moved_nor_the_sandbox_reset(axiom_home):
         (["clock", "advance", "1d"], "the clock is the system clock and cannot be moved"),
         (["reset"], "runs only in sandbox mode"),
     ]:
-        result = subprocess.run(
-            [str(VENV_BIN / "axiom"), "sandbox", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = axiom_cli.run(["sandbox", *args], env, timeout=60)
         assert result.returncode == 2
         [line] = result.stderr.strip().splitlines()
         assert line.startswith("error: AXIOM_ENVIRONMENT=production") and message in line

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -41,7 +40,8 @@ from models import (
 from models.db import make_engine, migrate, session_scope
 from protocol import domains, egress, tenants
 from relay.submission.keystore import KeyBox
-from testbed.axiom import VENV_BIN, RelayProcess, make_home
+from testbed import cli as axiom_cli
+from testbed.axiom import RelayProcess, make_home
 from testbed.dns import knot  # noqa: F401  (fixture)
 from testbed.postfix import SmtpSink, free_port
 from tests.conftest import _pg_schema_url
@@ -80,13 +80,7 @@ class Node(RelayProcess):
         self.name = name  # the load counts acknowledgements by it; set after the wrapper's
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [str(VENV_BIN / "axiom"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = axiom_cli.run(args, self.env, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 

@@ -49,6 +49,7 @@ from notifications.customer_mail import NOTICE_USERNAME, notice_password
 from protocol import domains, tenants
 from relay.submission.dkim import txt_record_value
 from relay.submission.keystore import KeyBox
+from testbed import cli as axiom_cli
 from testbed.dns import (
     knot,  # noqa: F401  (fixture)
     merge_zones,
@@ -56,7 +57,6 @@ from testbed.dns import (
 )
 from testbed.postfix import PostfixInstance, SmtpSink
 from tests.conftest import (
-    VENV_BIN,
     AxiomHome,
     RelayProcess,
     Tenant,
@@ -1043,13 +1043,7 @@ def test_init_refuses_placeholder_secrets_outside_sandbox(tmp_path):
     }
 
     def axiom(command: str, secret: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(VENV_BIN / "axiom"), command],
-            env=env | {"AXIOM_SECRET_KEY": secret, **extra},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return axiom_cli.run([command], env | {"AXIOM_SECRET_KEY": secret, **extra}, timeout=60)
 
     for command, secret, reason in (
         ("init", "changeme", "a placeholder value is refused outside sandbox"),

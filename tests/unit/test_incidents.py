@@ -26,7 +26,7 @@ from protocol.errors import ServiceError
 from protocol.operators import add_operator
 from relay.delivery.reactions import Reaction, ReactionEngine
 from runbooks.loader import reactions_watch, shaping
-from tests.conftest import VENV_BIN
+from testbed import cli as axiom_cli
 from tests.fakes.slack import FakeSlack
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -222,9 +222,7 @@ def test_the_cli_lists_shows_and_moves_incidents_with_exact_errors(engine, db_ur
     }
 
     def axiom(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(VENV_BIN / "axiom"), *args], env=env, capture_output=True, text=True, timeout=60
-        )
+        return axiom_cli.run(args, env, timeout=60)
 
     listed = json.loads(axiom("incidents", "--json").stdout)
     assert [(i["id"], i["state"], i["occurrences"]) for i in listed] == [(1, "open", 1)]
