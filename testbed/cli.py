@@ -55,8 +55,12 @@ def _child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         stdin = os.open(request["stdin"] or os.devnull, os.O_RDONLY)
-        stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if request.get("log"):  # a long-running process: both streams appended to its log
+            stdout = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            stderr = os.dup(stdout)
+        else:
+            stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
             os.dup2(fd, target)
             os.close(fd)
@@ -164,6 +168,64 @@ def _the_zygote() -> Zygote:
         return _zygote
 
 
+class Forked:
+    """A long-running axiom process forked from the zygote (`axiom relay`, `axiom deliver`),
+    with the part of subprocess.Popen's interface the process wrappers use. It leads its own
+    process group, as start_new_session gives; its exit code is the one it leaves in a file
+    (the zygote, its parent, lets the kernel reap it), or -9 when it was killed."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log: Path, cwd=None):
+        self.args = [str(AXIOM), *args]
+        self._work = Path(tempfile.mkdtemp(prefix="axiom-forked-"))
+        self._code = self._work / "code"
+        self.returncode: int | None = None
+        self.pid = _the_zygote().fork(
+            {
+                "args": list(args),
+                "env": dict(env),
+                "cwd": str(cwd or os.getcwd()),
+                "stdin": None,
+                "log": str(log),
+                "code": str(self._code),
+            }
+        )
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._code.exists():
+                self.returncode = int(self._code.read_text())
+            elif not _alive(self.pid):
+                # dead without a word: killed (or it said so just now)
+                self.returncode = int(self._code.read_text()) if self._code.exists() else -9
+            if self.returncode is not None:
+                shutil.rmtree(self._work, ignore_errors=True)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(POLL_SECONDS * 4)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def forking() -> bool:
+    """Whether commands fork from the zygote (AXIOM_TEST_CLI=exec: each starts afresh)."""
+    return os.environ.get("AXIOM_TEST_CLI") != "exec"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -190,7 +252,7 @@ def run(
     """`axiom *args` with this environment, as subprocess.run(..., capture_output=True,
     text=True, timeout=timeout) runs it."""
     argv = [str(AXIOM), *args]
-    if os.environ.get("AXIOM_TEST_CLI") == "exec" or _python_env(env) != _python_env(os.environ):
+    if not forking() or _python_env(env) != _python_env(os.environ):
         return subprocess.run(
             argv,
             env=dict(env),
