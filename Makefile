@@ -39,9 +39,10 @@ lint: install
 	$(BIN)/lint-imports --no-cache  # the layer contracts in .importlinter
 
 # Lint and the unit tests in under a minute; hypothesis properties run a tenth of their
-# examples (tests/examples.py) and tests marked integration stay for `make test`.
+# examples (tests/examples.py), each database test runs on SQLite only, and tests marked
+# integration stay for `make test` (which runs every one on SQLite and PostgreSQL).
 test-fast: lint
-	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" -n 2 $(FAST)
+	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" -k "not postgresql" -n 2 $(FAST)
 
 # Two workers: most integration tests wait on processes and peers (README, "Tests").
 test: lint

@@ -11,12 +11,16 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from models import DeliveryEvent, EventRollup, HoldTally, Tenant
 from models.audit import as_utc
 from models.db import make_engine
 from protocol import signals
+
+# real databases filled to bench scale, or real processes: make test runs it, not test-fast
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 20_000

@@ -14,6 +14,9 @@ import pytest
 from testbed import cli
 from testbed.axiom import make_home
 
+# real databases filled to bench scale, or real processes: make test runs it, not test-fast
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
