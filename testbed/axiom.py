@@ -196,12 +196,7 @@ class AxiomProcess:
         from testbed import cli
 
         args = self.command[1:]
-        if (
-            self.forkable
-            and self.command[0] == str(VENV_BIN / "axiom")
-            and cli.forking()
-            and cli._python_env(self.env) == cli._python_env(os.environ)
-        ):
+        if self.forkable and self.command[0] == str(VENV_BIN / "axiom") and cli.can_fork(self.env):
             self.proc = cli.Forked(args, self.env, self.log, cwd=self.cwd)
             return self
         with open(self.log, "ab") as out:  # the child keeps its own descriptor

@@ -120,7 +120,6 @@ def serve() -> None:
 # ---------------------------------------------------------------- the caller's side
 class Zygote:
     def __init__(self) -> None:
-        self.python_env = _python_env(os.environ)
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "testbed.cli"],
             stdin=subprocess.PIPE,
@@ -221,9 +220,13 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def forking() -> bool:
-    """Whether commands fork from the zygote (AXIOM_TEST_CLI=exec: each starts afresh)."""
-    return os.environ.get("AXIOM_TEST_CLI") != "exec"
+def can_fork(env: Mapping[str, str]) -> bool:
+    """Whether a command with this environment may fork from the zygote: not when
+    AXIOM_TEST_CLI=exec asks for fresh processes, nor when its PYTHON* variables (a path, a
+    hash seed) differ from those the zygote started with."""
+    return os.environ.get("AXIOM_TEST_CLI") != "exec" and _python_env(env) == _python_env(
+        os.environ
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -252,7 +255,7 @@ def run(
     """`axiom *args` with this environment, as subprocess.run(..., capture_output=True,
     text=True, timeout=timeout) runs it."""
     argv = [str(AXIOM), *args]
-    if not forking() or _python_env(env) != _python_env(os.environ):
+    if not can_fork(env):
         return subprocess.run(
             argv,
             env=dict(env),
