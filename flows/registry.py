@@ -60,15 +60,19 @@ class Procedure:
     def deployment_name(self) -> str:
         return f"{self.flow.name}/{self.name}"
 
-    def deployment(self) -> RunnerDeployment:
+    def options(self) -> dict:
+        """The deployment's settings, as Flow.to_deployment and Runner.add_flow take them."""
         rules = self.runbook()
-        return self.flow.to_deployment(
-            name=self.name,
-            description=self.description,
-            tags=list(self.tags),
-            version=f"{rules.id}-{rules.version}",
-            schedules=prefect_schedules(rules.schedule) if self.scheduled else [],
-        )
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tags": list(self.tags),
+            "version": f"{rules.id}-{rules.version}",
+            "schedules": prefect_schedules(rules.schedule) if self.scheduled else [],
+        }
+
+    def deployment(self) -> RunnerDeployment:
+        return self.flow.to_deployment(**self.options())
 
 
 def prefect_schedules(schedule: Schedule) -> list[PrefectSchedule]:

@@ -63,6 +63,9 @@ RUNBOOK_DIR = Path(__file__).parent
 # What notifications/templates.py renders from: <language>/<name>.j2.
 TEMPLATE_DIR = RUNBOOK_DIR / "templates"
 _adapter: TypeAdapter[Runbook] = TypeAdapter(Runbook)
+# libyaml's safe loader where PyYAML was built with it: the shipped runbooks in 0.03 s against
+# 0.22 s, paid by every process that starts (relay, CLI command, flow run); same documents.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class RunbookError(Exception):
@@ -73,7 +76,7 @@ class RunbookError(Exception):
 
 def load_file(file: Path) -> Runbook:
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(document)"

@@ -441,6 +441,37 @@ class FlowsProcess(AxiomProcess):
         self.proc.wait(timeout=10)
 
 
+def flow_run_processes(runner: int) -> list[int]:
+    """The flow runs an `axiom flows serve` process holds: everything below it except the
+    multiprocessing forkserver its runs are forked from and that server's resource tracker,
+    which it keeps while no run exists (axiom/flow_runs.py). A forked run keeps the
+    forkserver's command line, so only the runner's own children are told apart by theirs."""
+    servers = {
+        child
+        for child in _children(runner)
+        if any(
+            marker in _cmdline(child)
+            for marker in (b"multiprocessing.forkserver", b"multiprocessing.resource_tracker")
+        )
+    }
+    return [p for p in descendants(runner) if p not in servers]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in found]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below pid (children, theirs, …), read from /proc."""
     children: dict[int, list[int]] = {}

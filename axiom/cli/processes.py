@@ -113,13 +113,19 @@ def flows_serve() -> None:
 
     from prefect.runner import Runner
 
-    from flows.deployments import deployments
+    from axiom import flow_runs
+    from flows.registry import procedures
 
+    served = procedures()
+    # each run forked from a server that has imported these flows (axiom/flow_runs.py)
+    flow_runs.install_or_exit(p.flow for p in served)
     runner = Runner(pause_on_shutdown=False)
-    served = deployments()
-    for deployment in served:
-        runner.add_deployment(deployment)
-    names = ", ".join(d.name for d in served) or "none"
+    for procedure in served:
+        # add_flow, not add_deployment: the same deployment (flows/deployments.py), and the
+        # runner keeps the flow in memory, so a run starts from it (run_flow_in_subprocess)
+        # instead of `python -m prefect.engine` importing everything again.
+        runner.add_flow(procedure.flow, **procedure.options())
+    names = ", ".join(p.name for p in served) or "none"
     sys.stdout.write(f"flows ready: {len(served)} deployment(s): {names}\n")
     sys.stdout.flush()
     asyncio.run(runner.start())

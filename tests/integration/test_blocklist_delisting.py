@@ -40,7 +40,13 @@ from models.blocklists import BlocklistListing
 from models.db import make_engine, session_scope
 from models.sandbox_clock import clock_for
 from protocol import operators
-from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, descendants, seed_tenant
+from testbed.axiom import (
+    ControlProcess,
+    FlowsProcess,
+    RelayProcess,
+    flow_run_processes,
+    seed_tenant,
+)
 from tests.fakes.slack import FakeSlack, button_click, sign
 from tests.integration.test_sandbox_cli import WorldProcess
 
@@ -170,7 +176,7 @@ def test_a_listing_is_protected_at_once_and_delisted_through_a_restart(axiom_hom
         _until("watching", _waiting(engine, "to clear"))
 
         # The control plane dies while the procedure waits for the listing to clear.
-        _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+        _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=60)
         flows.kill_all()
         world.cli("unlist-ip", LISTED)
         flows = FlowsProcess(home, prefect.env, **env).start()

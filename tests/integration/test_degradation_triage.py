@@ -41,7 +41,13 @@ from models import (
 from models.db import make_engine, session_scope
 from models.egress import HOLD_POOL
 from protocol import operators
-from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, descendants, seed_tenant
+from testbed.axiom import (
+    ControlProcess,
+    FlowsProcess,
+    RelayProcess,
+    flow_run_processes,
+    seed_tenant,
+)
 from tests.fakes.slack import FakeSlack, button_click, sign
 from tests.integration.test_sandbox_cli import WorldProcess
 
@@ -215,7 +221,7 @@ def test_triage_catches_acts_verifies_and_resolves_in_the_sandbox(axiom_home, pr
         updated = [c for c in slack.calls_to("chat.update") if c.args.get("ts") == again.slack_ts]
         assert again.slack_ts and updated, "the incident's message was not updated in place"
         # The control plane dies while the procedure waits to verify; a new one continues it.
-        _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+        _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=60)
         flows.kill_all()
         flows = FlowsProcess(home, prefect.env, **env).start()
         started.append(flows)

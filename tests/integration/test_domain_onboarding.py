@@ -39,7 +39,7 @@ from models import (
 from models.db import make_engine, session_scope
 from notifications import customer_mail
 from protocol import operators, tenants
-from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, descendants, make_home
+from testbed.axiom import ControlProcess, FlowsProcess, RelayProcess, flow_run_processes, make_home
 from testbed.dns import KnotServer
 from tests.fakes.slack import FakeSlack, button_click, sign
 from tests.integration.test_dkim_independent import node_verify, spooled_bytes, submit
@@ -204,7 +204,7 @@ def test_onboarding_waits_for_dns_through_a_restart_and_activates_on_the_cli_ans
     _onboard()
     waiting = _until("waiting for DNS", _waiting_for(engine, f"DNS of {DOMAIN}"))
     assert waiting.subject == f"domain:{DOMAIN}"
-    _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+    _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=60)
     # Nothing is published: every check of the customer's records fails, with its reason.
     first = _checks(engine)
     assert not first["spf.record"] and not first["dmarc.record"] and not first["return_path.mx"]
@@ -229,7 +229,7 @@ def test_onboarding_waits_for_dns_through_a_restart_and_activates_on_the_cli_ans
 
     # The control plane dies while the procedure waits; meanwhile the customer publishes the
     # rest and the next check falls due. Back, the sweep continues the procedure.
-    _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+    _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=60)
     flows.kill_all()
     publish("spf", "dmarc", "dkim", "return_path_mx", "return_path_spf")
     world["serve"]()

@@ -6,7 +6,7 @@ with SIGKILL (the runner and every flow run it started) in the middle of a wait,
 answer or moves the sandbox clock while nothing of the control plane runs, starts it again,
 and checks that the procedure went on from where it was and that each decision was acted on
 exactly once. While a procedure waits, no process of the control plane holds it: the runner's
-descendants are counted.
+flow-run processes are counted (testbed.axiom.flow_run_processes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlmodel import select
 from models import AuditEntry, IpPool, Procedure, ProcedureState, Stream
 from models.db import make_engine, session_scope
 from protocol import operators
-from testbed.axiom import ControlProcess, FlowsProcess, descendants, make_home, seed_tenant
+from testbed.axiom import ControlProcess, FlowsProcess, flow_run_processes, make_home, seed_tenant
 from tests.fakes.slack import FakeSlack, button_click, sign
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_an_answer_given_while_the_control_plane_is_down_is_acted_on_once_when_i
     assert waiting.waiting_for == f"approval #{waiting.approval_id} (stream.suspend)"
     _until("suspended in Prefect", lambda: _run_state(run_id) == "PAUSED/Suspended")
     # the wait holds no process: the runner has no flow run running
-    _until("its run's process gone", lambda: descendants(flows.pid) == [], timeout=30)
+    _until("its run's process gone", lambda: flow_run_processes(flows.pid) == [], timeout=30)
 
     listed = json.loads(home.cli("procedures", "--json").stdout)
     assert [(p["procedure"], p["state"], p["subject"]) for p in listed] == [
@@ -190,13 +190,13 @@ def test_a_wait_of_thirty_sandbox_days_holds_no_process_and_survives_a_restart(p
     assert waiting.waiting_for == "30 days"
     assert abs((waiting.wait_until - waiting.wait_since).total_seconds() - 30 * 86400) < 60
     _until("suspended in Prefect", lambda: _run_state(str(run.id)) == "PAUSED/Suspended")
-    _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=30)
+    _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=30)
 
     home.cli("sandbox", "clock", "advance", "29d")
     assert json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)["resumed"] == []
     flows.kill_all()  # a restart in the middle of the wait
     flows = serve(own_runner)
-    assert descendants(flows.pid) == []  # still nothing holds it
+    assert flow_run_processes(flows.pid) == []  # still nothing holds it
     home.cli("sandbox", "clock", "advance", "1d")
     swept = json.loads(home.cli_prefect("procedures", "sweep", "--json").stdout)
     assert swept["resumed"] == [waiting.id]

@@ -36,7 +36,7 @@ from models import (
 )
 from models.db import session_scope
 from models.sandbox_clock import clock_for
-from testbed.axiom import ControlProcess, descendants
+from testbed.axiom import ControlProcess, flow_run_processes
 from tests.fakes.slack import FakeSlack, button_click, sign
 from tests.integration.test_domain_onboarding import (  # noqa: F401
     OURS,
@@ -161,7 +161,7 @@ def test_a_warmup_starts_through_a_restart_advances_holds_and_steps_back_on_comp
         assert f"approval:{asking.approval_id}" in text
         assert "forward-confirmed" in text and "plan sandbox" in text  # the evidence
         # the control plane dies while the start waits: nothing is lost
-        _until("no process holding it", lambda: descendants(flows.pid) == [], timeout=60)
+        _until("no process holding it", lambda: flow_run_processes(flows.pid) == [], timeout=60)
         flows.kill_all()
         with session_scope(engine) as s:
             assert _state(s) == IpState.cold  # not before approval
