@@ -44,9 +44,10 @@ lint: install
 test-fast: lint
 	AXIOM_TEST_FAST=1 $(BIN)/pytest tests/unit -m "not integration" -k "not postgresql" -n 2 $(FAST)
 
-# Two workers: most integration tests wait on processes and peers (README, "Tests").
+# Three workers, each taking a whole module at a time, the longest first (tests/durations.py):
+# most integration tests wait on processes and peers (README, "Tests").
 test: lint
-	$(BIN)/pytest -q -n 2 --dist worksteal
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python -m bench  # submission, end_to_end, memory, soak (10 min): bench/__main__.py

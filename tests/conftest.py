@@ -135,6 +135,17 @@ def cli(tmp_path, db_url, monkeypatch):
     return run
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Longest modules first (tests/durations.py); a module's tests stay together, in order."""
+    from tests.durations import load
+
+    seconds = load()
+    order = {
+        module: n for n, module in enumerate(dict.fromkeys(i.nodeid.split("::")[0] for i in items))
+    }
+    items.sort(key=lambda i: (-seconds.get(m := i.nodeid.split("::")[0], 0.0), order[m]))
+
+
 def pytest_terminal_summary(terminalreporter):
     """Measurements tests record (record_property("measurement", text)) — figures reported,
     never asserted, such as the classifier's agreement on its held-back corpus — printed at
