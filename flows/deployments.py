@@ -1,4 +1,7 @@
-"""What `axiom flows serve` (started by `axiom up`) serves: one deployment per registered procedure."""
+"""One deployment per registered procedure: what `axiom flows serve` (started by `axiom up`)
+registers. It passes the same settings (Procedure.options) to Runner.add_flow, so that its runs
+start from the flow in memory (axiom/flow_runs.py); this list is for reading and registering
+them elsewhere (tests, the fault matrix)."""
 
 from __future__ import annotations
 
