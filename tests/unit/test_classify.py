@@ -918,6 +918,70 @@ def test_15_localised_words_do_not_suppress_the_wrong_thing(reply):
     assert result.category not in ("mailbox_unknown", "mailbox_disabled", "rate_limited"), result
 
 
+@pytest.mark.parametrize(
+    ("reply", "category", "rule_id"),
+    [
+        # Postfix local(8) past mailbox_size_limit: the mailbox file is too large, not the message
+        (
+            "552 5.2.2 cannot update mailbox /var/mail/alice for user alice. error writing"
+            " message: File too large",
+            "mailbox_full",
+            "mta-mailbox-full",
+        ),
+        # a spam verdict whose advice names SPF, HELO or PTR is a verdict on the message
+        (
+            "550 Message rejected due to spam classification by our filters",
+            "content",
+            "text-spam-verdict",
+        ),
+        (
+            "554 5.7.1 Your message failed our antispam checks and was rejected. Check your SPF,"
+            " HELO and PTR settings.",
+            "content",
+            "text-spam-verdict",
+        ),
+        # ... but a failed SPF or DKIM check, and our IP, keep their own rules
+        (
+            "550 5.7.1 Rejected as spam: SPF check failed for example.com",
+            "authentication",
+            "text-authentication",
+        ),
+        (
+            "550 5.7.1 Message rejected due to spam: DKIM signature did not pass",
+            "authentication",
+            "text-authentication",
+        ),
+        (
+            "554 5.7.1 Your IP address 192.0.2.1 was rejected due to spam",
+            "reputation",
+            "text-client-refused",
+        ),
+        # an address that cannot name a mailbox, whatever detail Exchange gives it
+        ("550 5.1.2 Invalid X.400 address", "mailbox_unknown", "text-mailbox-unknown"),
+        (
+            "550 5.1.6 Recipient addresses in single label domains not accepted",
+            "mailbox_unknown",
+            "text-mailbox-unknown",
+        ),
+        ("550 BAD_RECIPIENT", "mailbox_unknown", "text-mailbox-unknown"),
+        # vpopmail's vdelivermail cannot write the Maildir: the receiving system's own trouble
+        (
+            "can not open new email file errno=13 file=/home/vpopmail/domains/example.com/a/x",
+            "transient",
+            "mta-system-error",
+        ),
+        (
+            "550 The recipient does not accept email in non-Latin character sets",
+            "content",
+            "text-content",
+        ),
+    ],
+)
+def test_16_wordings(reply, category, rule_id):
+    result = classify(read_reply(reply), "generic")
+    assert (result.category, result.rule_id) == (category, rule_id)
+
+
 def test_an_outgoing_quota_or_the_receivers_disk_is_not_a_full_mailbox():
     # Amazon SES's sending quota (Sisimai TooManyConn) and a receiver's own disk (RFC 3463 X.3.1)
     assert classify(
