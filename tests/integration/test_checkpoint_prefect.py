@@ -28,7 +28,6 @@ from prefect.settings import (
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
     temporary_settings,
 )
-from prefect.testing.utilities import prefect_test_harness
 from prometheus_client import CollectorRegistry
 from sqlmodel import col, select
 
@@ -54,6 +53,10 @@ CHANNEL = "C0APPROVALS"
 
 @pytest.fixture(scope="module")
 def prefect_api():
+    # Imported here: it imports Prefect's whole server (about a second), which every test
+    # worker would otherwise pay at collection.
+    from prefect.testing.utilities import prefect_test_harness
+
     # Heartbeats cost about a second per flow run; an empty env value would not parse.
     with (
         temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
