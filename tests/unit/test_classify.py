@@ -982,6 +982,27 @@ def test_16_wordings(reply, category, rule_id):
     assert (result.category, result.rule_id) == (category, rule_id)
 
 
+@pytest.mark.parametrize(
+    ("reply", "category"),
+    [
+        ("421 4.7.0 Too many open connections from your IP, try later", "rate_limited"),
+        (
+            "450 4.7.1 Message submission rate for this client has exceeded the limit",
+            "rate_limited",
+        ),
+        ("530 5.7.0 This server requires authentication", "authentication"),
+        ("535 5.7.3 Authentication unsuccessful", "authentication"),
+        ("550 5.7.1 See http://www.openspf.org/Why?s=mfrom&id=x", "authentication"),
+        ("550 5.4.7 retry timeout exceeded", "transient"),
+        ("550 5.2.1 Mailbox blocked due to inactivity", "mailbox_disabled"),
+        ("553 sorry, that address is not in my validrcptto list (#5.7.1)", "mailbox_unknown"),
+    ],
+)
+def test_16_mta_wordings(reply, category):
+    """The MTAs' own wordings 1.6 added (Postfix, qmail, Exchange, Exim), not corpus texts."""
+    assert classify(read_reply(reply), "generic").category == category
+
+
 def test_an_outgoing_quota_or_the_receivers_disk_is_not_a_full_mailbox():
     # Amazon SES's sending quota (Sisimai TooManyConn) and a receiver's own disk (RFC 3463 X.3.1)
     assert classify(
