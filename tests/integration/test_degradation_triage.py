@@ -260,7 +260,13 @@ def test_triage_catches_acts_verifies_and_resolves_in_the_sandbox(axiom_home, pr
             ).stdout
         )
         by = {p["provider"]: p for p in campaign["providers"]}
-        assert by["google"]["blocked"] == 0 and by["google"]["held"] > 0, by["google"]
+        # Gmail never blocks: its first 4.7.28 suspended the path. What was already in flight
+        # then is deferred, the rest held; how many of each depends on the machine's speed
+        # (a fresh clone once had all 20 in flight), so the suspension itself is the evidence.
+        assert by["google"]["blocked"] == 0, by["google"]
+        assert by["google"]["held"] + by["google"]["deferred"] > 0, by["google"]
+        gmail = [s for s in campaign["suspensions"] if (s["ip"], s["provider"]) == (COLD, "google")]
+        assert any(s["action"] == "suspend" for s in gmail), campaign["suspensions"]
         icloud = by["apple"]
         assert icloud["deferred"] >= 10 and icloud["blocked"] == 0, icloud
         _cycle()
