@@ -118,6 +118,9 @@ class Zone:
                 self._names.update(".".join(labels[i:]) for i in range(len(labels) - 1))
         self._dnsbl = {z.zone: z for z in behaviour.dnsbl}
         self._listed: dict[tuple[str, str], Listing] = {(x.zone, x.subject): x for x in listings}
+        # The DNS server's answers on the wire (sandbox/dns.py), per query less its ID: a zone
+        # never changes (the world builds a new one), so an answer made once stays true.
+        self.wire_answers: dict[tuple[bytes, int | None], bytes] = {}
 
     def answer(self, qname: str, rdtype: str) -> Answer:
         name = qname.lower().rstrip(".")

@@ -144,3 +144,26 @@ def test_an_explicit_listing_of_127_0_0_1_wins_over_the_test_point():
     """On loopback 127.0.0.1 is a real source address (the default pool's)."""
     z = zone([Listing("zen.spamhaus.org", "127.0.0.1", "127.0.0.2", "demo", 0.0)])
     assert values(z.answer(dnsbl_query_name("127.0.0.1", "zen.spamhaus.org"), "A")) == ["127.0.0.2"]
+
+
+def test_the_dns_server_reuses_an_answer_for_the_same_question_with_the_asking_id():
+    import dns.message
+    import dns.rcode
+
+    from sandbox.dns import respond
+
+    world = zone()
+    first = dns.message.make_query("mta10.axiom.test", "A", id=1)
+    again = dns.message.make_query("mta10.axiom.test", "A", id=2)
+    one = dns.message.from_wire(respond(first.to_wire(), world, 4096))
+    two = dns.message.from_wire(respond(again.to_wire(), world, 4096))
+    assert (one.id, two.id) == (1, 2)
+    assert one.answer == two.answer and [rr.to_text() for rr in one.answer[0]] == ["127.0.0.10"]
+    assert len(world.wire_answers) == 1
+    # Another question is answered for itself; a new zone (the world changed) answers afresh.
+    other = dns.message.make_query("nothing.axiom.test", "A", id=3)
+    none = dns.message.from_wire(respond(other.to_wire(), world, 4096))
+    assert none.rcode() == dns.rcode.NXDOMAIN and none.id == 3
+    changed = zone(overrides=[Override("mta10.axiom.test", "A", ("127.0.0.99",), "moved")])
+    three = dns.message.from_wire(respond(again.to_wire(), changed, 4096))
+    assert [rr.to_text() for rr in three.answer[0]] == ["127.0.0.99"]
