@@ -40,7 +40,7 @@ def respond(wire: bytes, zone: Zone, max_size: int | None) -> bytes | None:
     An answer is kept with the zone and reused for the same query (same bytes after the ID:
     name, type, flags, EDNS size), given the asking query's ID: building and encoding it
     with dnspython was most of the server's time, paid again for every message the simulated
-    receivers check. The receivers still ask over the wire each time, never from a cache."""
+    receivers check (they keep answers only while the same zone is served: sandbox/lookup.py)."""
     if len(wire) < 12:
         return _respond(wire, zone, max_size)
     key = (wire[2:], max_size)

@@ -145,7 +145,7 @@ class SandboxWorld:
                 f"DNS {self.dns_host}:{self.dns_port} (AXIOM_SANDBOX_DNS_LISTEN)",
             )
             self.dns_port = self._dns.port
-            lookup = SandboxLookup(self.dns_host, self.dns_port)
+            lookup = SandboxLookup(self.dns_host, self.dns_port, zone=lambda: self._zone)
             feedback_to = self.settings.sandbox_feedback_address or self.settings.feedback_mailbox
             target = split_host_port(
                 self.settings.sandbox_feedback_smtp

@@ -167,3 +167,44 @@ def test_the_dns_server_reuses_an_answer_for_the_same_question_with_the_asking_i
     changed = zone(overrides=[Override("mta10.axiom.test", "A", ("127.0.0.99",), "moved")])
     three = dns.message.from_wire(respond(again.to_wire(), changed, 4096))
     assert [rr.to_text() for rr in three.answer[0]] == ["127.0.0.99"]
+
+
+def test_a_receiver_keeps_an_answer_while_its_zone_is_served_and_asks_again_after_a_change():
+    """sandbox/lookup.py over a real DnsServer on loopback: the second question is answered
+    without the wire, a new zone (a listing made) is asked for at once, errors are not kept."""
+    import asyncio
+
+    from sandbox.dns import DnsServer
+    from sandbox.lookup import SandboxLookup
+
+    async def scenario():
+        served = {"zone": zone()}
+        server = DnsServer("127.0.0.1", 0, lambda: served["zone"])
+        await server.start()
+        try:
+            lookup = SandboxLookup("127.0.0.1", server.port, zone=lambda: served["zone"])
+            listed = dnsbl_query_name("127.0.0.10", "zen.spamhaus.org")
+            first = await lookup.query(listed, "A")
+            again = await lookup.query(listed.upper() + ".", "A")
+            assert (first.status, again, lookup.asked) == ("nxdomain", first, 1)
+            served["zone"] = zone([Listing("zen.spamhaus.org", "127.0.0.10", "127.0.0.2", "x", 0)])
+            now_listed = await lookup.query(listed, "A")
+            assert (now_listed.status, now_listed.values, lookup.asked) == (
+                "answer",
+                ("127.0.0.2",),
+                2,
+            )
+            # Without a zone (the scenarios' probe) every question goes over the wire.
+            probe = SandboxLookup("127.0.0.1", server.port)
+            await probe.query(listed, "A")
+            await probe.query(listed, "A")
+            assert probe.asked == 2
+        finally:
+            await server.stop()
+        # An error (nothing answers any more) is not kept: the next question asks again.
+        failing = SandboxLookup("127.0.0.1", server.port, timeout=0.2, zone=lambda: served["zone"])
+        assert (await failing.query("mta10.axiom.test", "A")).status == "error"
+        assert (await failing.query("mta10.axiom.test", "A")).status == "error"
+        assert failing.asked == 2
+
+    asyncio.run(scenario())
