@@ -74,12 +74,21 @@ def _act(session, n: int, actor: str, action: str = "test.acted") -> dict:
 if __name__ == "__main__":
     from prefect.runner import Runner
 
-    from flows.deployments import deployments
+    from axiom import flow_runs
+    from flows.registry import procedures
 
+    # As `axiom flows serve` (axiom/cli/processes.py): runs forked from a server that has
+    # imported the flows, the served ones added as flows. This module's two flows are taken
+    # from it by its name, not as __main__, so that a forked run finds them where the server
+    # preloaded them.
+    from tests.integration import turn_flows as this
+
+    served = procedures()
+    flow_runs.install_or_exit([*(p.flow for p in served), this.turn_detect, this.turn_respond])
     runner = Runner(pause_on_shutdown=False)
-    for deployment in deployments():
-        runner.add_deployment(deployment)
-    runner.add_deployment(turn_detect.to_deployment(name="test"))
-    runner.add_deployment(turn_respond.to_deployment(name="test"))
+    for served_procedure in served:
+        runner.add_flow(served_procedure.flow, **served_procedure.options())
+    runner.add_flow(this.turn_detect, name="test")
+    runner.add_flow(this.turn_respond, name="test")
     print("flows ready", flush=True)
     asyncio.run(runner.start())
