@@ -203,9 +203,11 @@ class AxiomProcess:
         self.proc: subprocess.Popen | None = None
 
     # Whether the process may be forked from the tests' CLI zygote (testbed/cli.py) rather
-    # than started afresh: the same entry point without a second of imports. The relay and
-    # `axiom deliver` are, when they run the axiom command with the tests' own Python
-    # settings; the benchmarks start theirs afresh (bench/setups.py), as an operator does.
+    # than started afresh: the same entry point without a second of imports. The relay,
+    # `axiom deliver`, `axiom control` and `axiom flows serve` are, when they run the axiom
+    # command with the tests' own Python settings (Prefect, which the zygote never imports,
+    # is imported after the fork, from the command's own environment); the benchmarks start
+    # theirs afresh (bench/setups.py), as an operator does.
     forkable = False
 
     def launch(self) -> AxiomProcess:
@@ -375,6 +377,8 @@ class ControlProcess(AxiomProcess):
     """`axiom control` in a home on a port of its own: ready when it says so and /healthz
     answers 200."""
 
+    forkable = True
+
     def __init__(self, home: AxiomHome, extra_env: Mapping[str, str] | None = None):
         self.home = home
         self.port = free_port()
@@ -423,6 +427,8 @@ class FlowsProcess(AxiomProcess):
     It polls Prefect every second (PREFECT_RUNNER_POLL_FREQUENCY; 10 s by default) so a test
     waits seconds, not tens of seconds, for a run to be taken up.
     """
+
+    forkable = True  # `axiom flows serve`; a test's own runner (command=…) starts afresh
 
     def __init__(
         self,

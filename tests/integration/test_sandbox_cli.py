@@ -30,18 +30,21 @@ class WorldProcess:
             "AXIOM_SANDBOX_MX_NETWORK": network,
             "AXIOM_DELIVERY_PORT": str(port),
         }
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | axiom_cli.Forked | None = None
         self.log = home.path / "sandbox.log"
 
     def start(self, timeout: float = 30) -> WorldProcess:
-        logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "axiom"), "sandbox", "run"],
-            env=self.env,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        if axiom_cli.can_fork(self.env):  # from the tests' zygote, as the relay (testbed/cli.py)
+            self.proc = axiom_cli.Forked(["sandbox", "run"], self.env, self.log)
+        else:
+            logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "axiom"), "sandbox", "run"],
+                env=self.env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
