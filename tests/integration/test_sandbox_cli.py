@@ -35,6 +35,7 @@ class WorldProcess:
 
     def start(self, timeout: float = 30) -> WorldProcess:
         if axiom_cli.can_fork(self.env):  # from the tests' zygote, as the relay (testbed/cli.py)
+            self.log.touch()  # read below before the child has opened it
             self.proc = axiom_cli.Forked(["sandbox", "run"], self.env, self.log)
         else:
             logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
