@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 
@@ -109,6 +111,12 @@ app.add_typer(flows_app, name="flows")
 @flows_app.command("serve")
 def flows_serve() -> None:
     """Register every runbook's deployment with Prefect and run them (what `axiom up` starts)."""
+    serve_flows()
+
+
+def serve_flows(extra: Sequence[tuple[Any, str]] = ()) -> None:
+    """Serve every runbook's procedure, and `extra` (flow, deployment name) pairs beside them
+    (tests/integration/turn_flows.py adds its own), until the process is stopped."""
     import asyncio
 
     from prefect.runner import Runner
@@ -118,15 +126,17 @@ def flows_serve() -> None:
 
     served = procedures()
     # each run forked from a server that has imported these flows (axiom/flow_runs.py)
-    flow_runs.install_or_exit(p.flow for p in served)
+    flow_runs.install_or_exit([*(p.flow for p in served), *(flow for flow, _ in extra)])
     runner = Runner(pause_on_shutdown=False)
     for procedure in served:
         # add_flow, not add_deployment: the same deployment (flows/deployments.py), and the
         # runner keeps the flow in memory, so a run starts from it (run_flow_in_subprocess)
         # instead of `python -m prefect.engine` importing everything again.
         runner.add_flow(procedure.flow, **procedure.options())
-    names = ", ".join(p.name for p in served) or "none"
-    sys.stdout.write(f"flows ready: {len(served)} deployment(s): {names}\n")
+    for flow, name in extra:
+        runner.add_flow(flow, name=name)
+    names = ", ".join([p.name for p in served] + [name for _, name in extra]) or "none"
+    sys.stdout.write(f"flows ready: {len(served) + len(extra)} deployment(s): {names}\n")
     sys.stdout.flush()
     asyncio.run(runner.start())
 

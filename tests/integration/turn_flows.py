@@ -16,7 +16,6 @@ Run as `python -m tests.integration.turn_flows` from the checkout's root; it pri
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -72,23 +71,11 @@ def _act(session, n: int, actor: str, action: str = "test.acted") -> dict:
 
 
 if __name__ == "__main__":
-    from prefect.runner import Runner
+    from axiom.cli.processes import serve_flows
 
-    from axiom import flow_runs
-    from flows.registry import procedures
-
-    # As `axiom flows serve` (axiom/cli/processes.py): runs forked from a server that has
-    # imported the flows, the served ones added as flows. This module's two flows are taken
-    # from it by its name, not as __main__, so that a forked run finds them where the server
-    # preloaded them.
+    # As `axiom flows serve`, with this module's two flows beside the Protocol's. They are taken
+    # from this module by its name, not as __main__, so that a run forked from the server that
+    # preloaded the flows' modules (axiom/flow_runs.py) finds them there.
     from tests.integration import turn_flows as this
 
-    served = procedures()
-    flow_runs.install_or_exit([*(p.flow for p in served), this.turn_detect, this.turn_respond])
-    runner = Runner(pause_on_shutdown=False)
-    for served_procedure in served:
-        runner.add_flow(served_procedure.flow, **served_procedure.options())
-    runner.add_flow(this.turn_detect, name="test")
-    runner.add_flow(this.turn_respond, name="test")
-    print("flows ready", flush=True)
-    asyncio.run(runner.start())
+    serve_flows([(this.turn_detect, "test"), (this.turn_respond, "test")])
