@@ -4,7 +4,6 @@ from another, and scenarios driving real mail through a running relay into it.""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 
@@ -15,57 +14,37 @@ import pytest
 
 from sandbox.testing import free_dns_port, private_mx_network
 from testbed import cli as axiom_cli
+from testbed.axiom import AxiomProcess, log_says
 from tests.conftest import VENV_BIN, RelayProcess, seed_tenant
 
 pytestmark = pytest.mark.integration
 
 
-class WorldProcess:
+class WorldProcess(AxiomProcess):
+    """`axiom sandbox run` on private addresses: forked from the tests' zygote when it can be,
+    as the relay is (testbed/axiom.py), ready when its log says so."""
+
+    forkable = True
+
     def __init__(self, home):
         self.home = home
         network, port = private_mx_network()
         self.dns_port = free_dns_port()
-        self.env = home.env | {
-            "AXIOM_SANDBOX_DNS_LISTEN": f"127.0.0.1:{self.dns_port}",
-            "AXIOM_SANDBOX_MX_NETWORK": network,
-            "AXIOM_DELIVERY_PORT": str(port),
-        }
-        self.proc: subprocess.Popen | axiom_cli.Forked | None = None
-        self.log = home.path / "sandbox.log"
+        super().__init__(
+            ["sandbox", "run"],
+            home.env
+            | {
+                "AXIOM_SANDBOX_DNS_LISTEN": f"127.0.0.1:{self.dns_port}",
+                "AXIOM_SANDBOX_MX_NETWORK": network,
+                "AXIOM_DELIVERY_PORT": str(port),
+            },
+            home.path / "sandbox.log",
+            ready=log_says(b"sandbox ready"),
+        )
 
     def start(self, timeout: float = 30) -> WorldProcess:
-        if axiom_cli.can_fork(self.env):  # from the tests' zygote, as the relay (testbed/cli.py)
-            self.log.touch()  # read below before the child has opened it
-            self.proc = axiom_cli.Forked(["sandbox", "run"], self.env, self.log)
-        else:
-            logf = open(self.log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "axiom"), "sandbox", "run"],
-                env=self.env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"world exited {self.proc.returncode}:\n{self.log.read_text()}"
-                )
-            if b"sandbox ready" in self.log.read_bytes():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"world not ready in {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        super().start(timeout)
+        return self
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120):
         result = axiom_cli.run(["sandbox", *args], self.env, timeout=timeout)
